@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# One-step set-up. `bash setup.sh` installs what the app needs; `bash setup.sh --test` adds the
+# test tools and the browser (Debian's chromium; Playwright never downloads its own).
+set -euo pipefail
+cd "$(dirname "$0")"
+PIP="python -m pip install -q --disable-pip-version-check"
+# torch first, pinned: a looser pin pulls a multi-GB CUDA build.
+$PIP torch==2.13.0
+$PIP -r requirements.txt
+$PIP --no-deps -r requirements-lite.txt
+if [[ "${1:-}" == "--test" ]]; then
+    $PIP -r requirements-test.txt
+    if ! command -v chromium >/dev/null 2>&1; then
+        if [[ $(id -u) -eq 0 ]]; then SUDO=""; else SUDO="sudo"; fi
+        $SUDO apt-get update -qq && $SUDO apt-get install -y -qq chromium chromium-driver >/dev/null
+    fi
+fi
