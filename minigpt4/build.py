@@ -1,0 +1,112 @@
+"""Build a `MiniGPT4` from a `ModelConfig`: vision side, LLM (+LoRA), projection, trained weights."""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+from minigpt4.config import LLMConfig, ModelConfig, resolve_path
+from minigpt4.errors import ConfigError
+from minigpt4.model import MiniGPT4
+from minigpt4.vision import build_vision
+from minigpt4.weights import load_trainable
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def pick_device(device: str | None = None) -> torch.device:
+    """The device asked for, or CUDA when there is one, else the CPU."""
+    if device:
+        return torch.device(device)
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def llm_dtype(name: str, device: torch.device) -> torch.dtype:
+    if name == "auto":
+        return torch.float16 if device.type == "cuda" else torch.float32
+    if name not in DTYPES:
+        raise ConfigError(f"model.llm.dtype: unknown dtype {name!r} (known: auto, {', '.join(DTYPES)})")
+    return DTYPES[name]
+
+
+def _source(value: str) -> str:
+    """A hub id stays as it is; a local path is resolved against the cwd, then the project root."""
+    path = resolve_path(value)
+    return str(path) if path.exists() else value
+
+
+def load_tokenizer(cfg: LLMConfig):
+    name = cfg.tokenizer or cfg.pretrained
+    if name is None:
+        raise ConfigError("model.llm.tokenizer is required when the LLM is randomly initialised")
+    kwargs = {"gguf_file": cfg.gguf_file} if cfg.gguf_file and not cfg.tokenizer else {}
+    tokenizer = AutoTokenizer.from_pretrained(_source(name), **kwargs)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_llm(cfg: LLMConfig, tokenizer, device: torch.device, seed: int = 0) -> torch.nn.Module:
+    """The frozen causal LM: random (from `random_init`), or `from_pretrained` (hub id, dir, GGUF)."""
+    dtype = llm_dtype(cfg.dtype, device)
+    if cfg.random_init is not None:
+        torch.manual_seed(seed)
+        config = LlamaConfig(
+            vocab_size=len(tokenizer),
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+            **cfg.random_init,
+        )
+        llm = LlamaForCausalLM(config).to(device=device, dtype=dtype)
+    else:
+        kwargs: dict = {"dtype": dtype}
+        if cfg.gguf_file:
+            kwargs["gguf_file"] = cfg.gguf_file
+        if cfg.low_resource:
+            if device.type != "cuda":
+                raise ConfigError(
+                    "model.llm.low_resource: 8-bit loading needs a CUDA GPU (bitsandbytes); "
+                    "set low_resource: false to run on the CPU"
+                )
+            from transformers import BitsAndBytesConfig  # noqa: PLC0415
+
+            kwargs["quantization_config"] = BitsAndBytesConfig(load_in_8bit=True)
+            kwargs["device_map"] = {"": device.index or 0}
+        llm = AutoModelForCausalLM.from_pretrained(_source(cfg.pretrained), **kwargs)
+        if not cfg.low_resource:
+            llm = llm.to(device)
+    llm.requires_grad_(False)
+    return llm.eval()
+
+
+def build_model(cfg: ModelConfig, device: str | torch.device | None = None) -> MiniGPT4:
+    """Everything a model config names, loaded and frozen; only the projection (+LoRA) trains."""
+    device = pick_device(str(device) if device is not None else None)
+    tokenizer = load_tokenizer(cfg.llm)
+    torch.manual_seed(cfg.seed)
+    vision = build_vision(cfg.vision, device)
+    llm = load_llm(cfg.llm, tokenizer, device, seed=cfg.seed)
+    if cfg.lora is not None:
+        from peft import LoraConfig, get_peft_model  # noqa: PLC0415
+
+        llm = get_peft_model(
+            llm,
+            LoraConfig(
+                r=cfg.lora.r,
+                lora_alpha=cfg.lora.alpha,
+                lora_dropout=cfg.lora.dropout,
+                target_modules=list(cfg.lora.target_modules),
+                task_type="CAUSAL_LM",
+            ),
+        )
+    torch.manual_seed(cfg.seed)
+    model = MiniGPT4(vision, llm, tokenizer)
+    model.llama_proj.to(device)
+    if cfg.projection.checkpoint is not None:
+        load_trainable(model, cfg.projection.checkpoint)
+    return model.eval()

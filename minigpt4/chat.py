@@ -1,0 +1,312 @@
+"""The chat engine: one shared model, one `ChatSession` per user, no UI code.
+
+A session holds its conversation, its images' embeddings (each image is encoded once, at
+upload) and, with `kv_reuse`, the LLM's key/values for everything said so far, so the next turn
+prefills only what is new. Several sessions may generate at once on the shared model: nothing
+in the model is mutated by a session.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import random
+import threading
+from collections.abc import Iterator
+from dataclasses import asdict, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import DynamicCache
+
+from minigpt4.build import build_model
+from minigpt4.config import GenerationConfig, load_eval_config
+from minigpt4.conversation import Conversation, Template, get_template
+from minigpt4.errors import ImageError, MessageError
+from minigpt4.generation import GenerationParams, StreamText, decode_tokens
+from minigpt4.images import ImageSource, load_image
+from minigpt4.model import IMAGE_TOKEN_ID, MiniGPT4
+
+log = logging.getLogger(__name__)
+
+_image_ids = itertools.count()
+
+
+class ChatSession:
+    """One user's conversation: messages, image embeddings and the reusable KV cache."""
+
+    def __init__(self, template: Template) -> None:
+        self.conversation = Conversation(template)
+        self.images: list[torch.Tensor] = []
+        self.image_ids: list[int] = []
+        self.cache: DynamicCache | None = None
+        self.cache_atoms: list[Any] = []
+        self.generator = torch.Generator().manual_seed(random.randrange(2**31))
+        self.busy = threading.Lock()
+        self.last_prefill_tokens = 0  # positions the last answer had to prefill (KV reuse saves the rest)
+
+    @property
+    def history(self) -> list[tuple[str, str]]:
+        """(role, text) of every turn, as rendered into the prompt ("user" / "assistant")."""
+        return [(m.role, m.text) for m in self.conversation.messages]
+
+    @property
+    def n_images(self) -> int:
+        return len(self.images)
+
+    def clear(self) -> None:
+        self.conversation.messages.clear()
+        self.images.clear()
+        self.image_ids.clear()
+        self.cache, self.cache_atoms = None, []
+
+
+class Chat:
+    """Upload images, ask, answer (blocking or streamed), reset — over one shared `MiniGPT4`."""
+
+    def __init__(
+        self,
+        model: MiniGPT4,
+        template: Template,
+        generation: GenerationConfig | None = None,
+        max_context_tokens: int = 2000,
+        max_image_pixels: int = 40_000_000,
+        max_image_bytes: int = 20_000_000,
+        max_message_chars: int = 20_000,
+        preset_name: str = "",
+        kv_reuse: bool = True,
+    ) -> None:
+        self.model = model
+        self.tokenizer = model.tokenizer
+        self.template = template
+        self.defaults = GenerationParams(**asdict(generation or GenerationConfig()))
+        self.max_context_tokens = max_context_tokens
+        self.max_image_pixels = max_image_pixels
+        self.max_image_bytes = max_image_bytes
+        self.max_message_chars = max_message_chars
+        self.preset_name = preset_name
+        self.kv_reuse = kv_reuse
+        self.stop_strings = template.stop_strings(self.tokenizer)
+        eos = getattr(getattr(model.llm, "generation_config", None), "eos_token_id", None)
+        eos_ids = eos if isinstance(eos, list) else ([eos] if eos is not None else [])
+        self.stop_ids = set(template.stop_token_ids(self.tokenizer)) | set(eos_ids)
+
+    @property
+    def device(self) -> str:
+        return str(self.model.device)
+
+    def new_session(self) -> ChatSession:
+        return ChatSession(self.template)
+
+    def reset(self, session: ChatSession) -> None:
+        """Forget the conversation and its images."""
+        session.clear()
+
+    # --- inputs ---------------------------------------------------------------------------------
+
+    def upload_image(self, session: ChatSession, image: ImageSource) -> None:
+        """Encode an image once and open a user turn for it. Raises `ImageError` for bad images."""
+        if isinstance(image, (bytes, bytearray)) and len(image) > self.max_image_bytes:
+            raise ImageError(f"the image file is {len(image):,} bytes; the limit is {self.max_image_bytes:,}")
+        if isinstance(image, (str, Path)) and Path(image).is_file():
+            size = Path(image).stat().st_size
+            if size > self.max_image_bytes:
+                raise ImageError(f"the image file is {size:,} bytes; the limit is {self.max_image_bytes:,}")
+        picture = load_image(image, self.max_image_pixels)
+        with torch.no_grad():
+            embeds = self.model.encode_images(self.model.preprocess([picture]))[0]
+        session.images.append(embeds)
+        session.image_ids.append(next(_image_ids))
+        session.conversation.add_image()
+
+    def ask(self, session: ChatSession, text: str) -> None:
+        """Add the user's message. Raises `MessageError` if it is empty or cannot fit the context."""
+        if not isinstance(text, str):
+            raise MessageError(f"the message must be text, not {type(text).__name__}")
+        text = text.strip()
+        if not text:
+            raise MessageError("the message is empty")
+        if len(text) > self.max_message_chars:
+            raise MessageError(
+                f"the message is {len(text):,} characters long; the limit is {self.max_message_chars:,}"
+            )
+        before = [replace(m) for m in session.conversation.messages]
+        session.conversation.add_user(text)
+        try:
+            self._fit_context(session, 1)
+        except MessageError:
+            session.conversation.messages[:] = before
+            raise
+
+    def add_answer(self, session: ChatSession, text: str) -> None:
+        """Record an assistant turn that was said earlier (replaying a history)."""
+        session.conversation.add_assistant(text.strip())
+
+    # --- answers --------------------------------------------------------------------------------
+
+    def answer(self, session: ChatSession, params: GenerationParams | None = None, **overrides: Any) -> str:
+        """The whole answer at once (the original demo's behaviour)."""
+        return "".join(self.stream_answer(session, params, **overrides))
+
+    def stream_answer(
+        self, session: ChatSession, params: GenerationParams | None = None, **overrides: Any
+    ) -> Iterator[str]:
+        """Yield the answer in pieces as it is generated; the pieces joined are the answer.
+
+        Closing the iterator early (a Stop button, a client that went away) ends generation and
+        keeps what was said so far as the assistant's turn.
+        """
+        params = replace(params or self.defaults, **overrides)
+        messages = session.conversation.messages
+        if not messages or messages[-1].role != "user":
+            raise MessageError("ask a question first")
+        if not session.busy.acquire(blocking=False):
+            raise MessageError("an answer is still being generated in this conversation")
+        try:
+            yield from self._generate(session, params)
+        finally:
+            session.busy.release()
+
+    def _fit_context(self, session: ChatSession, max_new_tokens: int) -> tuple[list[int], int]:
+        """Token ids of the prompt, and how many new tokens the answer may have.
+
+        When prompt + answer would pass `max_context_tokens`, the oldest question–answer text is
+        left out of the prompt first. Always kept: the system text, every image (those of left-out
+        exchanges move to the oldest kept turn) and the latest exchange. If even that leaves less
+        room than `max_new_tokens`, the answer gets the room there is; with no room at all,
+        `MessageError`. The session's history itself keeps everything.
+        """
+        conversation = session.conversation
+        ids: list[int] = []
+        for drop in range(conversation.n_droppable() + 1):
+            ids = self.model.tokenize_prompt(conversation.render(self.tokenizer, drop), session.n_images)
+            if len(ids) + max_new_tokens <= self.max_context_tokens:
+                if drop:
+                    log.info("context full: left out the %d oldest exchange(s)", drop)
+                return ids, max_new_tokens
+        room = self.max_context_tokens - len(ids)
+        if room >= 1:
+            log.info("context full: the answer may have %d tokens instead of %d", room, max_new_tokens)
+            return ids, room
+        raise MessageError(
+            f"the conversation needs {len(ids):,} tokens, but the context holds {self.max_context_tokens:,}: "
+            "send a shorter message or restart"
+        )
+
+    def _atoms(self, session: ChatSession, ids: list[int]) -> list[Any]:
+        """Identity of each position: a token id, or (image id, k) for the k-th vector of an image."""
+        atoms: list[Any] = []
+        n = self.model.n_image_tokens
+        seen = 0
+        for token in ids:
+            if token == IMAGE_TOKEN_ID:
+                atoms.append((session.image_ids[seen // n], seen % n))
+                seen += 1
+            else:
+                atoms.append(token)
+        return atoms
+
+    @torch.no_grad()
+    def _generate(self, session: ChatSession, params: GenerationParams) -> Iterator[str]:
+        ids, max_new_tokens = self._fit_context(session, params.max_new_tokens)
+        params = replace(params, max_new_tokens=max_new_tokens)
+        atoms = self._atoms(session, ids)
+        images = torch.stack(session.images) if session.images else None
+        embeds = self.model.embed_inputs(torch.tensor([ids]), images)
+        stream = StreamText(
+            self.tokenizer, self.stop_strings + list(params.stop), self.template.strip_prefixes
+        )
+        llm = self.model.llm
+        if params.num_beams > 1:
+            session.cache, session.cache_atoms = None, []
+            session.last_prefill_tokens = len(atoms)
+            yield from self._beam_search(embeds, params, stream)
+            session.conversation.add_assistant(stream.sent)
+            return
+        prefix = _common_prefix(session.cache_atoms, atoms) if self.kv_reuse and session.cache else 0
+        prefix = min(prefix, len(atoms) - 1)  # at least one position to get the next-token logits
+        cache = session.cache if prefix else DynamicCache()
+        if cache.get_seq_length() > prefix:
+            cache.crop(prefix - cache.get_seq_length())  # a negative count: drop that many from the end
+        session.cache, session.cache_atoms = None, []  # invalid until this answer is complete
+        session.last_prefill_tokens = len(atoms) - prefix
+        out = llm(inputs_embeds=embeds[:, prefix:], cache=cache, use_cache=True)
+        fed = list(atoms)
+        try:
+            for token in decode_tokens(
+                llm, out.logits[0, -1], cache, params, self.stop_ids, session.generator
+            ):
+                if token in self.stop_ids:
+                    break
+                fed.append(token)
+                piece = stream.add(token)
+                if piece:
+                    yield piece
+                if stream.stopped:
+                    break
+            if not stream.stopped:
+                piece = stream.finish()
+                if piece:
+                    yield piece
+        finally:
+            session.conversation.add_assistant(stream.sent)
+            if self.kv_reuse:
+                session.cache, session.cache_atoms = cache, fed
+
+    def _beam_search(
+        self, embeds: torch.Tensor, params: GenerationParams, stream: StreamText
+    ) -> Iterator[str]:
+        """Beam search through `generate` (full prefill, the answer comes at once)."""
+        output = self.model.llm.generate(
+            inputs_embeds=embeds,
+            attention_mask=torch.ones(embeds.shape[:2], dtype=torch.long, device=embeds.device),
+            max_new_tokens=params.max_new_tokens,
+            num_beams=params.num_beams,
+            do_sample=params.do_sample,
+            temperature=params.temperature if params.do_sample else None,
+            top_p=params.top_p if params.do_sample else None,
+            repetition_penalty=params.repetition_penalty,
+            eos_token_id=sorted(self.stop_ids),
+            pad_token_id=self.tokenizer.pad_token_id,
+            stop_strings=stream.stop_strings or None,
+            tokenizer=self.tokenizer,
+        )
+        text = ""
+        for token in output[0].tolist():
+            if token in self.stop_ids:
+                break
+            text += stream.add(token)
+            if stream.stopped:
+                break
+        if not stream.stopped:
+            text += stream.finish()
+        if text:
+            yield text
+
+
+def _common_prefix(a: list[Any], b: list[Any]) -> int:
+    n = 0
+    for x, y in zip(a, b, strict=False):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+def load_chat(
+    preset: str | Path | None = None, device: str | None = None, overrides: list[str] | tuple[str, ...] = ()
+) -> Chat:
+    """Build the model of a preset (eval_configs/<name>.yaml or a path; None: the default) and its Chat."""
+    cfg = load_eval_config(preset, overrides)
+    model = build_model(cfg.model, device)
+    return Chat(
+        model,
+        get_template(cfg.model.template),
+        cfg.generation,
+        max_context_tokens=cfg.model.max_context_tokens,
+        max_image_pixels=cfg.max_image_pixels,
+        max_image_bytes=cfg.max_image_bytes,
+        max_message_chars=cfg.max_message_chars,
+        preset_name=cfg.name,
+    )

@@ -1,0 +1,287 @@
+"""Typed configuration: flat YAML presets loaded into dataclasses.
+
+Every preset file holds everything it needs (no includes, no merging). Loading checks each key:
+an unknown key, a value of the wrong type, or a required file that is not there raises
+`ConfigError` naming the key and the file.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+
+from minigpt4.errors import ConfigError
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+EVAL_CONFIG_DIR = PROJECT_ROOT / "eval_configs"
+DEFAULT_PRESET = "minigpt4_lite"
+
+T = TypeVar("T")
+
+
+@dataclass
+class VisionConfig:
+    """The frozen vision side. `kind` picks the architecture; see minigpt4/vision.py."""
+
+    kind: str = "blip2"
+    # HF id or directory of a BLIP-2 model: only its vision/Q-Former/query-token tensors are read.
+    pretrained: str | None = None
+    # Original LAVIS checkpoints (DESIGN §2): Q-Former + query tokens + ln_vision (+ ViT when present).
+    lavis_checkpoint: str | None = None
+    eva_vit_checkpoint: str | None = None
+    num_query_tokens: int = 32
+    image_size: int = 224
+    # Architecture of a randomly initialised vision side (tests, smoke runs): keys of
+    # Blip2VisionConfig under "vision" and of Blip2QFormerConfig under "qformer".
+    random_init: dict[str, Any] | None = None
+    dtype: str = "auto"  # "auto": fp16 on GPU, fp32 on CPU
+
+    def __post_init__(self) -> None:
+        if self.num_query_tokens <= 0:
+            raise ConfigError(f"model.vision.num_query_tokens must be positive, got {self.num_query_tokens}")
+
+
+@dataclass
+class LLMConfig:
+    """The frozen language model."""
+
+    pretrained: str | None = None  # HF id or directory
+    gguf_file: str | None = None  # a GGUF file inside `pretrained`
+    tokenizer: str | None = None  # defaults to `pretrained`
+    dtype: str = "auto"  # auto | float32 | float16 | bfloat16 ("auto": fp16 on GPU, fp32 on CPU)
+    low_resource: bool = False  # 8-bit weights through bitsandbytes (CUDA only)
+    random_init: dict[str, Any] | None = None  # LlamaConfig keys for a random tiny LLM
+
+
+@dataclass
+class ProjectionConfig:
+    """The trained bridge: a checkpoint (.pth of the original release, or our .safetensors)."""
+
+    checkpoint: str | None = None
+
+
+@dataclass
+class LoraConfig:
+    r: int = 16
+    alpha: int = 32
+    dropout: float = 0.05
+    target_modules: list[str] = field(default_factory=lambda: ["q_proj", "v_proj"])
+
+
+@dataclass
+class ModelConfig:
+    vision: VisionConfig = field(default_factory=VisionConfig)
+    llm: LLMConfig = field(default_factory=LLMConfig)
+    projection: ProjectionConfig = field(default_factory=ProjectionConfig)
+    lora: LoraConfig | None = None
+    template: str = "vicuna0"
+    max_context_tokens: int = 2000
+    seed: int = 0  # seeds random initialisation (tiny presets) and the projection's init
+
+    def __post_init__(self) -> None:
+        if self.template not in ("vicuna0", "llama2", "chat_template"):
+            raise ConfigError(
+                f"model.template must be one of vicuna0, llama2, chat_template; got {self.template!r}"
+            )
+
+
+@dataclass
+class GenerationConfig:
+    max_new_tokens: int = 300
+    num_beams: int = 1
+    do_sample: bool = True
+    temperature: float = 1.0
+    top_p: float = 0.9
+    repetition_penalty: float = 1.05
+
+    def __post_init__(self) -> None:
+        if self.max_new_tokens < 1:
+            raise ConfigError(f"generation.max_new_tokens must be ≥ 1, got {self.max_new_tokens}")
+        if not 1 <= self.num_beams <= 10:
+            raise ConfigError(f"generation.num_beams must be in 1..10, got {self.num_beams}")
+        if self.temperature <= 0:
+            raise ConfigError(f"generation.temperature must be > 0, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise ConfigError(f"generation.top_p must be in (0, 1], got {self.top_p}")
+
+
+@dataclass
+class EvalConfig:
+    """A preset for inference: the app, the CLI, the server, evaluation and benchmarks."""
+
+    name: str
+    model: ModelConfig = field(default_factory=ModelConfig)
+    generation: GenerationConfig = field(default_factory=GenerationConfig)
+    max_image_pixels: int = 40_000_000
+    max_image_bytes: int = 20_000_000
+    max_message_chars: int = 20_000
+
+
+def resolve_path(path: str | Path) -> Path:
+    """A relative path is looked up from the current directory, then from the project root."""
+    p = Path(path).expanduser()
+    if p.is_absolute() or p.exists():
+        return p
+    rooted = PROJECT_ROOT / p
+    return rooted if rooted.exists() else p
+
+
+def resolve_preset(name_or_path: str | Path | None) -> Path:
+    """Find a preset: a path to a YAML file, or a name in eval_configs/ (None: the default)."""
+    name = str(name_or_path) if name_or_path is not None else DEFAULT_PRESET
+    candidates = [resolve_path(name)]
+    if not name.endswith((".yaml", ".yml")):
+        candidates.append(EVAL_CONFIG_DIR / f"{name}.yaml")
+    for candidate in candidates:
+        if candidate.is_file():
+            return candidate
+    known = ", ".join(sorted(p.stem for p in EVAL_CONFIG_DIR.glob("*.yaml")))
+    raise ConfigError(f"no preset {name!r}: not a file, and not one of eval_configs/ ({known})")
+
+
+def read_yaml(path: str | Path, overrides: Sequence[str] = ()) -> dict[str, Any]:
+    """Read a YAML mapping and apply `key.sub=value` overrides (values parsed as YAML)."""
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of keys")
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"override {item!r} must look like key.sub=value")
+        node = data
+        parts = key.split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {item!r}: {part!r} is not a section")
+        node[parts[-1]] = yaml.safe_load(raw)
+    return data
+
+
+def load_eval_config(name_or_path: str | Path | None = None, overrides: Sequence[str] = ()) -> EvalConfig:
+    """Load an inference preset by name (eval_configs/<name>.yaml) or path, with overrides."""
+    path = resolve_preset(name_or_path)
+    data = read_yaml(path, overrides)
+    data.setdefault("name", path.stem)
+    cfg = from_dict(EvalConfig, data, where=str(path))
+    check_model_files(cfg.model, where=str(path))
+    return cfg
+
+
+def check_model_files(cfg: ModelConfig, where: str) -> None:
+    """Local files a model config names must exist; hub ids (``org/name``) are left to the hub."""
+    files = {
+        "model.vision.lavis_checkpoint": (cfg.vision.lavis_checkpoint, "the BLIP-2 LAVIS checkpoint (.pth)"),
+        "model.vision.eva_vit_checkpoint": (cfg.vision.eva_vit_checkpoint, "the EVA ViT-g checkpoint (.pth)"),
+        "model.projection.checkpoint": (cfg.projection.checkpoint, "the trained projection checkpoint"),
+    }
+    for key, (value, what) in files.items():
+        if value is not None and not resolve_path(value).is_file():
+            raise ConfigError(f"{where}: {key}: {what} not found at {value!r}")
+    dirs = {
+        "model.vision.pretrained": cfg.vision.pretrained,
+        "model.llm.pretrained": cfg.llm.pretrained,
+        "model.llm.tokenizer": cfg.llm.tokenizer,
+    }
+    for key, value in dirs.items():
+        if value is None or _looks_like_hub_id(value) or value.startswith("package:"):
+            continue
+        if not resolve_path(value).exists():
+            raise ConfigError(f"{where}: {key}: directory {value!r} not found")
+    if (
+        cfg.vision.pretrained is None
+        and cfg.vision.lavis_checkpoint is None
+        and cfg.vision.random_init is None
+    ) and cfg.vision.kind.startswith("blip2"):
+        raise ConfigError(f"{where}: model.vision needs pretrained, lavis_checkpoint or random_init")
+    if cfg.llm.pretrained is None and cfg.llm.random_init is None:
+        raise ConfigError(f"{where}: model.llm needs pretrained or random_init")
+    if cfg.llm.pretrained is None and cfg.llm.tokenizer is None:
+        raise ConfigError(f"{where}: model.llm.tokenizer is required when the LLM is randomly initialised")
+
+
+def _looks_like_hub_id(value: str) -> bool:
+    parts = value.split("/")
+    return len(parts) == 2 and all(parts) and not value.startswith((".", "~")) and not Path(value).exists()
+
+
+def from_dict(cls: type[T], data: Any, where: str = "") -> T:
+    """Build dataclass `cls` from a mapping, checking every key and type recursively."""
+    prefix = f"{where}: " if where else ""
+    return _build(cls, data, prefix, "")
+
+
+def _build(cls: type[T], data: Any, prefix: str, path: str) -> T:
+    if not isinstance(data, dict):
+        raise ConfigError(f"{prefix}{path or 'config'} must be a mapping, got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        names = ", ".join(f"{path}.{k}" if path else k for k in unknown)
+        raise ConfigError(f"{prefix}unknown key {names} (known: {', '.join(fields)})")
+    kwargs = {}
+    for name, value in data.items():
+        key = f"{path}.{name}" if path else name
+        kwargs[name] = _convert(hints[name], value, prefix, key)
+    missing = [
+        name
+        for name, f in fields.items()
+        if name not in kwargs
+        and f.default is dataclasses.MISSING
+        and f.default_factory is dataclasses.MISSING
+    ]
+    if missing:
+        raise ConfigError(f"{prefix}missing required key {', '.join(missing)}")
+    try:
+        return cls(**kwargs)
+    except ConfigError as exc:
+        raise ConfigError(f"{prefix}{exc}") from exc
+
+
+def _convert(tp: Any, value: Any, prefix: str, key: str) -> Any:
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _convert(arg, value, prefix, key)
+            except ConfigError as exc:
+                errors.append(str(exc))
+        raise ConfigError(errors[-1] if errors else f"{prefix}{key}: bad value {value!r}")
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, value, prefix, key)
+    if tp is Any:
+        return value
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{prefix}{key} must be a list, got {type(value).__name__} {value!r}")
+        (item_tp,) = typing.get_args(tp) or (Any,)
+        return [_convert(item_tp, v, prefix, f"{key}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{prefix}{key} must be a mapping, got {type(value).__name__}")
+        return dict(value)
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if tp in (int, float) and isinstance(value, bool):
+        raise ConfigError(f"{prefix}{key} must be {tp.__name__}, got a boolean {value!r}")
+    if tp in (str, int, float, bool) and not isinstance(value, tp):
+        raise ConfigError(f"{prefix}{key} must be {tp.__name__}, got {type(value).__name__} {value!r}")
+    return value

@@ -1,0 +1,151 @@
+"""Token-by-token decoding with a reusable KV cache, and stop-string handling for streamed text.
+
+The loop is written out (rather than `generate`) so that a conversation can keep its past
+key/values between turns and prefill only what is new, and so that text can be streamed as it
+is produced. Beam search goes through `generate` (see `Chat`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+from transformers import (
+    LogitsProcessorList,
+    RepetitionPenaltyLogitsProcessor,
+    TemperatureLogitsWarper,
+    TopPLogitsWarper,
+)
+
+
+@dataclass
+class GenerationParams:
+    """Decoding settings of one answer. The defaults are the original demo's."""
+
+    max_new_tokens: int = 300
+    num_beams: int = 1
+    do_sample: bool = True
+    temperature: float = 1.0
+    top_p: float = 0.9
+    repetition_penalty: float = 1.05
+    stop: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.max_new_tokens <= 100_000:
+            raise ValueError(f"max_new_tokens must be in 1..100000, got {self.max_new_tokens}")
+        if not 1 <= self.num_beams <= 10:
+            raise ValueError(f"num_beams must be in 1..10, got {self.num_beams}")
+        if self.temperature <= 0:
+            raise ValueError(f"temperature must be > 0, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.repetition_penalty <= 0:
+            raise ValueError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+
+
+def logits_processors(params: GenerationParams) -> LogitsProcessorList:
+    """The same processors `generate` would apply, so both paths choose tokens alike."""
+    processors = LogitsProcessorList()
+    if params.repetition_penalty != 1.0:
+        processors.append(RepetitionPenaltyLogitsProcessor(params.repetition_penalty))
+    if params.do_sample:
+        if params.temperature != 1.0:
+            processors.append(TemperatureLogitsWarper(params.temperature))
+        if params.top_p < 1.0:
+            processors.append(TopPLogitsWarper(params.top_p))
+    return processors
+
+
+def decode_tokens(
+    llm: torch.nn.Module,
+    first_logits: torch.Tensor,
+    cache,
+    params: GenerationParams,
+    stop_ids: set[int],
+    generator: torch.Generator | None = None,
+) -> Iterator[int]:
+    """Yield sampled (or greedy) token ids until a stop id or `max_new_tokens`.
+
+    Each yielded token except a stop id is fed back into the model before the next is chosen,
+    so the cache always holds every token yielded so far (a stop id is yielded, not fed).
+    The caller may stop iterating at any time (a stop string, a closed stream).
+    """
+    processors = logits_processors(params)
+    device = first_logits.device
+    generated = torch.empty((1, 0), dtype=torch.long, device=device)
+    logits = first_logits
+    for _ in range(params.max_new_tokens):
+        scores = processors(generated, logits.float().unsqueeze(0)).squeeze(0)
+        if params.do_sample:
+            probs = torch.softmax(scores, dim=-1)
+            token = int(torch.multinomial(probs.cpu(), 1, generator=generator))
+        else:
+            token = int(torch.argmax(scores))
+        if token in stop_ids:
+            yield token
+            return
+        next_ids = torch.tensor([[token]], device=device)
+        generated = torch.cat([generated, next_ids], dim=1)
+        with torch.no_grad():
+            out = llm(input_ids=next_ids, cache=cache, use_cache=True)
+        logits = out.logits[0, -1]
+        yield token
+
+
+class StreamText:
+    """Turns a growing token list into clean text pieces for streaming.
+
+    It cuts at the first stop string, holds back text that may be the start of one (or an
+    incomplete multi-byte character), drops leading whitespace and role prefixes such as
+    `Assistant:`, and holds trailing whitespace until more text follows — so the pieces joined
+    equal the final answer exactly.
+    """
+
+    def __init__(self, tokenizer, stop_strings: list[str], strip_prefixes: tuple[str, ...] = ()) -> None:
+        self.tokenizer = tokenizer
+        self.stop_strings = [s for s in stop_strings if s]
+        self.strip_prefixes = strip_prefixes
+        self.ids: list[int] = []
+        self.sent = ""
+        self.stopped = False
+
+    def _clean(self, text: str, final: bool) -> str:
+        text = text.lstrip()
+        for prefix in self.strip_prefixes:
+            if text.startswith(prefix):
+                text = text[len(prefix) :].lstrip()
+            elif not final and prefix.startswith(text):
+                return ""  # could still become the prefix: wait
+        return text
+
+    def add(self, token: int) -> str:
+        """Add a token; return the text that is now safe to show (may be empty)."""
+        self.ids.append(token)
+        text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
+        cut = min((i for i in (text.find(s) for s in self.stop_strings) if i >= 0), default=-1)
+        if cut >= 0:
+            self.stopped = True
+            return self.finish(text[:cut])
+        text = self._clean(text, final=False)
+        hold = max((len(s) - 1 for s in self.stop_strings), default=0)
+        safe_end = len(text)
+        for n in range(min(hold, len(text)), 0, -1):
+            if any(s.startswith(text[-n:]) for s in self.stop_strings):
+                safe_end = len(text) - n
+                break
+        safe = text[:safe_end].rstrip("\ufffd")
+        safe = safe.rstrip() if safe.rstrip() != safe else safe
+        return self._emit(safe)
+
+    def finish(self, text: str | None = None) -> str:
+        """The rest of the answer once generation ends (all of it, cleaned)."""
+        if text is None:
+            text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
+        return self._emit(self._clean(text, final=True).rstrip())
+
+    def _emit(self, text: str) -> str:
+        if not text.startswith(self.sent) or len(text) <= len(self.sent):
+            return ""
+        piece, self.sent = text[len(self.sent) :], text
+        return piece

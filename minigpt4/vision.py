@@ -1,0 +1,161 @@
+"""The frozen vision side: pixels in, a few feature vectors per image out.
+
+Every kind is an `nn.Module` with `n_tokens`, `feature_dim`, `preprocess(images)` and
+`forward(pixel_values) -> (batch, n_tokens, feature_dim)`. The trained projection of
+`MiniGPT4` maps those features into the LLM's embedding space.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import nn
+from transformers import Blip2QFormerConfig, Blip2QFormerModel, Blip2VisionConfig, Blip2VisionModel
+
+from minigpt4.config import VisionConfig
+from minigpt4.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+# EVA ViT-g/14 as BLIP-2 uses it: 39 blocks (the 40th is dropped: "penultimate" features).
+EVA_VIT_G = dict(
+    hidden_size=1408,
+    intermediate_size=6144,
+    num_hidden_layers=39,
+    num_attention_heads=16,
+    image_size=224,
+    patch_size=14,
+    layer_norm_eps=1e-6,
+    qkv_bias=True,
+)
+# BLIP-2's Q-Former: BERT-base with cross-attention every second layer.
+QFORMER_BASE = dict(
+    hidden_size=768,
+    num_hidden_layers=12,
+    num_attention_heads=12,
+    intermediate_size=3072,
+    cross_attention_frequency=2,
+    layer_norm_eps=1e-12,
+)
+LN_VISION_EPS = 1e-5  # LAVIS's ln_vision is a default nn.LayerNorm (HF's Blip2 default is 1e-6)
+PATCHES_PER_TOKEN = 4  # the LLaMA-2 variant concatenates 4 neighbouring patch features
+
+
+def clip_preprocess(images: Sequence[Image.Image], size: int) -> torch.Tensor:
+    """Resize to size×size (bicubic) and normalise with CLIP's statistics, as BLIP-2 does."""
+    mean = np.asarray(CLIP_MEAN, dtype=np.float32)
+    std = np.asarray(CLIP_STD, dtype=np.float32)
+    arrays = [
+        (
+            np.asarray(im.convert("RGB").resize((size, size), Image.Resampling.BICUBIC), dtype=np.float32)
+            / 255.0
+            - mean
+        )
+        / std
+        for im in images
+    ]
+    return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()
+
+
+class Blip2Vision(nn.Module):
+    """EVA ViT → ln_vision → (learned queries + Q-Former) or (4-patch grouping).
+
+    With `use_qformer` (MiniGPT-4 on Vicuna) the output is the Q-Former's 32 query vectors
+    (768-d). Without it (the LLaMA-2 variant) the 256 patch features, CLS dropped, are grouped
+    four at a time into 64 vectors of 4×1408.
+    """
+
+    def __init__(
+        self,
+        vision_config: Blip2VisionConfig,
+        qformer_config: Blip2QFormerConfig | None,
+        num_query_tokens: int,
+        image_size: int,
+    ) -> None:
+        super().__init__()
+        self.image_size = image_size
+        self.visual_encoder = Blip2VisionModel(vision_config)
+        # ln_vision lives outside the ViT so that it stays in fp32 when the ViT runs in fp16.
+        self.visual_encoder.post_layernorm = nn.Identity()
+        self.ln_vision = nn.LayerNorm(vision_config.hidden_size, eps=LN_VISION_EPS)
+        self.use_qformer = qformer_config is not None
+        if qformer_config is not None:
+            self.query_tokens = nn.Parameter(torch.zeros(1, num_query_tokens, qformer_config.hidden_size))
+            nn.init.normal_(self.query_tokens, std=qformer_config.initializer_range)
+            self.qformer = Blip2QFormerModel(qformer_config)
+            self.n_tokens = num_query_tokens
+            self.feature_dim = qformer_config.hidden_size
+        else:
+            n_patches = (vision_config.image_size // vision_config.patch_size) ** 2
+            if n_patches % PATCHES_PER_TOKEN:
+                raise ConfigError(f"{n_patches} patches cannot be grouped {PATCHES_PER_TOKEN} at a time")
+            self.n_tokens = n_patches // PATCHES_PER_TOKEN
+            self.feature_dim = vision_config.hidden_size * PATCHES_PER_TOKEN
+
+    def preprocess(self, images: Sequence[Image.Image]) -> torch.Tensor:
+        return clip_preprocess(images, self.image_size)
+
+    def vit_dtype(self) -> torch.dtype:
+        return self.visual_encoder.embeddings.patch_embedding.weight.dtype
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        patches = self.visual_encoder(pixel_values=pixel_values.to(self.vit_dtype())).last_hidden_state
+        patches = self.ln_vision(patches.float())
+        if not self.use_qformer:
+            patches = patches[:, 1:, :]
+            batch, n, dim = patches.shape
+            return patches.reshape(batch, n // PATCHES_PER_TOKEN, dim * PATCHES_PER_TOKEN)
+        queries = self.query_tokens.expand(patches.shape[0], -1, -1)
+        mask = torch.ones(patches.shape[:2], dtype=torch.long, device=patches.device)
+        return self.qformer(
+            query_embeds=queries, encoder_hidden_states=patches, encoder_attention_mask=mask
+        ).last_hidden_state
+
+
+def blip2_configs(cfg: VisionConfig) -> tuple[Blip2VisionConfig, Blip2QFormerConfig | None]:
+    """The ViT and Q-Former architectures a vision config asks for."""
+    use_qformer = cfg.kind == "blip2"
+    if cfg.random_init is not None:
+        unknown = set(cfg.random_init) - {"vision", "qformer"}
+        if unknown:
+            raise ConfigError(
+                f"model.vision.random_init: unknown key {sorted(unknown)} (known: vision, qformer)"
+            )
+        vision_kwargs = dict(cfg.random_init.get("vision", {}))
+        qformer_kwargs = dict(cfg.random_init.get("qformer", {}))
+    elif cfg.pretrained is not None:
+        from minigpt4.weights import read_blip2_config  # noqa: PLC0415 (weights imports this module)
+
+        vision_kwargs, qformer_kwargs = read_blip2_config(cfg.pretrained)
+    else:
+        vision_kwargs, qformer_kwargs = dict(EVA_VIT_G), dict(QFORMER_BASE)
+    vision_config = Blip2VisionConfig(**vision_kwargs)
+    qformer_config = None
+    if use_qformer:
+        qformer_kwargs["encoder_hidden_size"] = vision_config.hidden_size
+        qformer_config = Blip2QFormerConfig(**qformer_kwargs)
+    return vision_config, qformer_config
+
+
+def build_vision(cfg: VisionConfig, device: torch.device) -> nn.Module:
+    """Build (and load, when weights are named) the frozen vision side of a config."""
+    if cfg.kind in ("blip2", "blip2_patches"):
+        from minigpt4.weights import load_blip2_weights  # noqa: PLC0415
+
+        vision_config, qformer_config = blip2_configs(cfg)
+        module = Blip2Vision(vision_config, qformer_config, cfg.num_query_tokens, cfg.image_size)
+        load_blip2_weights(module, cfg)
+    else:
+        raise ConfigError(f"model.vision.kind: unknown kind {cfg.kind!r} (known: blip2, blip2_patches)")
+    module.to(device)
+    if device.type == "cuda" and cfg.dtype in ("auto", "float16") and isinstance(module, Blip2Vision):
+        module.visual_encoder.half()
+    module.requires_grad_(False)
+    return module.eval()

@@ -1,0 +1,72 @@
+"""Configs: every preset loads; wrong keys, types and files are errors that name the key."""
+
+from __future__ import annotations
+
+import pytest
+
+from minigpt4.config import EVAL_CONFIG_DIR, load_eval_config, resolve_preset
+from minigpt4.errors import ConfigError
+
+
+def _write(tmp_path, text: str):
+    path = tmp_path / "preset.yaml"
+    path.write_text(text)
+    return path
+
+
+def test_every_shipped_preset_parses():
+    for path in EVAL_CONFIG_DIR.glob("*.yaml"):
+        try:
+            cfg = load_eval_config(path)
+        except ConfigError as exc:  # presets that name files the user downloads are allowed to miss them
+            assert "not found" in str(exc), f"{path.name}: {exc}"
+            continue
+        assert cfg.name == path.stem
+
+
+def test_presets_resolve_by_name_or_path(tiny_cfg_path):
+    assert resolve_preset("minigpt4_tiny_random") == tiny_cfg_path
+    assert resolve_preset(str(tiny_cfg_path)) == tiny_cfg_path
+    with pytest.raises(ConfigError, match="no preset 'nope'"):
+        resolve_preset("nope")
+
+
+def test_unknown_key_is_named(tmp_path, tiny_cfg_path):
+    text = tiny_cfg_path.read_text().replace("  template: vicuna0", "  templat: vicuna0")
+    with pytest.raises(ConfigError, match=r"preset.yaml: unknown key model.templat"):
+        load_eval_config(_write(tmp_path, text))
+
+
+def test_wrong_type_is_named(tmp_path, tiny_cfg_path):
+    text = tiny_cfg_path.read_text().replace("max_new_tokens: 24", "max_new_tokens: many")
+    with pytest.raises(ConfigError, match=r"generation.max_new_tokens must be int, got str 'many'"):
+        load_eval_config(_write(tmp_path, text))
+
+
+def test_missing_checkpoint_names_the_key_and_what_it_is(tmp_path, tiny_cfg_path):
+    text = tiny_cfg_path.read_text().replace("checkpoint: null", "checkpoint: /nowhere/proj.pth")
+    with pytest.raises(
+        ConfigError, match=r"model.projection.checkpoint: the trained projection checkpoint not found"
+    ):
+        load_eval_config(_write(tmp_path, text))
+
+
+def test_missing_tokenizer_dir_is_named(tiny_cfg_path):
+    with pytest.raises(ConfigError, match=r"model.llm.tokenizer: directory './no/such/dir' not found"):
+        load_eval_config(tiny_cfg_path, ["model.llm.tokenizer=./no/such/dir"])
+
+
+def test_overrides_are_typed_and_checked(tiny_cfg_path):
+    cfg = load_eval_config(tiny_cfg_path, ["generation.top_p=0.5", "model.max_context_tokens=512"])
+    assert cfg.generation.top_p == 0.5 and cfg.model.max_context_tokens == 512
+    with pytest.raises(ConfigError, match="generation.top_p must be in"):
+        load_eval_config(tiny_cfg_path, ["generation.top_p=2"])
+    with pytest.raises(ConfigError, match="unknown key generation.topp"):
+        load_eval_config(tiny_cfg_path, ["generation.topp=0.5"])
+    with pytest.raises(ConfigError, match="must look like key.sub=value"):
+        load_eval_config(tiny_cfg_path, ["generation.top_p"])
+
+
+def test_bad_template_is_named(tiny_cfg_path):
+    with pytest.raises(ConfigError, match="model.template must be one of"):
+        load_eval_config(tiny_cfg_path, ["model.template=alpaca"])

@@ -1,0 +1,94 @@
+"""Template rendering (golden strings of the original demo), history windows and stop strings."""
+
+from __future__ import annotations
+
+import pytest
+from transformers import AutoTokenizer
+
+from minigpt4.config import PROJECT_ROOT
+from minigpt4.conversation import Conversation, get_template
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return AutoTokenizer.from_pretrained(PROJECT_ROOT / "minigpt4" / "assets" / "tiny_tokenizer")
+
+
+def _conversation(name: str) -> Conversation:
+    conv = Conversation(get_template(name))
+    conv.add_image()
+    conv.add_user("What is this?")
+    conv.add_assistant("A cat.")
+    conv.add_user("What colour is it?")
+    return conv
+
+
+def test_vicuna0_renders_like_the_original(tokenizer):
+    assert _conversation("vicuna0").render(tokenizer) == (
+        "Give the following image: <Img>ImageContent</Img>. You will be able to see the image once I "
+        "provide it to you. Please answer my questions."
+        "###Human: <Img><ImageHere></Img> What is this?###Assistant: A cat.###Human: What colour is it?"
+        "###Assistant: "
+    )
+
+
+def test_llama2_renders_like_the_original(tokenizer):
+    assert _conversation("llama2").render(tokenizer) == (
+        "Give the following image: <Img>ImageContent</Img>. You will be able to see the image once I "
+        "provide it to you. Please answer my questions."
+        "<s>[INST] <Img><ImageHere></Img> What is this? [/INST] A cat.<s>[INST] What colour is it? [/INST] "
+    )
+
+
+def test_chat_template_uses_the_tokenizer_template(tokenizer):
+    assert _conversation("chat_template").render(tokenizer) == (
+        "<|im_start|>user\n<Img><ImageHere></Img> What is this?<|im_end|>\n"
+        "<|im_start|>assistant\nA cat.<|im_end|>\n"
+        "<|im_start|>user\nWhat colour is it?<|im_end|>\n<|im_start|>assistant\n"
+    )
+
+
+def test_chat_template_merges_consecutive_user_turns(tokenizer):
+    conv = Conversation(get_template("chat_template"))
+    conv.add_image()
+    conv.add_image()
+    conv.add_user("Compare them.")
+    rendered = conv.render(tokenizer)
+    assert rendered.count("<|im_start|>user") == 1
+    assert rendered.count("<ImageHere>") == 2
+
+
+def test_stage2_training_prompts(tokenizer):
+    assert get_template("vicuna0").training_prompt("Describe this image in detail.", tokenizer) == (
+        "###Human: <Img><ImageHere></Img> Describe this image in detail. ###Assistant: "
+    )
+    assert get_template("llama2").training_prompt("Describe it.", tokenizer) == (
+        "[INST] <Img><ImageHere></Img> Describe it. [/INST] "
+    )
+    assert get_template("vicuna0").answer_end(tokenizer) == "###"
+    assert get_template("chat_template").answer_end(tokenizer) == tokenizer.eos_token
+
+
+def test_stop_strings_and_ids_come_from_the_tokenizer(tokenizer):
+    vicuna = get_template("vicuna0")
+    assert vicuna.stop_strings(tokenizer) == ["###", tokenizer.eos_token]
+    assert vicuna.stop_token_ids(tokenizer) == [tokenizer.eos_token_id]
+    chat = get_template("chat_template")
+    assert tokenizer.eos_token in chat.stop_strings(tokenizer)
+
+
+def test_window_drops_oldest_text_but_keeps_images(tokenizer):
+    conv = _conversation("vicuna0")
+    conv.add_assistant("Orange.")
+    conv.add_user("Is it asleep?")
+    assert conv.n_droppable() == 2
+    rendered = conv.render(tokenizer, drop_exchanges=1)
+    assert "What is this?" not in rendered and "A cat." not in rendered
+    assert "###Human: <Img><ImageHere></Img> What colour is it?###Assistant: Orange." in rendered
+    rendered = conv.render(tokenizer, drop_exchanges=2)
+    assert rendered.endswith("###Human: <Img><ImageHere></Img> Is it asleep?###Assistant: ")
+
+
+def test_unknown_template_is_an_error():
+    with pytest.raises(ValueError, match="unknown template 'vicuna9'"):
+        get_template("vicuna9")

@@ -1,0 +1,234 @@
+"""Weights: HF BLIP-2 layout, the original LAVIS .pth layout and our checkpoints load to the same model."""
+
+from __future__ import annotations
+
+import json
+import pickle
+
+import pytest
+import torch
+from transformers import Blip2Config, Blip2ForConditionalGeneration, LlamaForCausalLM
+
+from minigpt4.build import build_model
+from minigpt4.config import VisionConfig, load_eval_config
+from minigpt4.vision import build_vision
+from minigpt4.weights import WeightsError, load_trainable, save_trainable
+
+VISION = dict(
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=2,
+    image_size=224,
+    patch_size=14,
+)
+QFORMER = dict(
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=2,
+    cross_attention_frequency=2,
+)
+OPT = dict(
+    model_type="opt",
+    hidden_size=16,
+    ffn_dim=32,
+    num_hidden_layers=1,
+    num_attention_heads=2,
+    vocab_size=64,
+    word_embed_proj_dim=16,
+    max_position_embeddings=64,
+)
+
+
+@pytest.fixture(scope="module")
+def hf_blip2(tmp_path_factory):
+    """A tiny BLIP-2 saved by transformers itself (sharded), so the layout is the real one."""
+    torch.manual_seed(1)
+    config = Blip2Config(vision_config=VISION, qformer_config=QFORMER, text_config=OPT, num_query_tokens=4)
+    model = Blip2ForConditionalGeneration(config).eval()
+    directory = tmp_path_factory.mktemp("blip2")
+    model.save_pretrained(directory, max_shard_size="100KB")
+    return model, directory
+
+
+@pytest.fixture
+def pixels():
+    torch.manual_seed(0)
+    return torch.randn(2, 3, 224, 224)
+
+
+def _reference_features(model, pixels):
+    """BLIP-2's Q-Former output computed by transformers, with LAVIS's ln_vision eps."""
+    model.vision_model.post_layernorm.eps = 1e-5
+    with torch.no_grad():
+        image = model.vision_model(pixel_values=pixels).last_hidden_state
+        queries = model.query_tokens.expand(image.shape[0], -1, -1)
+        return model.qformer(query_embeds=queries, encoder_hidden_states=image).last_hidden_state
+
+
+def test_hf_layout_reads_only_vision_shards_and_matches_transformers(hf_blip2, pixels):
+    model, directory = hf_blip2
+    assert len(list(directory.glob("model-*.safetensors"))) > 1, "the fixture should be sharded"
+    ours = build_vision(VisionConfig(pretrained=str(directory), num_query_tokens=4), torch.device("cpu"))
+    torch.testing.assert_close(ours(pixels), _reference_features(model, pixels))
+
+
+def _to_lavis(model) -> dict[str, torch.Tensor]:
+    """Write a HF BLIP-2 back in the original LAVIS names (what blip2_pretrained_*.pth holds)."""
+    out: dict[str, torch.Tensor] = {}
+    for key, value in model.vision_model.state_dict().items():
+        if key.startswith("post_layernorm."):
+            out["ln_vision." + key.removeprefix("post_layernorm.")] = value
+            continue
+        key = (
+            key.replace("embeddings.class_embedding", "cls_token")
+            .replace("embeddings.position_embedding", "pos_embed")
+            .replace("embeddings.patch_embedding.", "patch_embed.proj.")
+            .replace("encoder.layers.", "blocks.")
+            .replace("layer_norm1", "norm1")
+            .replace("layer_norm2", "norm2")
+            .replace("self_attn.projection", "attn.proj")
+            .replace("self_attn.qkv", "attn.qkv")
+        )
+        if key.endswith("attn.qkv.bias"):
+            q, _, v = value.chunk(3)
+            out["visual_encoder." + key.replace("qkv.bias", "q_bias")] = q
+            out["visual_encoder." + key.replace("qkv.bias", "v_bias")] = v
+        else:
+            out["visual_encoder." + key] = value
+    for key, value in model.qformer.state_dict().items():
+        key = key.replace("layernorm.", "embeddings.LayerNorm.").replace(
+            ".attention.attention.", ".attention.self."
+        )
+        key = key.replace(".crossattention.attention.", ".crossattention.self.")
+        out["Qformer.bert." + key] = value
+    out["query_tokens"] = model.query_tokens.detach().clone()
+    # Parts of the LAVIS checkpoint MiniGPT-4 does not use.
+    out["Qformer.bert.embeddings.word_embeddings.weight"] = torch.zeros(30523, 8)
+    out["Qformer.bert.encoder.layer.0.intermediate.dense.weight"] = torch.zeros(64, 32)
+    out["Qformer.cls.predictions.bias"] = torch.zeros(30523)
+    out["t5_proj.weight"] = torch.zeros(16, 32)
+    return out
+
+
+def test_lavis_layout_matches_transformers(hf_blip2, pixels, tmp_path):
+    model, directory = hf_blip2
+    path = tmp_path / "blip2_pretrained.pth"
+    torch.save({"model": _to_lavis(model)}, path)
+    ours = build_vision(
+        VisionConfig(
+            lavis_checkpoint=str(path), num_query_tokens=4, random_init={"vision": VISION, "qformer": QFORMER}
+        ),
+        torch.device("cpu"),
+    )
+    torch.testing.assert_close(ours(pixels), _reference_features(model, pixels))
+
+
+def test_separate_eva_vit_file_with_extra_block_loads(hf_blip2, pixels, tmp_path):
+    model, _ = hf_blip2
+    lavis = _to_lavis(model)
+    vit = {k.removeprefix("visual_encoder."): v for k, v in lavis.items() if k.startswith("visual_encoder.")}
+    vit.update(
+        {"blocks.2.norm1.weight": torch.ones(32), "norm.weight": torch.ones(32)}
+    )  # the dropped 40th block
+    qformer_only = {k: v for k, v in lavis.items() if not k.startswith("visual_encoder.")}
+    torch.save(vit, tmp_path / "eva_vit_g.pth")
+    torch.save({"model": qformer_only}, tmp_path / "blip2.pth")
+    ours = build_vision(
+        VisionConfig(
+            lavis_checkpoint=str(tmp_path / "blip2.pth"),
+            eva_vit_checkpoint=str(tmp_path / "eva_vit_g.pth"),
+            num_query_tokens=4,
+            random_init={"vision": VISION, "qformer": QFORMER},
+        ),
+        torch.device("cpu"),
+    )
+    torch.testing.assert_close(ours(pixels), _reference_features(model, pixels))
+
+
+def test_missing_tensor_and_wrong_shape_are_named(hf_blip2, tmp_path):
+    model, _ = hf_blip2
+    lavis = _to_lavis(model)
+    cfg = dict(num_query_tokens=4, random_init={"vision": VISION, "qformer": QFORMER})
+    broken = dict(lavis)
+    del broken["ln_vision.weight"]
+    torch.save({"model": broken}, tmp_path / "missing.pth")
+    with pytest.raises(WeightsError, match="ln_vision.weight"):
+        build_vision(VisionConfig(lavis_checkpoint=str(tmp_path / "missing.pth"), **cfg), torch.device("cpu"))
+    broken = dict(lavis, query_tokens=torch.zeros(1, 5, 32))
+    torch.save({"model": broken}, tmp_path / "shape.pth")
+    with pytest.raises(
+        WeightsError, match=r"query_tokens has shape \(1, 5, 32\) in the checkpoint but \(1, 4, 32\)"
+    ):
+        build_vision(VisionConfig(lavis_checkpoint=str(tmp_path / "shape.pth"), **cfg), torch.device("cpu"))
+
+
+def test_pickled_objects_are_refused(tmp_path):
+    class Evil:
+        def __reduce__(self):
+            return (print, ("pwned",))
+
+    path = tmp_path / "evil.pth"
+    path.write_bytes(pickle.dumps({"model": {"llama_proj.weight": Evil()}}))
+    model = build_model(load_eval_config("minigpt4_tiny_random").model, "cpu")
+    with pytest.raises(pickle.UnpicklingError):
+        load_trainable(model, path)
+
+
+@pytest.fixture(scope="module")
+def tiny_model():
+    return build_model(load_eval_config("minigpt4_tiny_random").model, "cpu")
+
+
+def test_released_projection_layout_loads(tiny_model, tmp_path):
+    weight = torch.randn_like(tiny_model.llama_proj.weight)
+    bias = torch.randn_like(tiny_model.llama_proj.bias)
+    torch.save(
+        {"model": {"llama_proj.weight": weight, "llama_proj.bias": bias}},
+        tmp_path / "pretrained_minigpt4.pth",
+    )
+    load_trainable(tiny_model, tmp_path / "pretrained_minigpt4.pth")
+    torch.testing.assert_close(tiny_model.llama_proj.weight.data, weight)
+    torch.testing.assert_close(tiny_model.llama_proj.bias.data, bias)
+
+
+def test_projection_of_the_wrong_size_names_key_and_shapes(tiny_model, tmp_path):
+    torch.save(
+        {"model": {"llama_proj.weight": torch.zeros(4096, 768), "llama_proj.bias": torch.zeros(4096)}},
+        tmp_path / "7b.pth",
+    )
+    with pytest.raises(
+        WeightsError, match=r"llama_proj.weight has shape \(4096, 768\) in the checkpoint but \(64, 32\)"
+    ):
+        load_trainable(tiny_model, tmp_path / "7b.pth")
+
+
+def test_save_trainable_writes_only_the_projection_and_round_trips(tiny_model, tmp_path):
+    path = save_trainable(tiny_model, tmp_path / "proj.safetensors", {"step": 3})
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as fh:
+        assert sorted(fh.keys()) == ["llama_proj.bias", "llama_proj.weight"]
+        assert json.loads(fh.metadata()["minigpt4"]) == {"step": 3}
+    other = build_model(load_eval_config("minigpt4_tiny_random", ["model.seed=5"]).model, "cpu")
+    assert not torch.equal(other.llama_proj.weight, tiny_model.llama_proj.weight)
+    load_trainable(other, path)
+    torch.testing.assert_close(other.llama_proj.weight, tiny_model.llama_proj.weight)
+
+
+def test_hf_llm_directory_loads_the_same_weights(tiny_model, tmp_path):
+    tiny_model.llm.save_pretrained(tmp_path / "llm")
+    tiny_model.tokenizer.save_pretrained(tmp_path / "llm")
+    cfg = load_eval_config(
+        "minigpt4_tiny_random",
+        [
+            f"model.llm.pretrained={tmp_path / 'llm'}",
+            "model.llm.random_init=null",
+            "model.llm.tokenizer=null",
+        ],
+    )
+    loaded = build_model(cfg.model, "cpu")
+    assert isinstance(loaded.llm, LlamaForCausalLM)
+    ids = torch.tensor([[1, 5, 9, 200]])
+    torch.testing.assert_close(loaded.llm(input_ids=ids).logits, tiny_model.llm(input_ids=ids).logits)
