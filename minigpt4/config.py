@@ -64,7 +64,7 @@ class LLMConfig:
 class ProjectionConfig:
     """The trained bridge: a checkpoint (.pth of the original release, or our .safetensors)."""
 
-    checkpoint: str | None = None
+    checkpoint: str | None = None  # a path, or hf://org/repo/file for a file in a hub repository
 
 
 @dataclass
@@ -187,7 +187,7 @@ def check_model_files(cfg: ModelConfig, where: str) -> None:
         "model.projection.checkpoint": (cfg.projection.checkpoint, "the trained projection checkpoint"),
     }
     for key, (value, what) in files.items():
-        if value is not None and not resolve_path(value).is_file():
+        if value is not None and not value.startswith("hf://") and not resolve_path(value).is_file():
             raise ConfigError(f"{where}: {key}: {what} not found at {value!r}")
     dirs = {
         "model.vision.pretrained": cfg.vision.pretrained,

@@ -24,6 +24,7 @@ from minigpt4.config import VisionConfig, resolve_path
 
 log = logging.getLogger(__name__)
 
+HF_PREFIX = "hf://"
 HF_BLIP2_PREFIXES = ("vision_model.", "qformer.", "query_tokens")
 VISION_CONFIG_KEYS = (
     "hidden_size",
@@ -267,9 +268,22 @@ def save_trainable(model: nn.Module, path: str | Path, metadata: Mapping[str, An
     return path
 
 
+def hub_file(spec: str) -> Path:
+    """`hf://org/repo/path/in/repo` → the file, downloaded once into the HF cache."""
+    from huggingface_hub import hf_hub_download  # noqa: PLC0415
+
+    parts = spec.removeprefix(HF_PREFIX).split("/")
+    if len(parts) < 3:
+        raise WeightsError(f"{spec}: expected hf://org/repo/file")
+    return Path(hf_hub_download("/".join(parts[:2]), "/".join(parts[2:])))
+
+
 def read_trainable(path: str | Path) -> dict[str, torch.Tensor]:
-    """Tensors of a trainable-weights file: our .safetensors or the original release's .pth."""
-    path = resolve_path(path)
+    """Tensors of a trainable-weights file: our .safetensors or the original release's .pth.
+
+    `path` may be local or `hf://org/repo/file` (a file in a hub repository).
+    """
+    path = hub_file(path) if str(path).startswith(HF_PREFIX) else resolve_path(path)
     if not path.is_file():
         raise WeightsError(f"checkpoint not found: {path}")
     if path.suffix == ".safetensors":

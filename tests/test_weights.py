@@ -76,8 +76,12 @@ def test_hf_layout_reads_only_vision_shards_and_matches_transformers(hf_blip2, p
 
 def _to_lavis(model) -> dict[str, torch.Tensor]:
     """Write a HF BLIP-2 back in the original LAVIS names (what blip2_pretrained_*.pth holds)."""
+    return _lavis_names(model.vision_model.state_dict(), model.qformer.state_dict(), model.query_tokens)
+
+
+def _lavis_names(vit: dict, qformer: dict, query_tokens: torch.Tensor) -> dict[str, torch.Tensor]:
     out: dict[str, torch.Tensor] = {}
-    for key, value in model.vision_model.state_dict().items():
+    for key, value in vit.items():
         if key.startswith("post_layernorm."):
             out["ln_vision." + key.removeprefix("post_layernorm.")] = value
             continue
@@ -97,13 +101,13 @@ def _to_lavis(model) -> dict[str, torch.Tensor]:
             out["visual_encoder." + key.replace("qkv.bias", "v_bias")] = v
         else:
             out["visual_encoder." + key] = value
-    for key, value in model.qformer.state_dict().items():
+    for key, value in qformer.items():
         key = key.replace("layernorm.", "embeddings.LayerNorm.").replace(
             ".attention.attention.", ".attention.self."
         )
         key = key.replace(".crossattention.attention.", ".crossattention.self.")
         out["Qformer.bert." + key] = value
-    out["query_tokens"] = model.query_tokens.detach().clone()
+    out["query_tokens"] = query_tokens.detach().clone()
     # Parts of the LAVIS checkpoint MiniGPT-4 does not use.
     out["Qformer.bert.embeddings.word_embeddings.weight"] = torch.zeros(30523, 8)
     out["Qformer.bert.encoder.layer.0.intermediate.dense.weight"] = torch.zeros(64, 32)
@@ -232,3 +236,32 @@ def test_hf_llm_directory_loads_the_same_weights(tiny_model, tmp_path):
     assert isinstance(loaded.llm, LlamaForCausalLM)
     ids = torch.tensor([[1, 5, 9, 200]])
     torch.testing.assert_close(loaded.llm(input_ids=ids).logits, tiny_model.llm(input_ids=ids).logits)
+
+
+def test_lavis_and_released_projection_files_rebuild_the_tiny_model(tiny_model, tmp_path):
+    """The whole model from original-layout files gives the directly built model's outputs."""
+    vision = tiny_model.vision
+    vit = dict(vision.visual_encoder.state_dict())
+    vit.update({"post_layernorm." + k: v for k, v in vision.ln_vision.state_dict().items()})
+    torch.save(
+        {"model": _lavis_names(vit, vision.qformer.state_dict(), vision.query_tokens)}, tmp_path / "blip2.pth"
+    )
+    proj = {"llama_proj." + k: v for k, v in tiny_model.llama_proj.state_dict().items()}
+    torch.save({"model": proj}, tmp_path / "pretrained_minigpt4.pth")
+    cfg = load_eval_config(
+        "minigpt4_tiny_random",
+        [
+            f"model.vision.lavis_checkpoint={tmp_path / 'blip2.pth'}",
+            f"model.projection.checkpoint={tmp_path / 'pretrained_minigpt4.pth'}",
+            "model.seed=7",
+        ],  # another seed: every vision/projection weight must come from the files
+    )
+    rebuilt = build_model(cfg.model, "cpu")
+    rebuilt.llm.load_state_dict(tiny_model.llm.state_dict())
+    pixels = torch.randn(1, 3, 224, 224)
+    ids = torch.tensor([tiny_model.tokenize_prompt("<ImageHere> a photo of", 1)])
+    with torch.no_grad():
+        torch.testing.assert_close(
+            rebuilt(input_ids=ids, pixel_values=pixels).logits,
+            tiny_model(input_ids=ids, pixel_values=pixels).logits,
+        )
