@@ -134,6 +134,34 @@ class MiniGPT4(nn.Module):
             use_cache=False,
         )
 
+    @torch.no_grad()
+    def generate(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        pixel_values: torch.Tensor | None = None,
+        features: torch.Tensor | None = None,
+        **generate_kwargs,
+    ) -> torch.Tensor:
+        """Batched `generate` on prompts with images; returns only the new token ids.
+
+        Pad batches on the left (with `attention_mask` zeros) so every prompt ends where its
+        answer begins. Keyword arguments go to the LLM's `generate` (max_new_tokens, num_beams, …).
+        """
+        if features is not None:
+            image_embeds = self.project(features)
+        elif pixel_values is not None:
+            image_embeds = self.encode_images(pixel_values)
+        else:
+            image_embeds = None
+        inputs_embeds = self.embed_inputs(input_ids, image_embeds)
+        if attention_mask is None:
+            attention_mask = torch.ones(input_ids.shape, dtype=torch.long)
+        generate_kwargs.setdefault("pad_token_id", self.tokenizer.pad_token_id)
+        return self.llm.generate(
+            inputs_embeds=inputs_embeds, attention_mask=attention_mask.to(self.device), **generate_kwargs
+        )
+
     def trainable_state_dict(self) -> dict[str, torch.Tensor]:
         """Only what training changes: `llama_proj.*` (and the LoRA weights when enabled)."""
         return {name: p for name, p in self.named_parameters() if p.requires_grad}

@@ -104,3 +104,21 @@ def test_low_resource_on_cpu_is_a_clear_error():
     )
     with pytest.raises(ConfigError, match="needs a CUDA GPU"):
         build_model(cfg.model, "cpu")
+
+
+def test_batched_generate_with_left_padding_matches_one_by_one(model):
+    prompts = [
+        model.tokenize_prompt("<ImageHere> what is it?", 1),
+        model.tokenize_prompt("<ImageHere> hi", 1),
+    ]
+    pixels = torch.randn(2, 3, 224, 224)
+    width = max(map(len, prompts))
+    pad = model.tokenizer.pad_token_id
+    ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts])
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+    batched = model.generate(ids, mask, pixel_values=pixels, max_new_tokens=6, do_sample=False)
+    for i, prompt in enumerate(prompts):
+        alone = model.generate(
+            torch.tensor([prompt]), pixel_values=pixels[i : i + 1], max_new_tokens=6, do_sample=False
+        )
+        assert batched[i].tolist() == alone[0].tolist()
