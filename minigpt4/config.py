@@ -110,6 +110,8 @@ class GenerationConfig:
             raise ConfigError(f"generation.temperature must be > 0, got {self.temperature}")
         if not 0 < self.top_p <= 1:
             raise ConfigError(f"generation.top_p must be in (0, 1], got {self.top_p}")
+        if self.repetition_penalty <= 0:
+            raise ConfigError(f"generation.repetition_penalty must be > 0, got {self.repetition_penalty}")
 
 
 @dataclass

@@ -18,30 +18,14 @@ from transformers import (
     TopPLogitsWarper,
 )
 
+from minigpt4.config import GenerationConfig
+
 
 @dataclass
-class GenerationParams:
-    """Decoding settings of one answer. The defaults are the original demo's."""
+class GenerationParams(GenerationConfig):
+    """Decoding settings of one answer: a preset's `generation` section plus extra stop strings."""
 
-    max_new_tokens: int = 300
-    num_beams: int = 1
-    do_sample: bool = True
-    temperature: float = 1.0
-    top_p: float = 0.9
-    repetition_penalty: float = 1.05
     stop: tuple[str, ...] = ()
-
-    def __post_init__(self) -> None:
-        if not 1 <= self.max_new_tokens <= 100_000:
-            raise ValueError(f"max_new_tokens must be in 1..100000, got {self.max_new_tokens}")
-        if not 1 <= self.num_beams <= 10:
-            raise ValueError(f"num_beams must be in 1..10, got {self.num_beams}")
-        if self.temperature <= 0:
-            raise ValueError(f"temperature must be > 0, got {self.temperature}")
-        if not 0 < self.top_p <= 1:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
-        if self.repetition_penalty <= 0:
-            raise ValueError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
 
 
 def logits_processors(params: GenerationParams) -> LogitsProcessorList:

@@ -103,6 +103,15 @@ class MiniGPT4(nn.Module):
             return embeds
         return embeds.masked_scatter(mask.unsqueeze(-1), image_embeds.to(embeds.dtype))
 
+    def _image_embeds(
+        self, pixel_values: torch.Tensor | None, features: torch.Tensor | None
+    ) -> torch.Tensor | None:
+        if features is not None:
+            return self.project(features)
+        if pixel_values is not None:
+            return self.encode_images(pixel_values)
+        return None
+
     # --- training -----------------------------------------------------------------------------
 
     def forward(
@@ -118,12 +127,7 @@ class MiniGPT4(nn.Module):
         Images come as `pixel_values` (N, 3, H, W) or as pre-computed frozen `features`
         (N, n_image_tokens, feature_dim), in the order their positions appear in the batch.
         """
-        if features is not None:
-            image_embeds = self.project(features)
-        elif pixel_values is not None:
-            image_embeds = self.encode_images(pixel_values)
-        else:
-            image_embeds = None
+        image_embeds = self._image_embeds(pixel_values, features)
         if labels is not None and not bool((labels != IGNORE_INDEX).any()):
             raise ValueError("the batch has no supervised token (every label is -100): nothing to learn from")
         inputs_embeds = self.embed_inputs(input_ids, image_embeds)
@@ -148,12 +152,7 @@ class MiniGPT4(nn.Module):
         Pad batches on the left (with `attention_mask` zeros) so every prompt ends where its
         answer begins. Keyword arguments go to the LLM's `generate` (max_new_tokens, num_beams, …).
         """
-        if features is not None:
-            image_embeds = self.project(features)
-        elif pixel_values is not None:
-            image_embeds = self.encode_images(pixel_values)
-        else:
-            image_embeds = None
+        image_embeds = self._image_embeds(pixel_values, features)
         inputs_embeds = self.embed_inputs(input_ids, image_embeds)
         if attention_mask is None:
             attention_mask = torch.ones(input_ids.shape, dtype=torch.long)
