@@ -76,9 +76,11 @@ def load_llm(cfg: LLMConfig, tokenizer, device: torch.device, seed: int = 0) -> 
             from transformers import BitsAndBytesConfig  # noqa: PLC0415
 
             kwargs["quantization_config"] = BitsAndBytesConfig(load_in_8bit=True)
+        if device.type == "cuda":
+            # Straight onto the GPU: a 13B model never passes through host memory in full.
             kwargs["device_map"] = {"": device.index or 0}
         llm = AutoModelForCausalLM.from_pretrained(_source(cfg.pretrained), **kwargs)
-        if not cfg.low_resource:
+        if device.type != "cuda":
             llm = llm.to(device)
     llm.requires_grad_(False)
     return llm.eval()
