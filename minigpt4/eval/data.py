@@ -1,0 +1,170 @@
+"""Readers for the standard evaluation formats.
+
+- Captions, COCO style: `{"images": [{"id", "file_name"}], "annotations": [{"image_id", "caption"}]}`.
+- VQA, VQAv2 style: a questions file `{"questions": [{"question_id", "image_id", "question"}],
+  "data_subtype": "val2014"}` and an annotations file `{"annotations": [{"question_id", "answers":
+  [{"answer"}], "answer_type"}]}`. Images are named as in COCO (`COCO_val2014_000000000042.jpg`)
+  unless the questions file carries a COCO-style `"images"` list.
+- POPE: JSON lines `{"question_id", "image", "text", "label": "yes"|"no"}`, optionally `"category"`.
+
+Each reader checks the fields it needs and raises `DataError` naming the file and the entry.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+logger = logging.getLogger(__name__)
+
+
+class DataError(ValueError):
+    """An evaluation file is missing, malformed, or refers to something that does not exist."""
+
+
+@dataclass(frozen=True)
+class CaptionSample:
+    image_id: int | str
+    image: Path
+    references: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class VQASample:
+    question_id: int | str
+    image: Path
+    question: str
+    answers: tuple[str, ...]
+    answer_type: str
+
+
+@dataclass(frozen=True)
+class POPESample:
+    question_id: int | str
+    image: Path
+    question: str
+    label: str
+    category: str
+
+
+def _load_json(path: Path) -> Any:
+    if not path.is_file():
+        raise DataError(f"{path}: no such file")
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise DataError(f"{path}: not valid JSON ({e})") from e
+
+
+def _field(entry: Any, key: str, where: str) -> Any:
+    if not isinstance(entry, dict) or key not in entry:
+        raise DataError(f"{where}: missing field {key!r}")
+    return entry[key]
+
+
+def _list_field(data: Any, key: str, path: Path) -> list:
+    value = _field(data, key, str(path))
+    if not isinstance(value, list):
+        raise DataError(f"{path}: {key!r} must be a list")
+    return value
+
+
+def _image_path(image_root: Path, file_name: str, where: str) -> Path:
+    path = image_root / file_name
+    if not path.is_file():
+        raise DataError(f"{where}: image {path} does not exist")
+    return path
+
+
+def _image_names(data: dict, path: Path) -> dict[Any, str]:
+    return {
+        _field(img, "id", f"{path} images[{i}]"): _field(img, "file_name", f"{path} images[{i}]")
+        for i, img in enumerate(_list_field(data, "images", path))
+    }
+
+
+def read_captions(path: Path, image_root: Path) -> list[CaptionSample]:
+    """One sample per image of a COCO-style caption file, with all its reference captions."""
+    data = _load_json(path)
+    names = _image_names(data, path)
+    refs: dict[Any, list[str]] = {}
+    for i, ann in enumerate(_list_field(data, "annotations", path)):
+        where = f"{path} annotations[{i}]"
+        image_id = _field(ann, "image_id", where)
+        if image_id not in names:
+            raise DataError(f"{where}: image_id {image_id!r} is not in 'images'")
+        refs.setdefault(image_id, []).append(str(_field(ann, "caption", where)))
+    unannotated = [i for i in names if i not in refs]
+    if unannotated:
+        logger.warning("%s: %d images have no caption and are skipped", path, len(unannotated))
+    return [
+        CaptionSample(image_id, _image_path(image_root, names[image_id], str(path)), tuple(captions))
+        for image_id, captions in refs.items()
+    ]
+
+
+def read_vqa(questions_path: Path, annotations_path: Path, image_root: Path) -> list[VQASample]:
+    """One sample per question of a VQAv2-style questions file, with its annotators' answers."""
+    qdata = _load_json(questions_path)
+    adata = _load_json(annotations_path)
+    names = _image_names(qdata, questions_path) if "images" in qdata else None
+    subtype = qdata.get("data_subtype", "val2014")
+    answers: dict[Any, dict] = {}
+    for i, ann in enumerate(_list_field(adata, "annotations", annotations_path)):
+        where = f"{annotations_path} annotations[{i}]"
+        given = [str(_field(a, "answer", where)) for a in _field(ann, "answers", where)]
+        if not given:
+            raise DataError(f"{where}: no answers")
+        answers[_field(ann, "question_id", where)] = {"answers": tuple(given), "type": ann.get("answer_type", "")}
+    samples = []
+    for i, q in enumerate(_list_field(qdata, "questions", questions_path)):
+        where = f"{questions_path} questions[{i}]"
+        qid, image_id = _field(q, "question_id", where), _field(q, "image_id", where)
+        if qid not in answers:
+            raise DataError(f"{where}: question_id {qid!r} has no entry in {annotations_path}")
+        if names is None:
+            file_name = f"COCO_{subtype}_{int(image_id):012d}.jpg"
+        elif image_id in names:
+            file_name = names[image_id]
+        else:
+            raise DataError(f"{where}: image_id {image_id!r} is not in 'images'")
+        ann = answers[qid]
+        image = _image_path(image_root, file_name, where)
+        samples.append(VQASample(qid, image, str(_field(q, "question", where)), ann["answers"], ann["type"]))
+    few = sum(len(s.answers) < 10 for s in samples)
+    if few:
+        logger.warning("%d questions have fewer than 10 answers: VQA accuracy is built for 10", few)
+    return samples
+
+
+def read_pope(path: Path, image_root: Path) -> list[POPESample]:
+    """One sample per line of a POPE-style JSON-lines file."""
+    if not path.is_file():
+        raise DataError(f"{path}: no such file")
+    samples = []
+    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        if not line.strip():
+            continue
+        where = f"{path} line {n}"
+        try:
+            entry = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{where}: not valid JSON ({e})") from e
+        label = str(_field(entry, "label", where)).strip().lower()
+        if label not in ("yes", "no"):
+            raise DataError(f"{where}: label must be 'yes' or 'no', got {entry['label']!r}")
+        samples.append(
+            POPESample(
+                question_id=_field(entry, "question_id", where),
+                image=_image_path(image_root, str(_field(entry, "image", where)), where),
+                question=str(_field(entry, "text", where)),
+                label=label,
+                category=str(entry.get("category", "")),
+            )
+        )
+    if not samples:
+        raise DataError(f"{path}: no questions")
+    return samples

@@ -1,0 +1,236 @@
+"""Scores for the three evaluation tasks.
+
+- Captions: BLEU-1..4, ROUGE-L and CIDEr from pycocoevalcap, and METEOR when Java is present (its
+  scorer is a Java program). Text is tokenized with the Stanford PTB tokenizer that pycocoevalcap
+  ships (also Java); without Java a plain lower-case word tokenizer stands in, and the result says so.
+- VQA: the standard VQAv2 accuracy, min(#annotators who gave the answer / 3, 1) averaged over the
+  leave-one-annotator-out subsets, after the official answer normalisation (punctuation, number
+  words, articles, contractions).
+- POPE: the answer is read as "no" when its first sentence contains the word no/No/not (POPE's own
+  rule), else "yes"; accuracy, precision, recall, F1 and the share of "yes" answers.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import re
+import shutil
+from collections import defaultdict
+from collections.abc import Mapping, Sequence
+
+logger = logging.getLogger(__name__)
+
+
+def java_available() -> bool:
+    """Whether a `java` executable is on PATH (needed by the PTB tokenizer and by METEOR)."""
+    return shutil.which("java") is not None
+
+
+# ---------------------------------------------------------------------------------------- captions
+
+_WORD = re.compile(r"[a-z0-9]+(?:'[a-z]+)?")
+
+
+def _simple_tokenize(captions: Mapping[object, Sequence[str]]) -> dict[object, list[str]]:
+    return {key: [" ".join(_WORD.findall(text.lower())) for text in texts] for key, texts in captions.items()}
+
+
+def _ptb_tokenize(captions: Mapping[object, Sequence[str]]) -> dict[object, list[str]]:
+    from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
+
+    wrapped = {key: [{"caption": text} for text in texts] for key, texts in captions.items()}
+    return PTBTokenizer().tokenize(wrapped)
+
+
+def caption_metrics(
+    references: Mapping[object, Sequence[str]],
+    predictions: Mapping[object, str],
+    meteor: bool | None = None,
+) -> dict[str, float | str]:
+    """Corpus-level caption scores of `predictions` (one caption per image id) against `references`.
+
+    `meteor=None` computes METEOR when Java is present; True requires it; False skips it. The
+    returned dict also names the tokenizer used ("ptb" or "simple").
+    """
+    if set(references) != set(predictions):
+        missing = sorted(map(str, set(references) ^ set(predictions)))[:5]
+        raise ValueError(f"references and predictions cover different image ids (e.g. {missing})")
+    if not references:
+        raise ValueError("no captions to score")
+    for key, refs in references.items():
+        if not refs:
+            raise ValueError(f"image {key!r} has no reference caption")
+    has_java = java_available()
+    if meteor and not has_java:
+        raise RuntimeError("METEOR needs Java (`java` on PATH); install a JDK or pass meteor=False")
+    if not has_java:
+        logger.warning("Java not found: simple tokenizer instead of PTB, no METEOR; scores differ slightly")
+    tokenize = _ptb_tokenize if has_java else _simple_tokenize
+    gts = tokenize(references)
+    res = tokenize({key: [predictions[key]] for key in references})
+
+    from pycocoevalcap.bleu.bleu import Bleu
+    from pycocoevalcap.cider.cider import Cider
+    from pycocoevalcap.rouge.rouge import Rouge
+
+    bleu, _ = Bleu(4).compute_score(gts, res, verbose=0)
+    scores: dict[str, float | str] = {f"BLEU-{n}": float(b) for n, b in enumerate(bleu, start=1)}
+    scores["ROUGE-L"] = float(Rouge().compute_score(gts, res)[0])
+    scores["CIDEr"] = float(Cider().compute_score(gts, res)[0])
+    if meteor is not False and has_java:
+        from pycocoevalcap.meteor.meteor import Meteor
+
+        scores["METEOR"] = float(Meteor().compute_score(gts, res)[0])
+    scores["tokenizer"] = "ptb" if has_java else "simple"
+    return scores
+
+
+# --------------------------------------------------------------------------------------------- VQA
+
+# Contractions written without their apostrophes, as the official VQA script restores them. Each
+# canonical form below also matches every spelling that drops some of its apostrophes
+# ("couldnt've", "couldn'tve", "couldntve" → "couldn't've").
+_CONTRACTED = """
+ain't aren't can't could've couldn't couldn't've didn't doesn't don't hadn't hadn't've hasn't haven't
+he'd he'd've he's how'd how'll how's it'd it'd've it'll let's ma'am mightn't mightn't've might've
+mustn't must've needn't not've o'clock oughtn't 'ow's'at shan't she'd've she's should've shouldn't
+shouldn't've somebody'd somebody'd've somebody'll somebody's someone'd someone'd've someone'll
+someone's something'd something'd've something'll that's there'd there'd've there're there's they'd
+they'd've they'll they're they've 'twas wasn't we'd've we've weren't what'll what're what's what've
+when's where'd where's where've who'd who'd've who'll who's who've why'll why're why's won't would've
+wouldn't wouldn't've y'all y'all'll y'all'd've you'd you'd've you'll you're you've
+""".split()
+
+
+def _contraction_table() -> dict[str, str]:
+    table = {}
+    for word in _CONTRACTED:
+        parts = word.split("'")
+        for joins in itertools.product(("'", ""), repeat=len(parts) - 1):
+            spelled = parts[0] + "".join(j + p for j, p in zip(joins, parts[1:]))
+            if spelled != word:
+                table[spelled] = word
+    return table
+
+
+_CONTRACTIONS = _contraction_table()
+_NUMBER_WORDS = {
+    w: str(i)
+    for i, w in enumerate("zero one two three four five six seven eight nine ten".split())
+} | {"none": "0"}
+_ARTICLES = {"a", "an", "the"}
+_PUNCTUATION = [";", "/", "[", "]", '"', "{", "}", "(", ")", "=", "+", "\\", "_", "-", ">", "<", "@", "`", ",", "?", "!"]
+_COMMA_IN_NUMBER = re.compile(r"(\d)(,)(\d)")
+# The official pattern is "(?!<=\d)(\.)(?!\d)", whose first group is a no-op look-ahead: in effect it
+# removes every period that is not followed by a digit. Written here as it behaves.
+_PERIOD = re.compile(r"\.(?!\d)")
+
+
+def normalize_vqa_answer(answer: str) -> str:
+    """The official VQA answer normalisation: "Two dogs." → "2 dogs", "The Red one" → "red 1"."""
+    text = answer.replace("\n", " ").replace("\t", " ").strip()
+    out = text
+    for p in _PUNCTUATION:
+        # Next to a space (or in a text with a digit-grouping comma) the mark is dropped; inside a
+        # word it becomes a space ("black/white" → "black white").
+        if p + " " in text or " " + p in text or _COMMA_IN_NUMBER.search(text):
+            out = out.replace(p, "")
+        else:
+            out = out.replace(p, " ")
+    out = _PERIOD.sub("", out)
+    words = [_NUMBER_WORDS.get(w, w) for w in out.lower().split()]
+    return " ".join(_CONTRACTIONS.get(w, w) for w in words if w not in _ARTICLES)
+
+
+def vqa_accuracy(prediction: str, answers: Sequence[str]) -> float:
+    """Standard VQA accuracy of one predicted answer against the annotators' `answers` (10 in VQAv2).
+
+    For each annotator, the prediction scores min(1, matches among the other annotators / 3); the
+    accuracy is the mean over annotators.
+    """
+    if not answers:
+        raise ValueError("a VQA question needs at least one ground-truth answer")
+    pred = normalize_vqa_answer(prediction)
+    gts = [normalize_vqa_answer(a) for a in answers]
+    n_match = sum(g == pred for g in gts)
+    return sum(min(1.0, (n_match - (g == pred)) / 3) for g in gts) / len(gts)
+
+
+def vqa_metrics(
+    predictions: Sequence[str], answers: Sequence[Sequence[str]], answer_types: Sequence[str] | None = None
+) -> dict[str, float | dict[str, float]]:
+    """Mean VQA accuracy (in %, as the VQA challenge reports it), overall and per answer type."""
+    if len(predictions) != len(answers):
+        raise ValueError(f"{len(predictions)} predictions for {len(answers)} questions")
+    if not predictions:
+        raise ValueError("no VQA answers to score")
+    accs = [vqa_accuracy(p, a) for p, a in zip(predictions, answers)]
+    result: dict[str, float | dict[str, float]] = {"accuracy": 100 * sum(accs) / len(accs)}
+    if answer_types is not None:
+        by_type: dict[str, list[float]] = defaultdict(list)
+        for acc, kind in zip(accs, answer_types):
+            by_type[kind].append(acc)
+        result["per_answer_type"] = {k: 100 * sum(v) / len(v) for k, v in sorted(by_type.items())}
+    return result
+
+
+# -------------------------------------------------------------------------------------------- POPE
+
+
+def pope_answer(text: str) -> str:
+    """Read a free-form answer as "yes" or "no" the way POPE's evaluation script does.
+
+    Only the first sentence counts, commas are dropped, and the words "no", "No" and "not" make it a
+    "no"; anything else is a "yes".
+    """
+    first = text.split(".", 1)[0].replace(",", "")
+    words = first.split()
+    return "no" if {"no", "No", "not"} & set(words) else "yes"
+
+
+def _binary_scores(preds: Sequence[str], labels: Sequence[str]) -> dict[str, float]:
+    tp = sum(p == "yes" and y == "yes" for p, y in zip(preds, labels))
+    fp = sum(p == "yes" and y == "no" for p, y in zip(preds, labels))
+    tn = sum(p == "no" and y == "no" for p, y in zip(preds, labels))
+    fn = sum(p == "no" and y == "yes" for p, y in zip(preds, labels))
+    precision = tp / (tp + fp) if tp + fp else 0.0
+    recall = tp / (tp + fn) if tp + fn else 0.0
+    f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
+    return {
+        "accuracy": (tp + tn) / len(preds),
+        "precision": precision,
+        "recall": recall,
+        "f1": f1,
+        "yes_ratio": (tp + fp) / len(preds),
+        "tp": tp,
+        "fp": fp,
+        "tn": tn,
+        "fn": fn,
+    }
+
+
+def pope_metrics(
+    answers: Sequence[str], labels: Sequence[str], categories: Sequence[str] | None = None
+) -> dict[str, float | dict[str, dict[str, float]]]:
+    """POPE scores of free-form `answers` against "yes"/"no" `labels` ("yes" is the positive class).
+
+    With `categories` (POPE's random / popular / adversarial sampling), also the scores per category.
+    """
+    if len(answers) != len(labels):
+        raise ValueError(f"{len(answers)} answers for {len(labels)} POPE labels")
+    if not answers:
+        raise ValueError("no POPE answers to score")
+    bad = sorted({y for y in labels if y not in ("yes", "no")})
+    if bad:
+        raise ValueError(f"POPE labels must be 'yes' or 'no', got {bad[:5]}")
+    preds = [pope_answer(a) for a in answers]
+    result: dict[str, float | dict[str, dict[str, float]]] = dict(_binary_scores(preds, labels))
+    if categories is not None:
+        groups: dict[str, list[int]] = defaultdict(list)
+        for i, c in enumerate(categories):
+            groups[c].append(i)
+        result["per_category"] = {
+            c: _binary_scores([preds[i] for i in idx], [labels[i] for i in idx]) for c, idx in sorted(groups.items())
+        }
+    return result

@@ -1,0 +1,135 @@
+"""Real photos for the offline eval set: images that ship with scikit-image, described by hand.
+
+Every caption, answer and probe below was written by looking at the picture. VQA answers list what
+ten annotators might plausibly say (VQAv2 keeps ten answers per question); a variant listed fewer
+times earns partial credit, as in VQAv2.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Photo:
+    file_name: str  # in scikit-image's data folder
+    captions: tuple[str, ...]
+    questions: tuple[tuple[str, tuple[str, ...]], ...]  # (question, ten answers)
+    probes: tuple[tuple[str, str], ...]  # (object, "yes" | "no")
+
+
+def _ten(*weighted: tuple[str, int]) -> tuple[str, ...]:
+    answers = tuple(a for a, n in weighted for _ in range(n))
+    if len(answers) != 10:
+        raise ValueError(f"VQAv2 keeps ten answers per question, got {len(answers)}: {answers}")
+    return answers
+
+
+def _all(answer: str) -> tuple[str, ...]:
+    return _ten((answer, 10))
+
+
+PHOTOS: tuple[Photo, ...] = (
+    Photo(
+        "astronaut.png",
+        captions=(
+            "a smiling woman astronaut in an orange space suit",
+            "an astronaut posing in front of an american flag and a model of the space shuttle",
+            "a portrait of a female astronaut in an orange suit with a black helmet in front of her",
+        ),
+        questions=(
+            ("What colour is her suit?", _all("orange")),
+            ("What flag is in the background?", _ten(("american", 7), ("usa", 2), ("us", 1))),
+            ("Is the woman smiling?", _all("yes")),
+            ("How many people are in the picture?", _all("1")),
+        ),
+        probes=(("flag", "yes"), ("helmet", "yes"), ("dog", "no"), ("car", "no")),
+    ),
+    Photo(
+        "chelsea.png",
+        captions=(
+            "a close-up of the face of a tabby cat",
+            "a brown striped cat with green eyes",
+            "the face of a tabby cat looking to the side",
+        ),
+        questions=(
+            ("What animal is this?", _ten(("cat", 8), ("kitten", 1), ("tabby cat", 1))),
+            ("What colour are the cat's eyes?", _all("green")),
+            ("Is the cat asleep?", _all("no")),
+        ),
+        probes=(("cat", "yes"), ("dog", "no"), ("bird", "no")),
+    ),
+    Photo(
+        "coffee.png",
+        captions=(
+            "a cup of espresso on a saucer with a spoon",
+            "a red cup of coffee on a red saucer on a wooden table",
+            "an espresso in a red and white cup with a metal spoon beside it",
+        ),
+        questions=(
+            ("What drink is in the cup?", _ten(("coffee", 6), ("espresso", 4))),
+            ("What is next to the cup on the saucer?", _all("spoon")),
+            ("What colour is the saucer?", _ten(("red", 7), ("brown", 3))),
+            ("What is the table made of?", _all("wood")),
+        ),
+        probes=(("cup", "yes"), ("spoon", "yes"), ("fork", "no"), ("bottle", "no")),
+    ),
+    Photo(
+        "rocket.jpg",
+        captions=(
+            "a rocket on a launch pad at dusk",
+            "a white rocket standing between tall lattice towers",
+            "a rocket ready for launch with bright lights on the pad at twilight",
+        ),
+        questions=(
+            ("What is in the middle of the picture?", _all("rocket")),
+            ("What colour is the rocket?", _all("white")),
+            ("How many towers stand around the rocket?", _all("4")),
+        ),
+        probes=(("rocket", "yes"), ("tower", "yes"), ("person", "no"), ("tree", "no")),
+    ),
+    Photo(
+        "motorcycle_left.png",
+        captions=(
+            "a red motorcycle parked in a garage",
+            "a red motorbike on its stand in front of shelves with boxes",
+            "a red and black motorcycle in a cluttered garage",
+        ),
+        questions=(
+            ("What vehicle is this?", _ten(("motorcycle", 7), ("motorbike", 3))),
+            ("What colour is the motorcycle?", _all("red")),
+            ("Where is the motorcycle parked?", _all("garage")),
+            ("How many wheels does it have?", _all("2")),
+        ),
+        probes=(("motorcycle", "yes"), ("box", "yes"), ("car", "no"), ("person", "no")),
+    ),
+    Photo(
+        "coins.png",
+        captions=(
+            "old coins arranged in rows on a dark background",
+            "a black and white photo of ancient coins in four rows",
+            "a collection of antique coins with heads and figures on them",
+        ),
+        questions=(
+            ("What objects are shown?", _all("coins")),
+            ("Is this photo in colour?", _all("no")),
+            ("How many rows of coins are there?", _all("4")),
+        ),
+        probes=(("coin", "yes"), ("person", "no"), ("cup", "no")),
+    ),
+    Photo(
+        "camera.png",
+        captions=(
+            "a man looking through a camera on a tripod",
+            "a black and white photo of a cameraman on a field",
+            "a man in a dark coat filming with a camera on a tripod on a lawn",
+        ),
+        questions=(
+            ("What is the man looking through?", _all("camera")),
+            ("What is the camera standing on?", _all("tripod")),
+            ("Is this photo in colour?", _all("no")),
+            ("What is the man wearing?", _ten(("coat", 8), ("jacket", 2))),
+        ),
+        probes=(("person", "yes"), ("tripod", "yes"), ("dog", "no"), ("horse", "no")),
+    ),
+)
