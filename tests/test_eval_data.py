@@ -1,0 +1,140 @@
+"""Readers of COCO / VQAv2 / POPE files, and the offline eval set they read."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from minigpt4.data import scenes
+from minigpt4.eval import evalset
+from minigpt4.eval.data import DataError, read_captions, read_pope, read_vqa
+from minigpt4.eval.photos import PHOTOS
+
+
+def _image(path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new("RGB", (8, 8), "red").save(path)
+    return path
+
+
+def _write(path: Path, data: object) -> Path:
+    path.write_text(json.dumps(data), encoding="utf-8")
+    return path
+
+
+def test_read_captions_groups_references_per_image(tmp_path: Path) -> None:
+    _image(tmp_path / "img" / "a.png")
+    coco = {
+        "images": [{"id": 7, "file_name": "a.png"}],
+        "annotations": [{"image_id": 7, "caption": "a red square"}, {"image_id": 7, "caption": "red"}],
+    }
+    [sample] = read_captions(_write(tmp_path / "c.json", coco), tmp_path / "img")
+    assert sample.image_id == 7
+    assert sample.image == tmp_path / "img" / "a.png"
+    assert sample.references == ("a red square", "red")
+
+
+def test_read_captions_errors_name_the_file_and_entry(tmp_path: Path) -> None:
+    _image(tmp_path / "a.png")
+    bad_field = {"images": [{"id": 1, "file_name": "a.png"}], "annotations": [{"image_id": 1}]}
+    with pytest.raises(DataError, match=r"c\.json annotations\[0\]: missing field 'caption'"):
+        read_captions(_write(tmp_path / "c.json", bad_field), tmp_path)
+    unknown_image = {"images": [], "annotations": [{"image_id": 3, "caption": "x"}]}
+    with pytest.raises(DataError, match="image_id 3 is not in 'images'"):
+        read_captions(_write(tmp_path / "c.json", unknown_image), tmp_path)
+    missing_file = {"images": [{"id": 1, "file_name": "gone.png"}], "annotations": [{"image_id": 1, "caption": "x"}]}
+    with pytest.raises(DataError, match=r"gone\.png does not exist"):
+        read_captions(_write(tmp_path / "c.json", missing_file), tmp_path)
+    (tmp_path / "broken.json").write_text("{", encoding="utf-8")
+    with pytest.raises(DataError, match="not valid JSON"):
+        read_captions(tmp_path / "broken.json", tmp_path)
+    with pytest.raises(DataError, match="no such file"):
+        read_captions(tmp_path / "absent.json", tmp_path)
+
+
+def test_read_vqa_uses_coco_image_names_without_an_images_list(tmp_path: Path) -> None:
+    _image(tmp_path / "val2014" / "COCO_val2014_000000000042.jpg")
+    questions = {"data_subtype": "val2014", "questions": [{"question_id": 420, "image_id": 42, "question": "Why?"}]}
+    annotations = {"annotations": [{"question_id": 420, "answer_type": "other", "answers": [{"answer": "because"}] * 10}]}
+    [sample] = read_vqa(
+        _write(tmp_path / "q.json", questions), _write(tmp_path / "a.json", annotations), tmp_path / "val2014"
+    )
+    assert sample.image.name == "COCO_val2014_000000000042.jpg"
+    assert sample.question == "Why?" and sample.answers == ("because",) * 10 and sample.answer_type == "other"
+
+
+def test_read_vqa_rejects_a_question_without_annotation(tmp_path: Path) -> None:
+    _image(tmp_path / "a.png")
+    questions = {
+        "images": [{"id": 1, "file_name": "a.png"}],
+        "questions": [{"question_id": 5, "image_id": 1, "question": "What?"}],
+    }
+    annotations = {"annotations": [{"question_id": 6, "answers": [{"answer": "x"}]}]}
+    with pytest.raises(DataError, match="question_id 5 has no entry"):
+        read_vqa(_write(tmp_path / "q.json", questions), _write(tmp_path / "a.json", annotations), tmp_path)
+
+
+def test_read_pope_checks_labels_and_keeps_categories(tmp_path: Path) -> None:
+    _image(tmp_path / "a.png")
+    lines = [
+        {"question_id": 1, "image": "a.png", "text": "Is there a cat?", "label": "Yes", "category": "random"},
+        {"question_id": 2, "image": "a.png", "text": "Is there a dog?", "label": "no"},
+    ]
+    path = tmp_path / "p.jsonl"
+    path.write_text("\n".join(json.dumps(x) for x in lines) + "\n\n", encoding="utf-8")
+    first, second = read_pope(path, tmp_path)
+    assert (first.label, first.category, second.label, second.category) == ("yes", "random", "no", "")
+    path.write_text(json.dumps({**lines[0], "label": "maybe"}) + "\n", encoding="utf-8")
+    with pytest.raises(DataError, match="line 1: label must be 'yes' or 'no'"):
+        read_pope(path, tmp_path)
+
+
+@pytest.fixture(scope="module")
+def eval_set(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, int]]:
+    out = tmp_path_factory.mktemp("evalset")
+    return out, evalset.write_eval_set(out, n_scenes=4, seed=3)
+
+
+def test_eval_set_reads_back_in_all_three_formats(eval_set: tuple[Path, dict[str, int]]) -> None:
+    out, counts = eval_set
+    images = out / evalset.IMAGES_DIR
+    caps = read_captions(out / evalset.CAPTIONS_FILE, images)
+    vqa = read_vqa(out / evalset.VQA_QUESTIONS_FILE, out / evalset.VQA_ANNOTATIONS_FILE, images)
+    pope = read_pope(out / evalset.POPE_FILE, images)
+    assert counts["images"] == len(caps) == 4 + len(PHOTOS)
+    assert counts["vqa"] == len(vqa) and counts["pope"] == len(pope)
+    assert all(len(s.answers) == 10 for s in vqa)
+    assert {s.category for s in pope} == {"random", "adversarial", "photo"}
+    # POPE probes are balanced between present and absent objects in every category.
+    for category in ("random", "adversarial"):
+        labels = [s.label for s in pope if s.category == category]
+        assert labels.count("yes") == labels.count("no") > 0
+    photo_names = {s.image.name for s in caps if s.image.name.startswith("photo_")}
+    assert photo_names == {f"photo_{p.file_name}" for p in PHOTOS}
+
+
+def test_eval_set_scene_text_matches_what_was_drawn(eval_set: tuple[Path, dict[str, int]]) -> None:
+    out, _ = eval_set
+    images = out / evalset.IMAGES_DIR
+    first = read_captions(out / evalset.CAPTIONS_FILE, images)[0]
+    pope = [s for s in read_pope(out / evalset.POPE_FILE, images) if s.image == first.image]
+    # Re-render the first scene from the same seed: its caption and its POPE answers must agree.
+    scene = scenes.render_scene(random.Random(3))
+    assert first.references[0] == scenes.caption(scene)
+    present = {o.name for o in scene.objects}
+    for probe in pope:
+        named = probe.question.removeprefix("Is there a ").removeprefix("n ").removesuffix(" in the image?")
+        assert (named in present) == (probe.label == "yes"), probe
+    with Image.open(first.image) as drawn:
+        assert list(drawn.getdata()) == list(scene.image.getdata())
+
+
+def test_eval_set_is_deterministic(eval_set: tuple[Path, dict[str, int]], tmp_path: Path) -> None:
+    out, _ = eval_set
+    evalset.write_eval_set(tmp_path, n_scenes=4, seed=3)
+    for name in (evalset.CAPTIONS_FILE, evalset.VQA_QUESTIONS_FILE, evalset.VQA_ANNOTATIONS_FILE, evalset.POPE_FILE):
+        assert (tmp_path / name).read_bytes() == (out / name).read_bytes(), name

@@ -1,0 +1,134 @@
+"""Caption, VQA and POPE metrics: known values of the standard formulas and their edge cases."""
+
+from __future__ import annotations
+
+import pytest
+
+from minigpt4.eval import metrics
+from minigpt4.eval.metrics import (
+    caption_metrics,
+    normalize_vqa_answer,
+    pope_answer,
+    pope_metrics,
+    vqa_accuracy,
+    vqa_metrics,
+)
+
+REFS = {
+    1: ["a red circle in the top left", "a red circle on a gray background"],
+    2: ["a blue square and a green star", "two shapes, a blue square and a green star"],
+    3: ["a cat sitting on a wooden table", "a tabby cat on a table"],
+}
+
+
+@pytest.mark.parametrize(
+    ("raw", "normalized"),
+    [
+        ("Two dogs.", "2 dogs"),
+        ("The Red one", "red 1"),
+        ("black/white", "black white"),
+        ("yes, it is", "yes it is"),
+        ("1,000", "1000"),
+        ("3.5", "3.5"),
+        ("dont", "don't"),
+        ("couldntve", "couldn't've"),
+        ("  an apple\n", "apple"),
+        ("none", "0"),
+    ],
+)
+def test_vqa_normalisation_follows_the_official_rules(raw: str, normalized: str) -> None:
+    assert normalize_vqa_answer(raw) == normalized
+
+
+@pytest.mark.parametrize(("n_matching", "expected"), [(0, 0.0), (1, 0.3), (2, 0.6), (3, 0.9), (4, 1.0), (10, 1.0)])
+def test_vqa_accuracy_counts_annotators_leave_one_out(n_matching: int, expected: float) -> None:
+    answers = ["cat"] * n_matching + ["dog"] * (10 - n_matching)
+    assert vqa_accuracy("cat", answers) == pytest.approx(expected)
+
+
+def test_vqa_accuracy_normalises_prediction_and_answers() -> None:
+    assert vqa_accuracy("Two.", ["2"] * 10) == 1.0
+    assert vqa_accuracy("The cat", ["a cat"] * 10) == 1.0
+    with pytest.raises(ValueError, match="at least one"):
+        vqa_accuracy("cat", [])
+
+
+def test_vqa_metrics_reports_percent_overall_and_per_answer_type() -> None:
+    result = vqa_metrics(["yes", "3", "red"], [["yes"] * 10, ["2"] * 10, ["red"] * 10], ["yes/no", "number", "other"])
+    assert result["accuracy"] == pytest.approx(200 / 3)
+    assert result["per_answer_type"] == {"number": 0.0, "other": 100.0, "yes/no": 100.0}
+    with pytest.raises(ValueError, match="2 predictions for 1"):
+        vqa_metrics(["a", "b"], [["a"] * 10])
+
+
+@pytest.mark.parametrize(
+    ("text", "answer"),
+    [
+        ("Yes, there is a cat in the image.", "yes"),
+        ("No, there is not.", "no"),
+        ("There is no dog in the image.", "no"),
+        ("The dog is not there", "no"),
+        ("Yes. There is no dog next to it.", "yes"),  # only the first sentence counts
+        ("I see a red circle", "yes"),
+    ],
+)
+def test_pope_reads_answers_like_the_pope_script(text: str, answer: str) -> None:
+    assert pope_answer(text) == answer
+
+
+def test_pope_metrics_confusion_and_ratios() -> None:
+    labels = ["yes", "yes", "yes", "no", "no", "no"]
+    answers = ["Yes", "Yes", "No", "Yes", "No", "No"]
+    result = pope_metrics(answers, labels, categories=["random"] * 3 + ["adversarial"] * 3)
+    assert (result["tp"], result["fn"], result["fp"], result["tn"]) == (2, 1, 1, 2)
+    assert result["accuracy"] == pytest.approx(4 / 6)
+    assert result["precision"] == pytest.approx(2 / 3)
+    assert result["recall"] == pytest.approx(2 / 3)
+    assert result["f1"] == pytest.approx(2 / 3)
+    assert result["yes_ratio"] == pytest.approx(0.5)
+    assert result["per_category"]["random"]["recall"] == pytest.approx(2 / 3)
+    assert result["per_category"]["adversarial"]["accuracy"] == pytest.approx(2 / 3)
+
+
+def test_pope_metrics_all_no_has_zero_precision_not_an_error() -> None:
+    result = pope_metrics(["no", "no"], ["yes", "no"])
+    assert result["precision"] == 0.0 and result["f1"] == 0.0 and result["yes_ratio"] == 0.0
+    with pytest.raises(ValueError, match="'yes' or 'no'"):
+        pope_metrics(["yes"], ["maybe"])
+
+
+def test_caption_metrics_rank_a_right_caption_above_a_wrong_one() -> None:
+    right = caption_metrics(REFS, {k: v[0] for k, v in REFS.items()}, meteor=False)
+    wrong = caption_metrics(REFS, {1: "a dog running", 2: "a plate of food", 3: "a bus on a street"}, meteor=False)
+    assert right["BLEU-4"] == pytest.approx(1.0, abs=1e-6)
+    assert right["ROUGE-L"] == pytest.approx(1.0)
+    assert right["CIDEr"] > 1.0
+    assert wrong["BLEU-4"] < 0.01 and wrong["CIDEr"] < right["CIDEr"] / 5
+    assert "METEOR" not in right
+
+
+def test_caption_metrics_without_java_use_the_simple_tokenizer(monkeypatch: pytest.MonkeyPatch) -> None:
+    preds = {1: "A red circle, top left.", 2: "A blue square.", 3: "A cat on a table!"}
+    with_java = caption_metrics(REFS, preds, meteor=False)
+    monkeypatch.setattr(metrics, "java_available", lambda: False)
+    without = caption_metrics(REFS, preds)
+    assert with_java["tokenizer"] == "ptb" and without["tokenizer"] == "simple"
+    assert "METEOR" not in without
+    for key in ("BLEU-4", "ROUGE-L", "CIDEr"):
+        assert without[key] == pytest.approx(with_java[key], rel=1e-6)
+    with pytest.raises(RuntimeError, match="Java"):
+        caption_metrics(REFS, preds, meteor=True)
+
+
+def test_caption_metrics_reject_mismatched_ids() -> None:
+    with pytest.raises(ValueError, match="different image ids"):
+        caption_metrics(REFS, {1: "a red circle"}, meteor=False)
+    with pytest.raises(ValueError, match="no reference"):
+        caption_metrics({1: []}, {1: "a"}, meteor=False)
+
+
+@pytest.mark.slow
+def test_meteor_scores_with_java() -> None:
+    preds = {1: REFS[1][0], 2: REFS[2][0], 3: "a bus on a street"}
+    result = caption_metrics(REFS, preds, meteor=True)
+    assert 0.3 < result["METEOR"] < 1.0
