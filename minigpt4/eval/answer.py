@@ -1,0 +1,80 @@
+"""Batched greedy answers about one image each, rendered and cleaned exactly as the Chat engine does.
+
+Each question is put in the chat's template as a fresh conversation (image turn + question), the
+prompts are left-padded into one batch, and `generate` decodes them together. Answers stop and are
+cut at the template's stop strings like the chat's, so a batch gives what `Chat.answer` would give
+one at a time with greedy decoding.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+from minigpt4.chat import Chat
+from minigpt4.conversation import Conversation
+from minigpt4.generation import GenerationParams, StreamText, logits_processors
+from minigpt4.images import load_image
+
+
+class BatchAnswerer:
+    """Greedy answers of `chat`'s model to (image, question) pairs, a batch at a time."""
+
+    def __init__(self, chat: Chat, max_new_tokens: int) -> None:
+        self.chat = chat
+        self.params = GenerationParams(
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            repetition_penalty=chat.defaults.repetition_penalty,
+        )
+        tokenizer = chat.tokenizer
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(chat.stop_ids, default=0)
+
+    def prompt_ids(self, question: str) -> list[int]:
+        """Token ids of the chat's prompt for one image and `question` (image positions included)."""
+        conversation = Conversation(self.chat.template)
+        conversation.add_image()
+        conversation.add_user(question)
+        return self.chat.model.tokenize_prompt(conversation.render(self.chat.tokenizer), 1)
+
+    @torch.no_grad()
+    def answer(self, images: Sequence[Path], questions: Sequence[str]) -> list[str]:
+        """One answer per (image, question) pair; raises `ImageError` for an unreadable image."""
+        if len(images) != len(questions):
+            raise ValueError(f"{len(images)} images for {len(questions)} questions")
+        model, chat = self.chat.model, self.chat
+        pictures = [load_image(path, chat.max_image_pixels) for path in images]
+        image_embeds = model.encode_images(model.preprocess(pictures))
+        prompts = [self.prompt_ids(q) for q in questions]
+        width = max(map(len, prompts))
+        # Left padding keeps every prompt's last token in the last column, where generation continues.
+        ids = torch.tensor([[self.pad_id] * (width - len(p)) + p for p in prompts])
+        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=model.device)
+        output = model.llm.generate(
+            inputs_embeds=model.embed_inputs(ids, image_embeds),
+            attention_mask=mask,
+            max_new_tokens=self.params.max_new_tokens,
+            do_sample=False,
+            num_beams=1,
+            # The chat's own processors, passed in: `generate`'s repetition_penalty skips as many
+            # generated tokens as a row has left padding when the prompt comes as inputs_embeds.
+            logits_processor=logits_processors(self.params),
+            eos_token_id=sorted(chat.stop_ids),
+            pad_token_id=self.pad_id,
+            stop_strings=chat.stop_strings or None,
+            tokenizer=chat.tokenizer,
+        )
+        return [self._clean(row.tolist()) for row in output]
+
+    def _clean(self, tokens: list[int]) -> str:
+        stream = StreamText(self.chat.tokenizer, self.chat.stop_strings, self.chat.template.strip_prefixes)
+        for token in tokens:
+            if token in self.chat.stop_ids:
+                break
+            stream.add(token)
+            if stream.stopped:
+                return stream.sent
+        stream.finish()
+        return stream.sent

@@ -1,0 +1,227 @@
+"""`python -m minigpt4 eval`: caption, VQA or POPE scores of a preset on a data set.
+
+    python -m minigpt4 make-data eval --out data/eval          # the offline eval set
+    python -m minigpt4 eval --cfg-path minigpt4_tiny_random --task pope --data data/eval
+
+`--data` is an eval-set folder (standard file names, images in `images/`) or a file: a COCO caption
+file, a VQAv2 questions file (with `--annotations`) or a POPE jsonl file; `--images` names the image
+folder. Answers are greedy, in batches. The results JSON records the scores, every prediction, the
+config, the data files with their digests and the git commit.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import os
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from tqdm import tqdm
+
+from minigpt4.config import DEFAULT_PRESET, resolve_preset
+from minigpt4.errors import ConfigError, InputError
+from minigpt4.eval import evalset
+from minigpt4.eval.data import DataError, read_captions, read_pope, read_vqa
+from minigpt4.eval.metrics import caption_metrics, pope_answer, pope_metrics, vqa_accuracy, vqa_metrics
+from minigpt4.eval.provenance import git_state, sha256_file
+
+log = logging.getLogger(__name__)
+
+VQA_PROMPT = "{question} Answer the question using a single word or phrase."
+
+
+@dataclass(frozen=True)
+class Task:
+    prompt: str  # "{question}" is replaced by the sample's question
+    max_new_tokens: int
+    data_file: str  # its name inside an eval-set folder
+
+
+TASKS = {
+    "caption": Task("Describe this image in one sentence.", 40, evalset.CAPTIONS_FILE),
+    "vqa": Task(VQA_PROMPT, 10, evalset.VQA_QUESTIONS_FILE),
+    "pope": Task(VQA_PROMPT, 10, evalset.POPE_FILE),
+}
+
+
+@dataclass(frozen=True)
+class DataFiles:
+    data: Path
+    annotations: Path | None
+    images: Path
+
+
+def resolve_data(task: str, data: Path, annotations: Path | None, images: Path | None) -> DataFiles:
+    """The files a task reads, from an eval-set folder or from explicit paths."""
+    if data.is_dir():
+        ann = data / evalset.VQA_ANNOTATIONS_FILE if task == "vqa" else None
+        return DataFiles(data / TASKS[task].data_file, annotations or ann, images or data / evalset.IMAGES_DIR)
+    if not data.is_file():
+        raise DataError(f"--data {data}: no such file or folder")
+    if task == "vqa" and annotations is None:
+        raise DataError("--task vqa with a questions file needs --annotations (the VQAv2 annotations file)")
+    return DataFiles(data, annotations, images or data.parent / evalset.IMAGES_DIR)
+
+
+def load_samples(task: str, files: DataFiles) -> list:
+    if task == "caption":
+        return read_captions(files.data, files.images)
+    if task == "vqa":
+        return read_vqa(files.data, files.annotations, files.images)
+    return read_pope(files.data, files.images)
+
+
+def score(task: str, samples: Sequence, answers: Sequence[str], meteor: bool | None) -> tuple[dict, list[dict]]:
+    """The task's metrics and one record per sample (its prediction beside the ground truth)."""
+    if task == "caption":
+        refs = {s.image_id: list(s.references) for s in samples}
+        metrics = caption_metrics(refs, {s.image_id: a for s, a in zip(samples, answers)}, meteor=meteor)
+        records = [
+            {"image_id": s.image_id, "image": s.image.name, "caption": a, "references": list(s.references)}
+            for s, a in zip(samples, answers)
+        ]
+    elif task == "vqa":
+        metrics = vqa_metrics(answers, [s.answers for s in samples], [s.answer_type for s in samples])
+        records = [
+            {
+                "question_id": s.question_id,
+                "image": s.image.name,
+                "question": s.question,
+                "answer": a,
+                "accuracy": vqa_accuracy(a, s.answers),
+                "answers": list(s.answers),
+            }
+            for s, a in zip(samples, answers)
+        ]
+    else:
+        metrics = pope_metrics(answers, [s.label for s in samples], [s.category for s in samples])
+        records = [
+            {
+                "question_id": s.question_id,
+                "image": s.image.name,
+                "question": s.question,
+                "answer": a,
+                "read_as": pope_answer(a),
+                "label": s.label,
+                "category": s.category,
+            }
+            for s, a in zip(samples, answers)
+        ]
+    return metrics, records
+
+
+def answer_all(answerer, samples: Sequence, prompt: str, batch_size: int) -> list[str]:
+    """Greedy answers for every sample, `batch_size` at a time, with a progress bar."""
+    answers: list[str] = []
+    with tqdm(total=len(samples), desc="answering", unit="q") as bar:
+        for start in range(0, len(samples), batch_size):
+            batch = samples[start : start + batch_size]
+            questions = [prompt.format(question=getattr(s, "question", "")) for s in batch]
+            answers += answerer.answer([s.image for s in batch], questions)
+            bar.update(len(batch))
+    return answers
+
+
+def metric_rows(metrics: dict[str, Any], prefix: str = "") -> list[tuple[str, str]]:
+    """Flatten (possibly nested) metrics into printable (name, value) rows."""
+    rows = []
+    for name, value in metrics.items():
+        if isinstance(value, dict):
+            rows += metric_rows(value, f"{prefix}{name} / ")
+        elif isinstance(value, float):
+            rows.append((prefix + name, f"{value:.4f}"))
+        else:
+            rows.append((prefix + name, str(value)))
+    return rows
+
+
+def write_json(path: Path, data: dict) -> None:
+    """Write `data` whole or not at all (a temporary file renamed into place)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=1, default=str) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m minigpt4 eval", description=__doc__.split("\n\n")[0])
+    p.add_argument("--cfg-path", default=None, help=f"preset name or eval config YAML (default: {DEFAULT_PRESET})")
+    p.add_argument("--options", nargs="*", default=[], metavar="KEY=VALUE", help="config overrides, e.g. model.seed=1")
+    p.add_argument("--task", required=True, choices=sorted(TASKS))
+    p.add_argument("--data", required=True, type=Path, help="eval-set folder, or the task's data file")
+    p.add_argument("--annotations", type=Path, help="VQAv2 annotations file (when --data is a questions file)")
+    p.add_argument("--images", type=Path, help="image folder (default: images/ beside the data)")
+    p.add_argument("--out", type=Path, help="results JSON (default: outputs/eval/<preset>_<task>.json)")
+    p.add_argument("--limit", type=int, help="score only the first N samples")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--max-new-tokens", type=int, help="answer length cap (default: 40 caption, 10 vqa/pope)")
+    p.add_argument("--prompt", help="instruction; {question} is replaced by the question")
+    p.add_argument("--device", help="cpu, cuda, cuda:1 … (default: cuda when present)")
+    p.add_argument("--no-meteor", action="store_true", help="skip METEOR (it starts a Java process, ~20 s)")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Score a preset on a task's data and write the results JSON; 2 on bad input."""
+    args = build_parser().parse_args(argv)
+    task = TASKS[args.task]
+    if args.batch_size < 1 or (args.limit is not None and args.limit < 1):
+        print("error: --batch-size and --limit must be at least 1")
+        return 2
+    try:
+        files = resolve_data(args.task, args.data, args.annotations, args.images)
+        samples = load_samples(args.task, files)[: args.limit]
+        cfg_file = resolve_preset(args.cfg_path)
+    except (DataError, ConfigError) as e:
+        print(f"error: {e}")
+        return 2
+    prompt = args.prompt or task.prompt
+    max_new_tokens = args.max_new_tokens or task.max_new_tokens
+
+    from minigpt4.chat import load_chat  # the model stack loads only once the inputs are known good
+    from minigpt4.eval.answer import BatchAnswerer
+
+    started = time.time()
+    try:
+        chat = load_chat(cfg_file, args.device, args.options)
+        answers = answer_all(BatchAnswerer(chat, max_new_tokens), samples, prompt, args.batch_size)
+    except (ConfigError, InputError) as e:
+        print(f"error: {e}")
+        return 2
+    metrics, records = score(args.task, samples, answers, meteor=False if args.no_meteor else None)
+    results = {
+        "task": args.task,
+        "metrics": metrics,
+        "n": len(samples),
+        "config": {
+            "preset": chat.preset_name,
+            "file": str(cfg_file),
+            "options": args.options,
+            "device": chat.device,
+            "prompt": prompt,
+            "max_new_tokens": max_new_tokens,
+            "batch_size": args.batch_size,
+            "decoding": {"do_sample": False, "repetition_penalty": chat.defaults.repetition_penalty},
+        },
+        "data": {
+            key: None if path is None else str(path) for key, path in dataclasses.asdict(files).items()
+        }
+        | {"sha256": sha256_file(files.data), "limit": args.limit},
+        "git": git_state(),
+        "seconds": round(time.time() - started, 1),
+        "predictions": records,
+    }
+    out = args.out or Path("outputs") / "eval" / f"{chat.preset_name}_{args.task}.json"
+    write_json(out, results)
+    width = max(len(name) for name, _ in metric_rows(metrics))
+    print(f"{args.task} on {files.data} ({len(samples)} samples), preset {chat.preset_name}")
+    for name, value in metric_rows(metrics):
+        print(f"  {name:<{width}}  {value}")
+    print(f"results: {out}")
+    return 0
