@@ -46,7 +46,10 @@ def test_read_captions_errors_name_the_file_and_entry(tmp_path: Path) -> None:
     unknown_image = {"images": [], "annotations": [{"image_id": 3, "caption": "x"}]}
     with pytest.raises(DataError, match="image_id 3 is not in 'images'"):
         read_captions(_write(tmp_path / "c.json", unknown_image), tmp_path)
-    missing_file = {"images": [{"id": 1, "file_name": "gone.png"}], "annotations": [{"image_id": 1, "caption": "x"}]}
+    missing_file = {
+        "images": [{"id": 1, "file_name": "gone.png"}],
+        "annotations": [{"image_id": 1, "caption": "x"}],
+    }
     with pytest.raises(DataError, match=r"gone\.png does not exist"):
         read_captions(_write(tmp_path / "c.json", missing_file), tmp_path)
     (tmp_path / "broken.json").write_text("{", encoding="utf-8")
@@ -58,8 +61,13 @@ def test_read_captions_errors_name_the_file_and_entry(tmp_path: Path) -> None:
 
 def test_read_vqa_uses_coco_image_names_without_an_images_list(tmp_path: Path) -> None:
     _image(tmp_path / "val2014" / "COCO_val2014_000000000042.jpg")
-    questions = {"data_subtype": "val2014", "questions": [{"question_id": 420, "image_id": 42, "question": "Why?"}]}
-    annotations = {"annotations": [{"question_id": 420, "answer_type": "other", "answers": [{"answer": "because"}] * 10}]}
+    questions = {
+        "data_subtype": "val2014",
+        "questions": [{"question_id": 420, "image_id": 42, "question": "Why?"}],
+    }
+    annotations = {
+        "annotations": [{"question_id": 420, "answer_type": "other", "answers": [{"answer": "because"}] * 10}]
+    }
     [sample] = read_vqa(
         _write(tmp_path / "q.json", questions), _write(tmp_path / "a.json", annotations), tmp_path / "val2014"
     )
@@ -136,5 +144,10 @@ def test_eval_set_scene_text_matches_what_was_drawn(eval_set: tuple[Path, dict[s
 def test_eval_set_is_deterministic(eval_set: tuple[Path, dict[str, int]], tmp_path: Path) -> None:
     out, _ = eval_set
     evalset.write_eval_set(tmp_path, n_scenes=4, seed=3)
-    for name in (evalset.CAPTIONS_FILE, evalset.VQA_QUESTIONS_FILE, evalset.VQA_ANNOTATIONS_FILE, evalset.POPE_FILE):
+    for name in (
+        evalset.CAPTIONS_FILE,
+        evalset.VQA_QUESTIONS_FILE,
+        evalset.VQA_ANNOTATIONS_FILE,
+        evalset.POPE_FILE,
+    ):
         assert (tmp_path / name).read_bytes() == (out / name).read_bytes(), name

@@ -40,7 +40,9 @@ def test_vqa_normalisation_follows_the_official_rules(raw: str, normalized: str)
     assert normalize_vqa_answer(raw) == normalized
 
 
-@pytest.mark.parametrize(("n_matching", "expected"), [(0, 0.0), (1, 0.3), (2, 0.6), (3, 0.9), (4, 1.0), (10, 1.0)])
+@pytest.mark.parametrize(
+    ("n_matching", "expected"), [(0, 0.0), (1, 0.3), (2, 0.6), (3, 0.9), (4, 1.0), (10, 1.0)]
+)
 def test_vqa_accuracy_counts_annotators_leave_one_out(n_matching: int, expected: float) -> None:
     answers = ["cat"] * n_matching + ["dog"] * (10 - n_matching)
     assert vqa_accuracy("cat", answers) == pytest.approx(expected)
@@ -54,7 +56,9 @@ def test_vqa_accuracy_normalises_prediction_and_answers() -> None:
 
 
 def test_vqa_metrics_reports_percent_overall_and_per_answer_type() -> None:
-    result = vqa_metrics(["yes", "3", "red"], [["yes"] * 10, ["2"] * 10, ["red"] * 10], ["yes/no", "number", "other"])
+    result = vqa_metrics(
+        ["yes", "3", "red"], [["yes"] * 10, ["2"] * 10, ["red"] * 10], ["yes/no", "number", "other"]
+    )
     assert result["accuracy"] == pytest.approx(200 / 3)
     assert result["per_answer_type"] == {"number": 0.0, "other": 100.0, "yes/no": 100.0}
     with pytest.raises(ValueError, match="2 predictions for 1"):
@@ -99,7 +103,9 @@ def test_pope_metrics_all_no_has_zero_precision_not_an_error() -> None:
 
 def test_caption_metrics_rank_a_right_caption_above_a_wrong_one() -> None:
     right = caption_metrics(REFS, {k: v[0] for k, v in REFS.items()}, meteor=False)
-    wrong = caption_metrics(REFS, {1: "a dog running", 2: "a plate of food", 3: "a bus on a street"}, meteor=False)
+    wrong = caption_metrics(
+        REFS, {1: "a dog running", 2: "a plate of food", 3: "a bus on a street"}, meteor=False
+    )
     assert right["BLEU-4"] == pytest.approx(1.0, abs=1e-6)
     assert right["ROUGE-L"] == pytest.approx(1.0)
     assert right["CIDEr"] > 1.0

@@ -30,7 +30,9 @@ class BatchAnswerer:
             repetition_penalty=chat.defaults.repetition_penalty,
         )
         tokenizer = chat.tokenizer
-        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(chat.stop_ids, default=0)
+        self.pad_id = (
+            tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(chat.stop_ids, default=0)
+        )
 
     def prompt_ids(self, question: str) -> list[int]:
         """Token ids of the chat's prompt for one image and `question` (image positions included)."""

@@ -118,7 +118,10 @@ def read_vqa(questions_path: Path, annotations_path: Path, image_root: Path) -> 
         given = [str(_field(a, "answer", where)) for a in _field(ann, "answers", where)]
         if not given:
             raise DataError(f"{where}: no answers")
-        answers[_field(ann, "question_id", where)] = {"answers": tuple(given), "type": ann.get("answer_type", "")}
+        answers[_field(ann, "question_id", where)] = {
+            "answers": tuple(given),
+            "type": ann.get("answer_type", ""),
+        }
     samples = []
     for i, q in enumerate(_list_field(qdata, "questions", questions_path)):
         where = f"{questions_path} questions[{i}]"

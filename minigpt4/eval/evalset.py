@@ -62,7 +62,11 @@ def _scene_entries(images: Path, n_scenes: int, seed: int) -> list[_Entry]:
         entry = _Entry(
             image_id=i + 1,
             file_name=file_name,
-            captions=[short, f"{short} on a {scene.background} background", scenes.describe(scene).split(". ")[0]],
+            captions=[
+                short,
+                f"{short} on a {scene.background} background",
+                scenes.describe(scene).split(". ")[0],
+            ],
         )
         chosen = rng.sample(scenes.questions(scene, rng), _QUESTIONS_PER_SCENE)
         entry.qa = [(q, (a,) * 10) for q, a in chosen]
@@ -115,11 +119,19 @@ def write_eval_set(out: Path, n_scenes: int = 24, seed: int = 0, photos: bool = 
                     "answers": [{"answer_id": j + 1, "answer": a} for j, a in enumerate(answers)],
                 }
             )
-    _write_json(out / VQA_QUESTIONS_FILE, {"data_subtype": "evalset", "images": image_list, "questions": questions})
+    _write_json(
+        out / VQA_QUESTIONS_FILE, {"data_subtype": "evalset", "images": image_list, "questions": questions}
+    )
     _write_json(out / VQA_ANNOTATIONS_FILE, {"annotations": annotations})
 
     probes = [
-        {"question_id": e.image_id * 100 + k, "image": e.file_name, "text": q, "label": label, "category": cat}
+        {
+            "question_id": e.image_id * 100 + k,
+            "image": e.file_name,
+            "text": q,
+            "label": label,
+            "category": cat,
+        }
         for e in entries
         for k, (q, label, cat) in enumerate(e.probes)
     ]

@@ -91,16 +91,21 @@ def caption_metrics(
 # Contractions written without their apostrophes, as the official VQA script restores them. Each
 # canonical form below also matches every spelling that drops some of its apostrophes
 # ("couldnt've", "couldn'tve", "couldntve" → "couldn't've").
-_CONTRACTED = """
-ain't aren't can't could've couldn't couldn't've didn't doesn't don't hadn't hadn't've hasn't haven't
-he'd he'd've he's how'd how'll how's it'd it'd've it'll let's ma'am mightn't mightn't've might've
-mustn't must've needn't not've o'clock oughtn't 'ow's'at shan't she'd've she's should've shouldn't
-shouldn't've somebody'd somebody'd've somebody'll somebody's someone'd someone'd've someone'll
-someone's something'd something'd've something'll that's there'd there'd've there're there's they'd
-they'd've they'll they're they've 'twas wasn't we'd've we've weren't what'll what're what's what've
-when's where'd where's where've who'd who'd've who'll who's who've why'll why're why's won't would've
-wouldn't wouldn't've y'all y'all'll y'all'd've you'd you'd've you'll you're you've
-""".split()
+# fmt: off
+_CONTRACTED = [
+    "ain't", "aren't", "can't", "could've", "couldn't", "couldn't've", "didn't", "doesn't", "don't",
+    "hadn't", "hadn't've", "hasn't", "haven't", "he'd", "he'd've", "he's", "how'd", "how'll", "how's",
+    "it'd", "it'd've", "it'll", "let's", "ma'am", "mightn't", "mightn't've", "might've", "mustn't",
+    "must've", "needn't", "not've", "o'clock", "oughtn't", "'ow's'at", "shan't", "she'd've", "she's",
+    "should've", "shouldn't", "shouldn't've", "somebody'd", "somebody'd've", "somebody'll", "somebody's",
+    "someone'd", "someone'd've", "someone'll", "someone's", "something'd", "something'd've", "something'll",
+    "that's", "there'd", "there'd've", "there're", "there's", "they'd", "they'd've", "they'll", "they're",
+    "they've", "'twas", "wasn't", "we'd've", "we've", "weren't", "what'll", "what're", "what's", "what've",
+    "when's", "where'd", "where's", "where've", "who'd", "who'd've", "who'll", "who's", "who've", "why'll",
+    "why're", "why's", "won't", "would've", "wouldn't", "wouldn't've", "y'all", "y'all'll", "y'all'd've",
+    "you'd", "you'd've", "you'll", "you're", "you've",
+]
+# fmt: on
 
 
 def _contraction_table() -> dict[str, str]:
@@ -108,19 +113,21 @@ def _contraction_table() -> dict[str, str]:
     for word in _CONTRACTED:
         parts = word.split("'")
         for joins in itertools.product(("'", ""), repeat=len(parts) - 1):
-            spelled = parts[0] + "".join(j + p for j, p in zip(joins, parts[1:]))
+            spelled = parts[0] + "".join(j + p for j, p in zip(joins, parts[1:], strict=True))
             if spelled != word:
                 table[spelled] = word
     return table
 
 
 _CONTRACTIONS = _contraction_table()
+# fmt: off
 _NUMBER_WORDS = {
-    w: str(i)
-    for i, w in enumerate("zero one two three four five six seven eight nine ten".split())
-} | {"none": "0"}
-_ARTICLES = {"a", "an", "the"}
+    "none": "0", "zero": "0", "one": "1", "two": "2", "three": "3", "four": "4", "five": "5", "six": "6",
+    "seven": "7", "eight": "8", "nine": "9", "ten": "10",
+}
 _PUNCTUATION = [";", "/", "[", "]", '"', "{", "}", "(", ")", "=", "+", "\\", "_", "-", ">", "<", "@", "`", ",", "?", "!"]
+# fmt: on
+_ARTICLES = {"a", "an", "the"}
 _COMMA_IN_NUMBER = re.compile(r"(\d)(,)(\d)")
 # The official pattern is "(?!<=\d)(\.)(?!\d)", whose first group is a no-op look-ahead: in effect it
 # removes every period that is not followed by a digit. Written here as it behaves.
@@ -165,11 +172,11 @@ def vqa_metrics(
         raise ValueError(f"{len(predictions)} predictions for {len(answers)} questions")
     if not predictions:
         raise ValueError("no VQA answers to score")
-    accs = [vqa_accuracy(p, a) for p, a in zip(predictions, answers)]
+    accs = [vqa_accuracy(p, a) for p, a in zip(predictions, answers, strict=True)]
     result: dict[str, float | dict[str, float]] = {"accuracy": 100 * sum(accs) / len(accs)}
     if answer_types is not None:
         by_type: dict[str, list[float]] = defaultdict(list)
-        for acc, kind in zip(accs, answer_types):
+        for acc, kind in zip(accs, answer_types, strict=True):
             by_type[kind].append(acc)
         result["per_answer_type"] = {k: 100 * sum(v) / len(v) for k, v in sorted(by_type.items())}
     return result
@@ -190,10 +197,10 @@ def pope_answer(text: str) -> str:
 
 
 def _binary_scores(preds: Sequence[str], labels: Sequence[str]) -> dict[str, float]:
-    tp = sum(p == "yes" and y == "yes" for p, y in zip(preds, labels))
-    fp = sum(p == "yes" and y == "no" for p, y in zip(preds, labels))
-    tn = sum(p == "no" and y == "no" for p, y in zip(preds, labels))
-    fn = sum(p == "no" and y == "yes" for p, y in zip(preds, labels))
+    tp = sum(p == "yes" and y == "yes" for p, y in zip(preds, labels, strict=True))
+    fp = sum(p == "yes" and y == "no" for p, y in zip(preds, labels, strict=True))
+    tn = sum(p == "no" and y == "no" for p, y in zip(preds, labels, strict=True))
+    fn = sum(p == "no" and y == "yes" for p, y in zip(preds, labels, strict=True))
     precision = tp / (tp + fp) if tp + fp else 0.0
     recall = tp / (tp + fn) if tp + fn else 0.0
     f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
@@ -231,6 +238,7 @@ def pope_metrics(
         for i, c in enumerate(categories):
             groups[c].append(i)
         result["per_category"] = {
-            c: _binary_scores([preds[i] for i in idx], [labels[i] for i in idx]) for c, idx in sorted(groups.items())
+            c: _binary_scores([preds[i] for i in idx], [labels[i] for i in idx])
+            for c, idx in sorted(groups.items())
         }
     return result

@@ -61,7 +61,9 @@ def resolve_data(task: str, data: Path, annotations: Path | None, images: Path |
     """The files a task reads, from an eval-set folder or from explicit paths."""
     if data.is_dir():
         ann = data / evalset.VQA_ANNOTATIONS_FILE if task == "vqa" else None
-        return DataFiles(data / TASKS[task].data_file, annotations or ann, images or data / evalset.IMAGES_DIR)
+        return DataFiles(
+            data / TASKS[task].data_file, annotations or ann, images or data / evalset.IMAGES_DIR
+        )
     if not data.is_file():
         raise DataError(f"--data {data}: no such file or folder")
     if task == "vqa" and annotations is None:
@@ -77,14 +79,18 @@ def load_samples(task: str, files: DataFiles) -> list:
     return read_pope(files.data, files.images)
 
 
-def score(task: str, samples: Sequence, answers: Sequence[str], meteor: bool | None) -> tuple[dict, list[dict]]:
+def score(
+    task: str, samples: Sequence, answers: Sequence[str], meteor: bool | None
+) -> tuple[dict, list[dict]]:
     """The task's metrics and one record per sample (its prediction beside the ground truth)."""
     if task == "caption":
         refs = {s.image_id: list(s.references) for s in samples}
-        metrics = caption_metrics(refs, {s.image_id: a for s, a in zip(samples, answers)}, meteor=meteor)
+        metrics = caption_metrics(
+            refs, {s.image_id: a for s, a in zip(samples, answers, strict=True)}, meteor=meteor
+        )
         records = [
             {"image_id": s.image_id, "image": s.image.name, "caption": a, "references": list(s.references)}
-            for s, a in zip(samples, answers)
+            for s, a in zip(samples, answers, strict=True)
         ]
     elif task == "vqa":
         metrics = vqa_metrics(answers, [s.answers for s in samples], [s.answer_type for s in samples])
@@ -97,7 +103,7 @@ def score(task: str, samples: Sequence, answers: Sequence[str], meteor: bool | N
                 "accuracy": vqa_accuracy(a, s.answers),
                 "answers": list(s.answers),
             }
-            for s, a in zip(samples, answers)
+            for s, a in zip(samples, answers, strict=True)
         ]
     else:
         metrics = pope_metrics(answers, [s.label for s in samples], [s.category for s in samples])
@@ -111,7 +117,7 @@ def score(task: str, samples: Sequence, answers: Sequence[str], meteor: bool | N
                 "label": s.label,
                 "category": s.category,
             }
-            for s, a in zip(samples, answers)
+            for s, a in zip(samples, answers, strict=True)
         ]
     return metrics, records
 
@@ -151,11 +157,17 @@ def write_json(path: Path, data: dict) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m minigpt4 eval", description=__doc__.split("\n\n")[0])
-    p.add_argument("--cfg-path", default=None, help=f"preset name or eval config YAML (default: {DEFAULT_PRESET})")
-    p.add_argument("--options", nargs="*", default=[], metavar="KEY=VALUE", help="config overrides, e.g. model.seed=1")
+    p.add_argument(
+        "--cfg-path", default=None, help=f"preset name or eval config YAML (default: {DEFAULT_PRESET})"
+    )
+    p.add_argument(
+        "--options", nargs="*", default=[], metavar="KEY=VALUE", help="config overrides, e.g. model.seed=1"
+    )
     p.add_argument("--task", required=True, choices=sorted(TASKS))
     p.add_argument("--data", required=True, type=Path, help="eval-set folder, or the task's data file")
-    p.add_argument("--annotations", type=Path, help="VQAv2 annotations file (when --data is a questions file)")
+    p.add_argument(
+        "--annotations", type=Path, help="VQAv2 annotations file (when --data is a questions file)"
+    )
     p.add_argument("--images", type=Path, help="image folder (default: images/ beside the data)")
     p.add_argument("--out", type=Path, help="results JSON (default: outputs/eval/<preset>_<task>.json)")
     p.add_argument("--limit", type=int, help="score only the first N samples")
@@ -209,9 +221,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "batch_size": args.batch_size,
             "decoding": {"do_sample": False, "repetition_penalty": chat.defaults.repetition_penalty},
         },
-        "data": {
-            key: None if path is None else str(path) for key, path in dataclasses.asdict(files).items()
-        }
+        "data": {key: None if path is None else str(path) for key, path in dataclasses.asdict(files).items()}
         | {"sha256": sha256_file(files.data), "limit": args.limit},
         "git": git_state(),
         "seconds": round(time.time() - started, 1),

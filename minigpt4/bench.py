@@ -1,0 +1,302 @@
+"""`python -m minigpt4 bench`: inference speed of a preset, measured side by side in one run.
+
+    python -m minigpt4 bench --cfg-path minigpt4_tiny_random [--json]
+    python -m minigpt4 bench train …        # training speed (minigpt4.train_bench)
+
+Figures (median of `--repeats` runs; answers are greedy and exactly `--answer-tokens` long, since
+stop tokens are switched off in the benchmark's own Chat):
+- image encode ms: `Chat.upload_image` (preprocessing, vision, projection);
+- time to first token at every turn of a `--turns`-turn conversation about one image, with the
+  chat's KV reuse and without it (full prefill every turn);
+- decode tokens/s of the chat engine with the image in context, and of the same LLM's plain
+  `generate` on a text prompt of the same length; both are (n-1) / (t(n tokens) - t(1 token)), so
+  prefill cancels out;
+- peak RSS of the process (and peak GPU memory on CUDA).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import platform
+import resource
+import statistics
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from PIL import Image
+
+from minigpt4.config import DEFAULT_PRESET
+from minigpt4.errors import ConfigError, InputError
+
+log = logging.getLogger(__name__)
+
+QUESTIONS = (
+    "What is in this picture?",
+    "What colours do you see?",
+    "Where was this photo taken?",
+    "What is in the background?",
+    "Describe the lighting.",
+    "Is there any text in the image?",
+    "What might happen next?",
+    "What is on the left side?",
+    "What is on the right side?",
+    "Summarise the picture in one sentence.",
+)
+GOALS = {"decode_ratio": 0.95, "ttft_turn10_over_turn1": 1.2, "reuse_speedup_turn10": 3.0}
+
+
+def default_image() -> Image.Image:
+    """A real photo that ships with scikit-image (512×512 astronaut portrait)."""
+    from skimage import data_dir
+
+    return Image.open(Path(data_dir) / "astronaut.png").convert("RGB")
+
+
+def _median_time(fn: Callable[[], object], repeats: int) -> float:
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+class InferenceBench:
+    """Runs the measurements on one Chat. Its stop tokens are cleared so every answer has a fixed length."""
+
+    def __init__(self, chat, image: Image.Image, answer_tokens: int) -> None:
+        self.chat = chat
+        self.image = image
+        self.answer_tokens = answer_tokens
+        chat.stop_ids, chat.stop_strings = set(), []
+        self.greedy = {"do_sample": False, "num_beams": 1, "repetition_penalty": 1.0}
+
+    def _session(self, question: str | None = None):
+        session = self.chat.new_session()
+        self.chat.upload_image(session, self.image)
+        if question is not None:
+            self.chat.ask(session, question)
+        return session
+
+    def _sync(self) -> None:
+        if self.chat.model.device.type == "cuda":
+            torch.cuda.synchronize()
+
+    def context_tokens(self, session) -> int:
+        """Positions of the prompt that the next answer continues (text tokens and image vectors)."""
+        prompt = session.conversation.render(self.chat.tokenizer)
+        return len(self.chat.model.tokenize_prompt(prompt, session.n_images))
+
+    def encode_ms(self, repeats: int) -> float:
+        session = self.chat.new_session()
+
+        def upload() -> None:
+            self.chat.upload_image(session, self.image)
+            self._sync()
+
+        return 1000 * _median_time(upload, repeats)
+
+    def turn(self, session, question: str, kv_reuse: bool) -> tuple[float, int]:
+        """Ask and stream the answer: (seconds to its first piece, or to its end if it has none; prompt length)."""
+        self.chat.kv_reuse = kv_reuse
+        self.chat.ask(session, question)
+        context = self.context_tokens(session)
+        start = time.perf_counter()
+        first = None
+        for _ in self.chat.stream_answer(session, max_new_tokens=self.answer_tokens, **self.greedy):
+            if first is None:
+                first = time.perf_counter() - start
+        return (first if first is not None else time.perf_counter() - start), context
+
+    def conversation(self, turns: int, repeats: int) -> dict[str, list]:
+        """TTFT per turn with and without KV reuse (turns interleaved so both see the same load)."""
+        with_reuse: list[list[float]] = [[] for _ in range(turns)]
+        without: list[list[float]] = [[] for _ in range(turns)]
+        context = [0] * turns
+        for _ in range(repeats):
+            reused, full = self._session(), self._session()
+            for t in range(turns):
+                question = QUESTIONS[t % len(QUESTIONS)]
+                with_reuse[t].append(self.turn(reused, question, kv_reuse=True)[0])
+                seconds, context[t] = self.turn(full, question, kv_reuse=False)
+                without[t].append(seconds)
+        self.chat.kv_reuse = True
+        return {
+            "ttft_ms": [1000 * statistics.median(x) for x in with_reuse],
+            "ttft_ms_no_reuse": [1000 * statistics.median(x) for x in without],
+            "context_tokens": context,
+        }
+
+    def _chat_seconds(self, question: str, n_tokens: int) -> float:
+        session = self._session(question)  # set-up and image upload are not timed
+        start = time.perf_counter()
+        for _ in self.chat.stream_answer(session, max_new_tokens=n_tokens, **self.greedy):
+            pass
+        self._sync()
+        return time.perf_counter() - start
+
+    @torch.no_grad()
+    def _generate_seconds(self, input_ids: torch.Tensor, n_tokens: int, pad_id: int) -> float:
+        start = time.perf_counter()
+        self.chat.model.llm.generate(
+            input_ids,
+            attention_mask=torch.ones_like(input_ids),
+            max_new_tokens=n_tokens,
+            min_new_tokens=n_tokens,
+            pad_token_id=pad_id,
+            **self.greedy,
+        )
+        self._sync()
+        return time.perf_counter() - start
+
+    def decode(self, n_tokens: int, repeats: int) -> dict[str, float]:
+        """Decode tokens/s: the chat engine with the image in context vs `generate` on same-length text."""
+        question = QUESTIONS[0]
+        prompt_len = self.context_tokens(self._session(question))
+        tokenizer = self.chat.tokenizer
+        filler = tokenizer(" image", add_special_tokens=False).input_ids[-1]
+        text_ids = torch.full((1, prompt_len), filler, dtype=torch.long, device=self.chat.model.device)
+        if tokenizer.bos_token_id is not None:
+            text_ids[0, 0] = tokenizer.bos_token_id
+        times: dict[str, list[float]] = {"chat_n": [], "chat_1": [], "plain_n": [], "plain_1": []}
+        for _ in range(repeats):  # interleaved, so both paths see the same machine load
+            times["chat_n"].append(self._chat_seconds(question, n_tokens))
+            times["chat_1"].append(self._chat_seconds(question, 1))
+            times["plain_n"].append(self._generate_seconds(text_ids, n_tokens, filler))
+            times["plain_1"].append(self._generate_seconds(text_ids, 1, filler))
+        med = {k: statistics.median(v) for k, v in times.items()}
+        decode = (n_tokens - 1) / max(med["chat_n"] - med["chat_1"], 1e-9)
+        plain_decode = (n_tokens - 1) / max(med["plain_n"] - med["plain_1"], 1e-9)
+        return {
+            "decode_tok_s": decode,
+            "plain_decode_tok_s": plain_decode,
+            "decode_ratio": decode / plain_decode,
+            "decode_prompt_tokens": prompt_len,
+        }
+
+
+def peak_memory_mb(device: torch.device) -> dict[str, float]:
+    # ru_maxrss is in KiB on Linux, in bytes on macOS.
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / (2**20 if sys.platform == "darwin" else 2**10)
+    out = {"peak_rss_mb": rss}
+    if device.type == "cuda":
+        out["peak_gpu_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
+    return out
+
+
+def run_bench(
+    chat, image: Image.Image, turns: int, answer_tokens: int, decode_tokens: int, repeats: int
+) -> dict[str, Any]:
+    """Every inference figure of the bench, as one dict (the `--json` output)."""
+    bench = InferenceBench(chat, image, answer_tokens)
+    bench.turn(bench._session(), QUESTIONS[0], kv_reuse=True)  # warm-up: lazy initialisation, caches
+    result: dict[str, Any] = {"encode_ms": bench.encode_ms(repeats)}
+    result |= bench.conversation(turns, repeats)
+    result |= bench.decode(decode_tokens, repeats)
+    ttft, full = result["ttft_ms"], result["ttft_ms_no_reuse"]
+    result["ttft_turn10_over_turn1"] = ttft[-1] / ttft[0]
+    result["reuse_speedup_turn10"] = full[-1] / ttft[-1]
+    result |= peak_memory_mb(chat.model.device)
+    return result
+
+
+def format_report(result: dict[str, Any]) -> str:
+    """The human-readable table of a `run_bench` result."""
+    lines = [
+        f"MiniGPT-4 inference bench: preset {result['preset']} on {result['device']} "
+        f"({result['threads']} threads), median of {result['repeats']}",
+        f"image encode                 {result['encode_ms']:9.1f} ms",
+        "",
+        f"time to first token, {len(result['ttft_ms'])}-turn conversation, {result['answer_tokens']}-token answers",
+        "  turn  context  with reuse  without reuse  speed-up",
+    ]
+    for t, (a, b, ctx) in enumerate(
+        zip(result["ttft_ms"], result["ttft_ms_no_reuse"], result["context_tokens"], strict=True), 1
+    ):
+        lines.append(f"  {t:4d}  {ctx:7d}  {a:8.1f} ms  {b:10.1f} ms  {b / a:7.2f}x")
+    lines += [
+        "",
+        f"decode, {result['decode_tokens']} new tokens after a {result['decode_prompt_tokens']}-position prompt",
+        f"  chat engine, image in context  {result['decode_tok_s']:9.1f} tok/s",
+        f"  plain generate, text prompt    {result['plain_decode_tok_s']:9.1f} tok/s",
+        "",
+        f"peak RSS                     {result['peak_rss_mb']:9.0f} MB",
+    ]
+    if "peak_gpu_mb" in result:
+        lines.append(f"peak GPU memory              {result['peak_gpu_mb']:9.0f} MB")
+    lines += ["", "ratios (goal)"]
+    for key, goal in GOALS.items():
+        better_high = key != "ttft_turn10_over_turn1"
+        met = result[key] >= goal if better_high else result[key] <= goal
+        sign = "≥" if better_high else "≤"
+        lines.append(f"  {key:<24} {result[key]:6.2f}  ({sign} {goal}: {'met' if met else 'NOT met'})")
+    return "\n".join(lines)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m minigpt4 bench", description=__doc__.split("\n\n")[0])
+    p.add_argument(
+        "--cfg-path", default=None, help=f"preset name or eval config YAML (default: {DEFAULT_PRESET})"
+    )
+    p.add_argument("--options", nargs="*", default=[], metavar="KEY=VALUE", help="config overrides")
+    p.add_argument("--device", help="cpu, cuda … (default: cuda when present)")
+    p.add_argument("--image", type=Path, help="image to talk about (default: scikit-image's astronaut)")
+    p.add_argument("--turns", type=int, default=10)
+    p.add_argument("--answer-tokens", type=int, default=32, help="length of every answer in the conversation")
+    p.add_argument("--decode-tokens", type=int, default=64, help="new tokens in the decode measurement")
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the inference bench (or, with `train` first, the training bench)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["train"]:
+        from minigpt4 import train_bench
+
+        return int(train_bench.main(argv[1:]) or 0)
+    args = build_parser().parse_args(argv)
+    for name in ("turns", "answer_tokens", "repeats"):
+        if getattr(args, name) < 1:
+            print(f"error: --{name.replace('_', '-')} must be at least 1", file=sys.stderr)
+            return 2
+    if args.decode_tokens < 2:
+        print("error: --decode-tokens must be at least 2", file=sys.stderr)
+        return 2
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    from minigpt4.chat import load_chat
+    from minigpt4.images import load_image
+
+    try:
+        image = load_image(args.image) if args.image else default_image()
+        chat = load_chat(args.cfg_path, args.device, args.options)
+        result = run_bench(chat, image, args.turns, args.answer_tokens, args.decode_tokens, args.repeats)
+    except (ConfigError, InputError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    from minigpt4.eval.provenance import git_state
+
+    result |= {
+        "preset": chat.preset_name,
+        "device": chat.device,
+        "threads": torch.get_num_threads(),
+        "turns": args.turns,
+        "answer_tokens": args.answer_tokens,
+        "decode_tokens": args.decode_tokens,
+        "repeats": args.repeats,
+        "torch": torch.__version__,
+        "cpu": platform.processor() or platform.machine(),
+        "git": git_state(),
+    }
+    print(json.dumps(result, indent=1) if args.json else format_report(result))
+    return 0
