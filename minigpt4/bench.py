@@ -31,8 +31,10 @@ from typing import Any
 import torch
 from PIL import Image
 
-from minigpt4.config import DEFAULT_PRESET
+from minigpt4.commands.common import add_model_args, chat_from_args
 from minigpt4.errors import ConfigError, InputError
+from minigpt4.eval.provenance import git_state
+from minigpt4.images import load_image
 
 log = logging.getLogger(__name__)
 
@@ -203,7 +205,18 @@ def run_bench(
     result["ttft_turn10_over_turn1"] = ttft[-1] / ttft[0]
     result["reuse_speedup_turn10"] = full[-1] / ttft[-1]
     result |= peak_memory_mb(chat.model.device)
-    return result
+    return result | {
+        "preset": chat.preset_name,
+        "device": chat.device,
+        "threads": torch.get_num_threads(),
+        "turns": turns,
+        "answer_tokens": answer_tokens,
+        "decode_tokens": decode_tokens,
+        "repeats": repeats,
+        "torch": torch.__version__,
+        "cpu": platform.processor() or platform.machine(),
+        "git": git_state(),
+    }
 
 
 def format_report(result: dict[str, Any]) -> str:
@@ -241,11 +254,7 @@ def format_report(result: dict[str, Any]) -> str:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m minigpt4 bench", description=__doc__.split("\n\n")[0])
-    p.add_argument(
-        "--cfg-path", default=None, help=f"preset name or eval config YAML (default: {DEFAULT_PRESET})"
-    )
-    p.add_argument("--options", nargs="*", default=[], metavar="KEY=VALUE", help="config overrides")
-    p.add_argument("--device", help="cpu, cuda … (default: cuda when present)")
+    add_model_args(p)
     p.add_argument("--image", type=Path, help="image to talk about (default: scikit-image's astronaut)")
     p.add_argument("--turns", type=int, default=10)
     p.add_argument("--answer-tokens", type=int, default=32, help="length of every answer in the conversation")
@@ -274,29 +283,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    from minigpt4.chat import load_chat
-    from minigpt4.images import load_image
-
     try:
         image = load_image(args.image) if args.image else default_image()
-        chat = load_chat(args.cfg_path, args.device, args.options)
+        chat = chat_from_args(args)
         result = run_bench(chat, image, args.turns, args.answer_tokens, args.decode_tokens, args.repeats)
     except (ConfigError, InputError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    from minigpt4.eval.provenance import git_state
-
-    result |= {
-        "preset": chat.preset_name,
-        "device": chat.device,
-        "threads": torch.get_num_threads(),
-        "turns": args.turns,
-        "answer_tokens": args.answer_tokens,
-        "decode_tokens": args.decode_tokens,
-        "repeats": args.repeats,
-        "torch": torch.__version__,
-        "cpu": platform.processor() or platform.machine(),
-        "git": git_state(),
-    }
     print(json.dumps(result, indent=1) if args.json else format_report(result))
     return 0

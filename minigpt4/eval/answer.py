@@ -47,16 +47,16 @@ class BatchAnswerer:
         if len(images) != len(questions):
             raise ValueError(f"{len(images)} images for {len(questions)} questions")
         model, chat = self.chat.model, self.chat
-        pictures = [load_image(path, chat.max_image_pixels) for path in images]
-        image_embeds = model.encode_images(model.preprocess(pictures))
+        pixel_values = model.preprocess([load_image(path, chat.max_image_pixels) for path in images])
         prompts = [self.prompt_ids(q) for q in questions]
         width = max(map(len, prompts))
         # Left padding keeps every prompt's last token in the last column, where generation continues.
         ids = torch.tensor([[self.pad_id] * (width - len(p)) + p for p in prompts])
-        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=model.device)
-        output = model.llm.generate(
-            inputs_embeds=model.embed_inputs(ids, image_embeds),
-            attention_mask=mask,
+        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+        output = model.generate(
+            ids,
+            mask,
+            pixel_values=pixel_values,
             max_new_tokens=self.params.max_new_tokens,
             do_sample=False,
             num_beams=1,

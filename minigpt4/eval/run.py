@@ -24,9 +24,11 @@ from typing import Any
 
 from tqdm import tqdm
 
-from minigpt4.config import DEFAULT_PRESET, resolve_preset
+from minigpt4.commands.common import add_model_args, chat_from_args
+from minigpt4.config import resolve_preset
 from minigpt4.errors import ConfigError, InputError
 from minigpt4.eval import evalset
+from minigpt4.eval.answer import BatchAnswerer
 from minigpt4.eval.data import DataError, read_captions, read_pope, read_vqa
 from minigpt4.eval.metrics import caption_metrics, pope_answer, pope_metrics, vqa_accuracy, vqa_metrics
 from minigpt4.eval.provenance import git_state, sha256_file
@@ -147,6 +149,14 @@ def metric_rows(metrics: dict[str, Any], prefix: str = "") -> list[tuple[str, st
     return rows
 
 
+def describe_data(files: DataFiles) -> dict[str, Any]:
+    """The data files' paths and SHA-256 digests, for the results file."""
+    paths = {k: v for k, v in dataclasses.asdict(files).items() if v is not None}
+    return {k: str(v) for k, v in paths.items()} | {
+        "sha256": {k: sha256_file(v) for k, v in paths.items() if v.is_file()}
+    }
+
+
 def write_json(path: Path, data: dict) -> None:
     """Write `data` whole or not at all (a temporary file renamed into place)."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -157,12 +167,7 @@ def write_json(path: Path, data: dict) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m minigpt4 eval", description=__doc__.split("\n\n")[0])
-    p.add_argument(
-        "--cfg-path", default=None, help=f"preset name or eval config YAML (default: {DEFAULT_PRESET})"
-    )
-    p.add_argument(
-        "--options", nargs="*", default=[], metavar="KEY=VALUE", help="config overrides, e.g. model.seed=1"
-    )
+    add_model_args(p)
     p.add_argument("--task", required=True, choices=sorted(TASKS))
     p.add_argument("--data", required=True, type=Path, help="eval-set folder, or the task's data file")
     p.add_argument(
@@ -174,7 +179,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--max-new-tokens", type=int, help="answer length cap (default: 40 caption, 10 vqa/pope)")
     p.add_argument("--prompt", help="instruction; {question} is replaced by the question")
-    p.add_argument("--device", help="cpu, cuda, cuda:1 … (default: cuda when present)")
     p.add_argument("--no-meteor", action="store_true", help="skip METEOR (it starts a Java process, ~20 s)")
     return p
 
@@ -196,12 +200,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     prompt = args.prompt or task.prompt
     max_new_tokens = args.max_new_tokens or task.max_new_tokens
 
-    from minigpt4.chat import load_chat  # the model stack loads only once the inputs are known good
-    from minigpt4.eval.answer import BatchAnswerer
-
     started = time.time()
     try:
-        chat = load_chat(cfg_file, args.device, args.options)
+        chat = chat_from_args(args)  # loaded only once the inputs are known good
         answers = answer_all(BatchAnswerer(chat, max_new_tokens), samples, prompt, args.batch_size)
     except (ConfigError, InputError) as e:
         print(f"error: {e}")
@@ -221,8 +222,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "batch_size": args.batch_size,
             "decoding": {"do_sample": False, "repetition_penalty": chat.defaults.repetition_penalty},
         },
-        "data": {key: None if path is None else str(path) for key, path in dataclasses.asdict(files).items()}
-        | {"sha256": sha256_file(files.data), "limit": args.limit},
+        "data": describe_data(files) | {"limit": args.limit},
         "git": git_state(),
         "seconds": round(time.time() - started, 1),
         "predictions": records,

@@ -1,0 +1,100 @@
+"""The inference bench on the tiny preset: what it measures and what it prints (never how fast)."""
+
+from __future__ import annotations
+
+import json
+import re
+import sys
+import types
+from pathlib import Path
+
+import pytest
+
+from minigpt4 import bench
+from minigpt4.chat import load_chat
+
+REQUIRED = (
+    "encode_ms",
+    "ttft_ms",
+    "ttft_ms_no_reuse",
+    "decode_tok_s",
+    "plain_decode_tok_s",
+    "decode_ratio",
+    "ttft_turn10_over_turn1",
+    "reuse_speedup_turn10",
+    "peak_rss_mb",
+)
+
+
+@pytest.fixture(scope="module")
+def own_chat(tiny_cfg_path: Path):
+    """A Chat of its own: the bench switches its stop tokens off."""
+    return load_chat(tiny_cfg_path, device="cpu")
+
+
+@pytest.fixture(scope="module")
+def result(own_chat) -> dict:
+    return bench.run_bench(
+        own_chat, bench.default_image(), turns=3, answer_tokens=4, decode_tokens=6, repeats=1
+    )
+
+
+def test_bench_reports_every_figure_per_turn(result: dict) -> None:
+    for key in REQUIRED:
+        assert key in result, key
+    assert len(result["ttft_ms"]) == len(result["ttft_ms_no_reuse"]) == len(result["context_tokens"]) == 3
+    assert all(t > 0 for t in result["ttft_ms"] + result["ttft_ms_no_reuse"])
+    # The conversation grows every turn: each prompt holds all earlier questions and answers.
+    assert result["context_tokens"][0] < result["context_tokens"][1] < result["context_tokens"][2]
+    assert result["decode_ratio"] == pytest.approx(result["decode_tok_s"] / result["plain_decode_tok_s"])
+    assert result["reuse_speedup_turn10"] == pytest.approx(
+        result["ttft_ms_no_reuse"][-1] / result["ttft_ms"][-1]
+    )
+    assert result["ttft_turn10_over_turn1"] == pytest.approx(result["ttft_ms"][-1] / result["ttft_ms"][0])
+    assert result["decode_prompt_tokens"] == result["context_tokens"][0]
+    assert result["peak_rss_mb"] > 50
+    assert result["preset"] == "minigpt4_tiny_random" and result["device"] == "cpu"
+
+
+def test_bench_turns_use_and_skip_the_kv_cache(own_chat) -> None:
+    runner = bench.InferenceBench(own_chat, bench.default_image(), answer_tokens=5)
+    reused, full = runner._session(), runner._session()
+    _, context = runner.turn(reused, "What is it?", kv_reuse=True)
+    runner.turn(full, "What is it?", kv_reuse=False)
+    assert reused.cache is not None and full.cache is None
+    # Stops are off, so the answer is exactly `answer_tokens` long, whatever the model says.
+    assert reused.cache.get_seq_length() == context + 5
+
+
+def test_report_names_each_goal(result: dict) -> None:
+    report = bench.format_report(result)
+    assert "turn  context  with reuse  without reuse" in report
+    for key in ("decode_ratio", "ttft_turn10_over_turn1", "reuse_speedup_turn10"):
+        assert key in report
+    verdict = "met" if result["decode_ratio"] >= 0.95 else "NOT met"
+    assert re.search(rf"decode_ratio +{result['decode_ratio']:.2f} +\(≥ 0.95: {verdict}\)", report)
+
+
+def test_bench_json_on_the_command_line(
+    own_chat, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setattr(bench, "chat_from_args", lambda args: own_chat)
+    args = ["--cfg-path", "minigpt4_tiny_random", "--json", "--turns", "2"]
+    assert bench.main([*args, "--answer-tokens", "2", "--decode-tokens", "3", "--repeats", "1"]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert set(REQUIRED) <= set(printed) and len(printed["ttft_ms"]) == 2
+
+
+def test_bench_rejects_bad_settings(capsys: pytest.CaptureFixture[str]) -> None:
+    assert bench.main(["--turns", "0"]) == 2
+    assert bench.main(["--decode-tokens", "1"]) == 2
+    assert "--decode-tokens must be at least 2" in capsys.readouterr().err
+
+
+def test_bench_train_goes_to_the_training_bench(monkeypatch: pytest.MonkeyPatch) -> None:
+    seen = []
+    fake = types.ModuleType("minigpt4.train_bench")
+    fake.main = lambda argv: seen.append(argv) or 0
+    monkeypatch.setitem(sys.modules, "minigpt4.train_bench", fake)
+    assert bench.main(["train", "--steps", "3"]) == 0
+    assert seen == [["--steps", "3"]]
