@@ -85,43 +85,37 @@ def score(
     task: str, samples: Sequence, answers: Sequence[str], meteor: bool | None
 ) -> tuple[dict, list[dict]]:
     """The task's metrics and one record per sample (its prediction beside the ground truth)."""
+    pairs = list(zip(samples, answers, strict=True))
     if task == "caption":
         refs = {s.image_id: list(s.references) for s in samples}
-        metrics = caption_metrics(
-            refs, {s.image_id: a for s, a in zip(samples, answers, strict=True)}, meteor=meteor
-        )
+        metrics = caption_metrics(refs, {s.image_id: a for s, a in pairs}, meteor=meteor)
         records = [
             {"image_id": s.image_id, "image": s.image.name, "caption": a, "references": list(s.references)}
-            for s, a in zip(samples, answers, strict=True)
+            for s, a in pairs
         ]
     elif task == "vqa":
         metrics = vqa_metrics(answers, [s.answers for s in samples], [s.answer_type for s in samples])
         records = [
-            {
-                "question_id": s.question_id,
-                "image": s.image.name,
-                "question": s.question,
-                "answer": a,
-                "accuracy": vqa_accuracy(a, s.answers),
-                "answers": list(s.answers),
-            }
-            for s, a in zip(samples, answers, strict=True)
+            _question_record(s, a, accuracy=vqa_accuracy(a, s.answers), answers=list(s.answers))
+            for s, a in pairs
         ]
     else:
         metrics = pope_metrics(answers, [s.label for s in samples], [s.category for s in samples])
         records = [
-            {
-                "question_id": s.question_id,
-                "image": s.image.name,
-                "question": s.question,
-                "answer": a,
-                "read_as": pope_answer(a),
-                "label": s.label,
-                "category": s.category,
-            }
-            for s, a in zip(samples, answers, strict=True)
+            _question_record(s, a, read_as=pope_answer(a), label=s.label, category=s.category)
+            for s, a in pairs
         ]
     return metrics, records
+
+
+def _question_record(sample, answer: str, **truth: Any) -> dict[str, Any]:
+    return {
+        "question_id": sample.question_id,
+        "image": sample.image.name,
+        "question": sample.question,
+        "answer": answer,
+        **truth,
+    }
 
 
 def answer_all(answerer, samples: Sequence, prompt: str, batch_size: int) -> list[str]:
