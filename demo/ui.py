@@ -1,0 +1,94 @@
+"""The Gradio Blocks app: layout, event wiring and launch. The logic lives in `demo.handlers`."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import gradio as gr
+
+from demo.examples import example_rows
+from demo.handlers import ChatHandlers
+
+if TYPE_CHECKING:
+    from minigpt4.chat import Chat
+
+# One model serves every session and generation is not batched across them: events that run the
+# model share one concurrency group, so they take turns (the queue shows others their place).
+MODEL_CONCURRENCY = 2
+QUEUE_SIZE = 64
+# Sessions hold image embeddings and a KV cache: drop those idle for an hour (a closed tab's state
+# is dropped by Gradio after an hour too).
+SESSION_TTL_S = 3600
+
+INTRO = """# MiniGPT-4
+Upload an image, then ask about it. Each upload adds an image to the conversation; **Restart** starts over."""
+
+
+def build_demo(chat: Chat) -> gr.Blocks:
+    """The app for one `Chat` engine, with its queue set up; the named API is `/upload`, `/ask`, `/reset`."""
+    handlers = ChatHandlers(chat)
+    defaults = chat.defaults
+    model = {"concurrency_id": "model", "concurrency_limit": MODEL_CONCURRENCY}
+    with gr.Blocks(title="MiniGPT-4") as demo:
+        session = gr.State(None, time_to_live=SESSION_TTL_S)
+        gr.Markdown(INTRO)
+        gr.Markdown(handlers.model_status(), elem_id="model-status")
+        with gr.Row():
+            with gr.Column(scale=1):
+                image = gr.Image(type="filepath", image_mode=None, label="Image", height=300)
+                upload = gr.Button("Upload & Start Chat", variant="primary")
+                restart = gr.Button("Restart")
+                num_beams = gr.Slider(1, 10, value=defaults.num_beams, step=1, label="Beam search numbers")
+                temperature = gr.Slider(0.1, 2.0, value=defaults.temperature, step=0.1, label="Temperature")
+                with gr.Accordion("Advanced", open=False):
+                    top_p = gr.Slider(0.05, 1.0, value=defaults.top_p, step=0.05, label="Top p")
+                    max_new_tokens = gr.Slider(
+                        1, 1024, value=defaults.max_new_tokens, step=1, label="Max new tokens"
+                    )
+                    do_sample = gr.Checkbox(
+                        value=defaults.do_sample, label="Sample", info="Off: always pick the likeliest word"
+                    )
+            with gr.Column(scale=2):
+                status = gr.Markdown("Upload an image to begin.", label="Status", elem_id="chat-status")
+                chatbot = gr.Chatbot(label="MiniGPT-4", height=480, elem_id="chatbot")
+                text = gr.Textbox(
+                    placeholder="Ask about the image and press Enter",
+                    label="Message",
+                    show_label=False,
+                    submit_btn=True,
+                    stop_btn=True,
+                    elem_id="message",
+                )
+        gr.Examples(example_rows(), inputs=[image, text], label="Examples: pick one, upload it, then send")
+        # API-only output: `/ask` streams plain text to clients, while the page streams into the chatbot.
+        answer = gr.Textbox(label="Answer", visible=False)
+
+        generation = [num_beams, temperature, top_p, max_new_tokens, do_sample]
+        upload.click(
+            handlers.upload, [image, session], [status, session], api_name="upload", preprocess=False, **model
+        ).success(handlers.show_image, [image, chatbot], [image, chatbot], api_visibility="private")
+        sending = text.submit(
+            handlers.send, [text, session, chatbot, *generation], [text, session, chatbot],
+            api_visibility="private", show_progress="hidden", **model,
+        )  # fmt: skip
+        text.stop(None, cancels=[sending])
+        restart.click(
+            handlers.reset, [session], [status, session], api_name="reset", cancels=[sending], **model
+        ).then(lambda: ([], None, ""), None, [chatbot, image, text], api_visibility="private")
+        gr.on([], handlers.ask, [text, session, *generation], [answer, session], api_name="ask", **model)
+    demo.queue(max_size=QUEUE_SIZE)
+    return demo
+
+
+def launch(chat: Chat, *, host: str, port: int | None, share: bool, block: bool = True) -> gr.Blocks:
+    """Build the app for `chat` and serve it; with `block=False` it returns once the server is up."""
+    demo = build_demo(chat)
+    demo.launch(
+        server_name=host,
+        server_port=port,
+        share=share,
+        max_file_size=chat.max_image_bytes,
+        prevent_thread_lock=not block,
+        theme=gr.themes.Soft(),
+    )
+    return demo

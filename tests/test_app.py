@@ -1,0 +1,147 @@
+"""The app's named API, driven by gradio_client against a server on 127.0.0.1 (tiny random preset)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import pytest
+from app_helpers import converse, free_port, write_png_claiming
+from gradio_client import Client, handle_file
+from gradio_client.exceptions import AppError
+
+import app
+from demo import launch
+from demo.examples import example_rows
+
+ROOT = Path(__file__).resolve().parent.parent
+CAT = Path(example_rows()[0][0])  # scikit-image's chelsea.png
+FIRST, SECOND = "Describe this image.", "What else do you see?"
+
+
+@pytest.fixture(scope="module")
+def app_url(tiny_chat) -> Iterator[str]:
+    demo = launch(tiny_chat, host="127.0.0.1", port=free_port(), share=False, block=False)
+    yield demo.local_url
+    demo.close()
+
+
+def client(url: str) -> Client:
+    return Client(url, verbose=False)
+
+
+@pytest.fixture(scope="module")
+def answers_one_by_one(app_url: str) -> tuple[list[str], list[str]]:
+    """Two conversations about the same image, one after the other: [FIRST, SECOND] and [SECOND]."""
+    return converse(client(app_url), CAT, [FIRST, SECOND]), converse(client(app_url), CAT, [SECOND])
+
+
+def test_named_api_has_upload_ask_reset(app_url: str) -> None:
+    endpoints = client(app_url).view_api(print_info=False, return_format="dict")["named_endpoints"]
+    parameters = {name: [p["parameter_name"] for p in info["parameters"]] for name, info in endpoints.items()}
+    assert parameters == {
+        "/upload": ["image"],
+        "/ask": ["message", "num_beams", "temperature", "top_p", "max_new_tokens", "do_sample"],
+        "/reset": [],
+    }
+
+
+def test_answer_streams_piece_by_piece(app_url: str) -> None:
+    chat = client(app_url)
+    assert "1 image" in chat.predict(handle_file(str(CAT)), api_name="/upload")
+    job = chat.submit(FIRST, api_name="/ask", do_sample=False, max_new_tokens=16)
+    job.result()
+    partial = job.outputs()
+    assert len(partial) >= 2, partial
+    assert all(later.startswith(earlier) for earlier, later in zip(partial, partial[1:], strict=False))
+    assert partial[-1] == job.result() != ""
+
+
+def test_second_turn_depends_on_the_first(answers_one_by_one) -> None:
+    both, alone = answers_one_by_one
+    assert all(both) and all(alone)
+    assert both[1] != alone[0]
+
+
+def test_two_clients_at_once_keep_separate_histories(app_url: str, answers_one_by_one) -> None:
+    with ThreadPoolExecutor(2) as pool:
+        both = pool.submit(converse, client(app_url), CAT, [FIRST, SECOND])
+        alone = pool.submit(converse, client(app_url), CAT, [SECOND])
+        assert (both.result(), alone.result()) == answers_one_by_one
+
+
+def test_reset_clears_the_conversation(app_url: str, answers_one_by_one) -> None:
+    chat = client(app_url)
+    converse(chat, CAT, [FIRST])
+    assert "restarted" in chat.predict(api_name="/reset")
+    with pytest.raises(AppError, match="Upload an image first"):
+        chat.predict(SECOND, api_name="/ask")
+    assert converse(chat, CAT, [SECOND]) == answers_one_by_one[1]
+
+
+def test_bad_input_is_refused_and_the_app_keeps_serving(app_url: str, tiny_chat, tmp_path: Path) -> None:
+    chat = client(app_url)
+    with pytest.raises(AppError, match="Upload an image first"):
+        chat.predict(FIRST, api_name="/ask")
+    corrupt = tmp_path / "corrupt.png"
+    corrupt.write_bytes(b"this is not an image at all")
+    with pytest.raises(AppError, match="not an image"):
+        chat.predict(handle_file(str(corrupt)), api_name="/upload")
+    bomb = write_png_claiming(tmp_path / "bomb.png", 30_000, 30_000)
+    with pytest.raises(AppError, match="too many pixels"):
+        chat.predict(handle_file(str(bomb)), api_name="/upload")
+    too_big = b"\0" * (tiny_chat.max_image_bytes + 1)  # the server refuses it before any handler runs
+    response = httpx.post(f"{app_url}gradio_api/upload", files={"files": ("big.png", too_big)}, timeout=60)
+    assert response.status_code == 413
+    assert "1 image" in chat.predict(handle_file(str(CAT)), api_name="/upload")
+    with pytest.raises(AppError, match="empty"):
+        chat.predict("   ", api_name="/ask")
+    assert chat.predict(FIRST, api_name="/ask", do_sample=False, max_new_tokens=4)
+
+
+def test_stop_ends_the_answer_and_the_chat_goes_on(app_url: str) -> None:
+    chat = client(app_url)
+    chat.predict(handle_file(str(CAT)), api_name="/upload")
+    job = chat.submit(FIRST, api_name="/ask", max_new_tokens=800)
+    next(iter(job))  # the first piece has arrived: generation is under way
+    job.cancel()
+    assert len(job.outputs()) < 800
+    assert chat.predict(SECOND, api_name="/ask", do_sample=False, max_new_tokens=4)
+
+
+def test_app_arguments_default_to_localhost_and_the_default_preset(monkeypatch) -> None:
+    monkeypatch.delenv("GRADIO_SERVER_NAME", raising=False)
+    monkeypatch.delenv(app.PRESET_ENV, raising=False)
+    args = app.build_parser().parse_args([])
+    assert (args.cfg_path, args.host, args.port, args.share, args.device) == (
+        None,
+        "127.0.0.1",
+        None,
+        False,
+        None,
+    )
+
+
+def test_app_arguments_follow_the_environment_unless_given(monkeypatch) -> None:
+    monkeypatch.setenv("GRADIO_SERVER_NAME", "0.0.0.0")
+    monkeypatch.setenv(app.PRESET_ENV, "minigpt4_space")
+    args = app.build_parser().parse_args([])
+    assert (args.cfg_path, args.host) == ("minigpt4_space", "0.0.0.0")
+    args = app.build_parser().parse_args(["--cfg-path", "minigpt4_tiny_random", "--host", "127.0.0.1"])
+    assert (args.cfg_path, args.host) == ("minigpt4_tiny_random", "127.0.0.1")
+
+
+def test_app_names_an_unknown_preset(capsys) -> None:
+    with pytest.raises(SystemExit) as exit_:
+        app.main(["--cfg-path", "no_such_preset"])
+    assert exit_.value.code == 2
+    assert "no_such_preset" in capsys.readouterr().err
+
+
+def test_demo_never_imports_torch() -> None:
+    code = "import sys, demo; sys.exit('torch' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code], cwd=ROOT).returncode == 0

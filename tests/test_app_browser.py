@@ -1,0 +1,138 @@
+"""End to end: `python app.py` on the tiny preset, driven by gradio_client and by a real browser.
+
+The browser is Debian's chromium (`setup.sh --test` installs it), run by Playwright from PyPI.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+from app_helpers import converse, free_port
+from gradio_client import Client
+from playwright.sync_api import Browser, Page, expect, sync_playwright
+
+from demo.examples import example_rows
+
+ROOT = Path(__file__).resolve().parent.parent
+ARTIFACTS = ROOT / "tests" / "artifacts"
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = [
+    "--no-sandbox",
+    "--headless",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+]
+START_TIMEOUT_S = 240
+CAT, QUESTION = example_rows()[0]
+COFFEE = example_rows()[1][0]
+
+pytestmark = pytest.mark.slow
+expect.set_options(timeout=30_000)  # generous: CI machines are shared
+
+
+@pytest.fixture(scope="module")
+def app_url(tmp_path_factory) -> Iterator[str]:
+    """`python app.py` serving the tiny preset on a free port, as a user would start it."""
+    port = free_port()
+    log_path = tmp_path_factory.mktemp("app") / "app.log"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "GRADIO_ANALYTICS_ENABLED": "False"}
+    command = [
+        sys.executable,
+        "app.py",
+        "--cfg-path",
+        "eval_configs/minigpt4_tiny_random.yaml",
+        "--port",
+        str(port),
+    ]
+    with log_path.open("w") as log:
+        server = subprocess.Popen(command, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}/"
+    try:
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while not _answers(url):
+            if server.poll() is not None or time.monotonic() > deadline:
+                pytest.fail(f"app.py did not start (exit code {server.poll()}):\n{log_path.read_text()}")
+            time.sleep(1)
+        yield url
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+
+
+def _answers(url: str) -> bool:
+    try:
+        return httpx.get(url, timeout=5).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[Browser]:
+    assert Path(CHROMIUM).is_file(), "the browser tests need Debian's chromium: run `bash setup.sh --test`"
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        yield browser
+        browser.close()
+
+
+@pytest.fixture
+def page(browser: Browser, app_url: str) -> Iterator[Page]:
+    page = browser.new_page(viewport={"width": 1280, "height": 1000})
+    page.goto(app_url, wait_until="domcontentloaded")
+    yield page
+    page.close()
+
+
+def test_app_py_serves_the_named_api(app_url: str) -> None:
+    client = Client(app_url, verbose=False)
+    first, second = converse(client, Path(CAT), ["What is this?", "And what colour is it?"])
+    assert first and second
+    assert "restarted" in client.predict(api_name="/reset")
+
+
+def test_chat_in_the_browser(page: Page) -> None:
+    expect(page.locator("#model-status")).to_contain_text("minigpt4_tiny_random")
+    expect(page.locator("#model-status")).to_contain_text("cpu")
+    message = page.locator("#message textarea")
+    upload = page.get_by_role("button", name="Upload & Start Chat")
+
+    message.fill("What is this?")
+    message.press("Enter")
+    expect(page.get_by_test_id("toast-text").first).to_contain_text("Upload an image first")
+
+    page.get_by_text(QUESTION).click()  # an example: fills the image and the question
+    expect(message).to_have_value(QUESTION)
+    upload.click()
+    expect(page.locator("#chat-status")).to_contain_text("1 image in this chat")
+    expect(page.locator("#chatbot img")).to_have_count(1)
+
+    message.press("Enter")
+    expect(page.get_by_test_id("user").last).to_contain_text(QUESTION)
+    expect(page.get_by_test_id("bot").last).to_have_text(re.compile(r"\S"))
+    expect(message).to_have_value("")
+
+    page.locator("input[type=file]").first.set_input_files(COFFEE)
+    upload.click()
+    expect(page.locator("#chat-status")).to_contain_text("2 images in this chat")
+    expect(page.locator("#chatbot img")).to_have_count(2)
+    message.fill("What is in the cup?")
+    message.press("Enter")
+    expect(page.get_by_test_id("bot")).to_have_count(2)
+    ARTIFACTS.mkdir(exist_ok=True)
+    page.screenshot(path=ARTIFACTS / "app.png", full_page=True)
+
+    page.get_by_role("button", name="Restart").click()
+    expect(page.locator("#chat-status")).to_contain_text("restarted")
+    expect(page.get_by_test_id("bot")).to_have_count(0)
+    expect(page.locator("#chatbot img")).to_have_count(0)
