@@ -42,10 +42,9 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     # Imported after parsing so that `--help` and argument errors answer at once.
+    from demo import launch
     from minigpt4.chat import load_chat
     from minigpt4.errors import ConfigError
-
-    from demo import launch
 
     try:
         chat = load_chat(args.cfg_path, device=args.device)

@@ -12,6 +12,7 @@ from collections.abc import Generator, Iterator
 from typing import TYPE_CHECKING, Any
 
 import gradio as gr
+
 from minigpt4.errors import InputError
 
 if TYPE_CHECKING:
