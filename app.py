@@ -29,7 +29,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--port",
         type=int,
         default=None,
-        help="port (default: $GRADIO_SERVER_PORT, else the first free from 7860)",
+        help="port (default: the first free one from $GRADIO_SERVER_PORT, else from 7860)",
     )
     parser.add_argument("--share", action="store_true", help="also serve through a public gradio.live link")
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1, … (default: cuda when available)")

@@ -31,18 +31,16 @@ def _user_error(error: InputError) -> gr.Error:
     return gr.Error(str(error), print_exception=False)
 
 
-def _image_path(image: dict[str, Any] | str | None) -> str:
+def _image_path(image: dict[str, Any] | None) -> str:
     """The server-side path of an image input that skipped Gradio's preprocessing.
 
-    The upload events run with `preprocess=False` so that the engine, not Gradio's PIL call, is the
-    one place that opens the file and judges it (unreadable, too many pixels); Gradio has already
-    moved the file into its upload cache and checked that it lives there.
+    `/upload` runs with `preprocess=False` so that the engine, not Gradio's PIL call, is the one
+    place that opens the file and judges it (unreadable, too many pixels); Gradio has already moved
+    the file into its upload cache and checked that it lives there.
     """
-    if isinstance(image, dict) and image.get("path"):
-        return str(image["path"])
-    if isinstance(image, str) and image:
-        return image
-    raise gr.Error("No image was given: choose an image first.", print_exception=False)
+    if image is None or not image.get("path"):
+        raise gr.Error("No image was given: choose an image first.", print_exception=False)
+    return str(image["path"])
 
 
 class ChatHandlers:
@@ -64,9 +62,7 @@ class ChatHandlers:
     def _session(self, session: ChatSession | None) -> ChatSession:
         return self.chat.new_session() if session is None else session
 
-    def upload(
-        self, image: dict[str, Any] | str | None, session: ChatSession | None
-    ) -> tuple[str, ChatSession]:
+    def upload(self, image: dict[str, Any] | None, session: ChatSession | None) -> tuple[str, ChatSession]:
         """`/upload`: add an image turn to the conversation; returns a status line."""
         session = self._session(session)
         try:
@@ -111,9 +107,9 @@ class ChatHandlers:
         for answer in self._start(session, message, generation):
             yield answer, session
 
-    def show_image(self, image: dict[str, Any] | str, history: list[Message]) -> tuple[None, list[Message]]:
+    def show_image(self, image: str, history: list[Message]) -> tuple[None, list[Message]]:
         """After a successful upload: the image joins the chat and the image box empties."""
-        return None, [*history, {"role": "user", "content": {"path": _image_path(image)}}]
+        return None, [*history, {"role": "user", "content": {"path": image}}]
 
     def send(
         self,

@@ -12,8 +12,9 @@ from demo.handlers import ChatHandlers
 if TYPE_CHECKING:
     from minigpt4.chat import Chat
 
-# One model serves every session and generation is not batched across them: events that run the
-# model share one concurrency group, so they take turns (the queue shows others their place).
+# One model serves every session. The engine lets sessions generate at once, but each one more slows
+# the others down: the events that run the model share one concurrency group of this size, and the
+# queue shows the rest their place.
 MODEL_CONCURRENCY = 2
 QUEUE_SIZE = 64
 # Sessions hold image embeddings and a KV cache: drop those idle for an hour (a closed tab's state
@@ -42,8 +43,10 @@ def build_demo(chat: Chat) -> gr.Blocks:
                 temperature = gr.Slider(0.1, 2.0, value=defaults.temperature, step=0.1, label="Temperature")
                 with gr.Accordion("Advanced", open=False):
                     top_p = gr.Slider(0.05, 1.0, value=defaults.top_p, step=0.05, label="Top p")
+                    # Longer answers would leave too little of the context for the conversation.
+                    longest = max(defaults.max_new_tokens, chat.max_context_tokens // 2)
                     max_new_tokens = gr.Slider(
-                        1, 1024, value=defaults.max_new_tokens, step=1, label="Max new tokens"
+                        1, longest, value=defaults.max_new_tokens, step=1, label="Max new tokens"
                     )
                     do_sample = gr.Checkbox(
                         value=defaults.do_sample, label="Sample", info="Off: always pick the likeliest word"

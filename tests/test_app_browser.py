@@ -110,6 +110,8 @@ def test_chat_in_the_browser(page: Page) -> None:
     message.fill("What is this?")
     message.press("Enter")
     expect(page.get_by_test_id("toast-text").first).to_contain_text("Upload an image first")
+    page.get_by_test_id("toast-close").first.click()
+    expect(page.get_by_test_id("toast-text")).to_have_count(0)
 
     page.get_by_text(QUESTION).click()  # an example: fills the image and the question
     expect(message).to_have_value(QUESTION)
