@@ -1,0 +1,357 @@
+"""The FastAPI app: OpenAI's chat-completions protocol over a Chat engine.
+
+Each request is stateless: its messages are replayed into a fresh Chat session on the worker
+thread, then the answer is generated there, piece by piece, and sent back as one JSON body or as
+server-sent events. The event loop only parses, fetches images and waits.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import json
+import logging
+import secrets
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+
+from fastapi import APIRouter, Depends, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from pydantic import BaseModel
+from starlette.exceptions import HTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from minigpt4.chat import Chat, GenerationParams
+from minigpt4.errors import InputError
+from minigpt4.serve.messages import ImagePolicy, Turn, fetch_images, replay, to_turns
+from minigpt4.serve.protocol import (
+    APIError,
+    AssistantMessage,
+    ChatCompletion,
+    ChatCompletionChunk,
+    ChatCompletionRequest,
+    Choice,
+    ChunkChoice,
+    Delta,
+    FinishReason,
+    ModelCard,
+    ModelList,
+    Usage,
+    completion_id,
+    now,
+)
+from minigpt4.serve.scheduler import Failed, Job, Overloaded, Scheduler
+
+logger = logging.getLogger(__name__)
+
+DISCONNECT_POLL_S = 0.25  # how often a request waiting on the model checks that its client is still there
+
+
+@dataclass
+class Finished:
+    """The event a job ends with when the answer is complete."""
+
+    finish_reason: FinishReason
+    usage: Usage
+
+
+def create_app(
+    chat: Chat,
+    *,
+    max_image_bytes: int,
+    api_key: str | None = None,
+    max_queue: int = 4,
+    local_image_dir: Path | None = None,
+    allow_http_images: bool = False,
+    max_request_bytes: int | None = None,
+) -> FastAPI:
+    """An app serving `chat` as the model named `chat.preset_name`.
+
+    `max_queue` requests may wait behind the running one; more get 429. With `api_key`, every /v1
+    request needs `Authorization: Bearer <api_key>`. Images come as data: URLs; file paths under
+    `local_image_dir` and http(s) URLs only when enabled. Request bodies are capped at
+    `max_request_bytes` (default: four images at the byte limit, base64-encoded).
+    """
+    model_name = chat.preset_name
+    started = now()
+    scheduler = Scheduler(max_waiting=max_queue)
+    images = ImagePolicy(max_image_bytes, local_image_dir, allow_http_images)
+
+    @asynccontextmanager
+    async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
+        yield
+        scheduler.shutdown()
+
+    app = FastAPI(title="MiniGPT-4", lifespan=lifespan)
+    app.add_middleware(BodyLimit, max_bytes=max_request_bytes or 4 * (max_image_bytes * 4 // 3) + 2**20)
+    _add_error_handlers(app)
+    v1 = APIRouter(prefix="/v1", dependencies=[Depends(_bearer_check(api_key))] if api_key else [])
+
+    @app.get("/health")
+    async def health() -> dict[str, object]:
+        return {"status": "ok", "model": model_name, **scheduler.status(), "capacity": scheduler.capacity}
+
+    @v1.get("/models")
+    async def list_models() -> ModelList:
+        return ModelList(data=[ModelCard(id=model_name, created=started)])
+
+    @v1.get("/models/{model_id:path}")
+    async def get_model(model_id: str) -> ModelCard:
+        _check_model(model_id, model_name)
+        return ModelCard(id=model_name, created=started)
+
+    @v1.post("/chat/completions", response_model=None)
+    async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response | ChatCompletion:
+        _check_model(body.model, model_name)
+        params = _generation_params(chat.defaults, body)
+        turns = to_turns(body.messages)
+        await asyncio.to_thread(fetch_images, turns, images)
+        try:
+            job = scheduler.submit(partial(_generate, chat, turns, params))
+        except Overloaded as e:
+            raise APIError(
+                429,
+                str(e),
+                type="rate_limit_error",
+                code="rate_limit_exceeded",
+                headers={"Retry-After": str(e.retry_after_s)},
+            ) from e
+        # The first event comes after the prompt is encoded, so bad input still gets a 4xx status.
+        first = await _next_event(job, request)
+        if first is None:
+            return Response(status_code=499)  # nobody is listening
+        if isinstance(first, Failed):
+            raise first.error
+        meta = _Meta(completion_id(), now(), model_name)
+        if body.stream:
+            include_usage = body.stream_options is not None and body.stream_options.include_usage
+            return StreamingResponse(
+                _sse(job, first, meta, include_usage),
+                media_type="text/event-stream",
+                headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+            )
+        pieces: list[str] = []
+        event = first
+        while isinstance(event, str):
+            pieces.append(event)
+            event = await _next_event(job, request)
+        if event is None:
+            return Response(status_code=499)
+        if isinstance(event, Failed):
+            raise event.error
+        return ChatCompletion(
+            id=meta.id,
+            created=meta.created,
+            model=meta.model,
+            choices=[
+                Choice(message=AssistantMessage(content="".join(pieces)), finish_reason=event.finish_reason)
+            ],
+            usage=event.usage,
+        )
+
+    app.include_router(v1)
+    return app
+
+
+@dataclass(frozen=True)
+class _Meta:
+    id: str
+    created: int
+    model: str
+
+    def chunk(
+        self, delta: Delta | None, finish_reason: FinishReason | None = None, usage: Usage | None = None
+    ) -> str:
+        choices = [] if delta is None else [ChunkChoice(delta=delta, finish_reason=finish_reason)]
+        chunk = ChatCompletionChunk(
+            id=self.id, created=self.created, model=self.model, choices=choices, usage=usage
+        )
+        return _sse_event(chunk)
+
+
+def _sse_event(payload: BaseModel | dict[str, object]) -> str:
+    data = payload.model_dump_json() if isinstance(payload, BaseModel) else json.dumps(payload)
+    return f"data: {data}\n\n"
+
+
+async def _sse(job: Job, first: object, meta: _Meta, include_usage: bool) -> AsyncIterator[str]:
+    """OpenAI's chunk stream: the role, the text pieces, the finish reason, [usage,] [DONE]."""
+    try:
+        yield meta.chunk(Delta(role="assistant", content=""))
+        event = first
+        while isinstance(event, str):
+            yield meta.chunk(Delta(content=event))
+            event = await job.next_event()
+        if isinstance(event, Failed):
+            yield _sse_event(_api_error(event.error).body())
+            return
+        yield meta.chunk(Delta(), finish_reason=event.finish_reason)
+        if include_usage:
+            yield meta.chunk(None, usage=event.usage)
+        yield "data: [DONE]\n\n"
+    finally:
+        job.cancel()  # the client left (or all is sent): stop generating
+
+
+async def _next_event(job: Job, request: Request) -> object | None:
+    """The job's next event, or None (and the job cancelled) once the client has gone away."""
+    while not await request.is_disconnected():
+        try:
+            return await asyncio.wait_for(job.next_event(), DISCONNECT_POLL_S)
+        except TimeoutError:
+            continue
+    job.cancel()
+    return None
+
+
+def _generate(chat: Chat, turns: Sequence[Turn], params: GenerationParams, job: Job) -> None:
+    """On the worker thread: replay the conversation and stream the answer into the job's events."""
+    session = chat.new_session()
+    replay(chat, session, turns)
+    pieces = chat.stream_answer(session, params)
+    try:
+        for piece in pieces:
+            if job.cancelled:
+                return
+            if piece:
+                job.emit(piece)
+    finally:
+        pieces.close()  # stops generation when the client has gone
+    job.emit(_finished(chat, session, params))
+
+
+def _finished(chat: Chat, session: object, params: GenerationParams) -> Finished:
+    return Finished("length", Usage.of(0, 0))
+
+
+def _generation_params(defaults: GenerationParams, body: ChatCompletionRequest) -> GenerationParams:
+    changes: dict[str, object] = {}
+    if body.temperature == 0:
+        changes["do_sample"] = False
+    elif body.temperature is not None:
+        changes.update(do_sample=True, temperature=body.temperature)
+    if body.top_p is not None:
+        changes["top_p"] = body.top_p
+    if body.token_limit is not None:
+        changes["max_new_tokens"] = body.token_limit
+    if body.stop_strings:
+        changes["stop"] = body.stop_strings
+    return dataclasses.replace(defaults, **changes)
+
+
+def _check_model(requested: str, served: str) -> None:
+    if requested != served:
+        raise APIError(
+            404,
+            f"the model {requested!r} does not exist; this server has {served!r}",
+            type="not_found_error",
+            code="model_not_found",
+            param="model",
+        )
+
+
+def _bearer_check(api_key: str) -> Callable[[Request], Awaitable[None]]:
+    """A dependency that lets a request through only with `Authorization: Bearer <api_key>`."""
+    expected = f"Bearer {api_key}".encode()
+
+    async def check(request: Request) -> None:
+        given = request.headers.get("authorization")
+        if given is None:
+            raise _unauthorized("no API key given; send the header 'Authorization: Bearer <key>'")
+        if not secrets.compare_digest(given.encode(), expected):
+            raise _unauthorized("the API key is not valid")
+
+    return check
+
+
+def _unauthorized(message: str) -> APIError:
+    return APIError(
+        401,
+        message,
+        type="authentication_error",
+        code="invalid_api_key",
+        headers={"WWW-Authenticate": "Bearer"},
+    )
+
+
+def _api_error(error: Exception) -> APIError:
+    if isinstance(error, APIError):
+        return error
+    if isinstance(error, InputError):
+        return APIError(400, str(error))
+    return APIError(500, "the server failed to answer; see its log", type="server_error")
+
+
+def _error_response(error: APIError) -> JSONResponse:
+    return JSONResponse(error.body(), status_code=error.status, headers=error.headers)
+
+
+def _add_error_handlers(app: FastAPI) -> None:
+    """Every error leaves as OpenAI's `{"error": {...}}` body."""
+
+    @app.exception_handler(Exception)
+    async def any_error(_request: Request, error: Exception) -> JSONResponse:
+        return _error_response(_api_error(error))
+
+    @app.exception_handler(APIError)
+    @app.exception_handler(InputError)
+    async def known_error(_request: Request, error: Exception) -> JSONResponse:
+        return _error_response(_api_error(error))
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid_request(_request: Request, error: RequestValidationError) -> JSONResponse:
+        first = error.errors()[0]
+        where = ".".join(str(part) for part in first["loc"] if part != "body")
+        message = first["msg"].removeprefix("Value error, ")
+        return _error_response(
+            APIError(400, f"{where}: {message}" if where else message, param=where or None)
+        )
+
+    @app.exception_handler(HTTPException)
+    async def http_error(_request: Request, error: HTTPException) -> JSONResponse:
+        kind = "not_found_error" if error.status_code == 404 else "invalid_request_error"
+        return _error_response(APIError(error.status_code, str(error.detail), type=kind))
+
+
+class BodyLimit:
+    """ASGI middleware: refuses request bodies over `max_bytes` with 413, declared or streamed."""
+
+    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        too_large = APIError(
+            413,
+            f"the request body is over this server's limit of {self.max_bytes} bytes",
+            code="request_too_large",
+        )
+        declared = dict(scope["headers"]).get(b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
+            await _error_response(too_large)(scope, receive, send)
+            return
+        received = 0
+        refused = False
+
+        async def counting_receive() -> Message:
+            # A streamed body is refused mid-way: answer 413 now, and tell the app its client has gone.
+            nonlocal received, refused
+            message = await receive()
+            received += len(message.get("body", b""))
+            if received > self.max_bytes and not refused:
+                refused = True
+                await _error_response(too_large)(scope, receive, send)
+            return {"type": "http.disconnect"} if refused else message
+
+        async def guarded_send(message: Message) -> None:
+            if not refused:
+                await send(message)
+
+        await self.app(scope, counting_receive, guarded_send)

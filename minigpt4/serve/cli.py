@@ -1,0 +1,97 @@
+"""Command line of `python -m minigpt4 serve`: load a preset, then run the app under uvicorn."""
+
+from __future__ import annotations
+
+import argparse
+import ipaddress
+import logging
+import os
+from pathlib import Path
+
+import uvicorn
+
+from minigpt4.chat import load_chat
+from minigpt4.config import load_eval_config
+from minigpt4.serve.app import create_app
+
+logger = logging.getLogger(__name__)
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m minigpt4 serve",
+        description="Serve a MiniGPT-4 preset over OpenAI's chat-completions API (POST /v1/chat/completions).",
+    )
+    parser.add_argument(
+        "--cfg-path", help="eval preset name or YAML path (default: the embedded lite preset)"
+    )
+    parser.add_argument(
+        "--options", nargs="+", default=[], metavar="KEY=VALUE", help="config overrides, e.g. model.seed=1"
+    )
+    parser.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
+    parser.add_argument(
+        "--host", default="127.0.0.1", help="address to bind (default: %(default)s, this machine only)"
+    )
+    parser.add_argument(
+        "--port", type=int, default=8000, help="port (default: %(default)s; 0 picks a free one)"
+    )
+    parser.add_argument(
+        "--api-key-env",
+        metavar="VAR",
+        help="require 'Authorization: Bearer <key>' where <key> is the value of this environment variable",
+    )
+    parser.add_argument(
+        "--max-queue", type=int, default=4, help="requests that may wait behind the running one; more get 429"
+    )
+    parser.add_argument(
+        "--image-dir",
+        type=Path,
+        help="allow image_url to name files (paths or file:// URLs) under this folder",
+    )
+    parser.add_argument(
+        "--allow-http-images",
+        action="store_true",
+        help="allow image_url to be an http(s) URL the server fetches",
+    )
+    parser.add_argument(
+        "--max-request-mb", type=float, help="largest request body (default: 4 images at the limit)"
+    )
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the server until interrupted."""
+    parser = _parser()
+    args = parser.parse_args(argv)
+    api_key = None
+    if args.api_key_env:
+        api_key = os.environ.get(args.api_key_env)
+        if not api_key:
+            parser.error(f"--api-key-env {args.api_key_env}: that environment variable is empty or unset")
+    if args.image_dir is not None and not args.image_dir.is_dir():
+        parser.error(f"--image-dir {args.image_dir}: not a folder")
+    if api_key is None and not _is_loopback(args.host):
+        logger.warning("serving on %s without an API key: anyone who can reach it can use it", args.host)
+
+    cfg = load_eval_config(args.cfg_path, args.options)
+    chat = load_chat(args.cfg_path, device=args.device, overrides=args.options)
+    app = create_app(
+        chat,
+        max_image_bytes=cfg.max_image_bytes,
+        api_key=api_key,
+        max_queue=args.max_queue,
+        local_image_dir=args.image_dir,
+        allow_http_images=args.allow_http_images,
+        max_request_bytes=int(args.max_request_mb * 2**20) if args.max_request_mb else None,
+    )
+    uvicorn.run(app, host=args.host, port=args.port, log_level="info")
+    return 0
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False

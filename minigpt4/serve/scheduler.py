@@ -1,0 +1,116 @@
+"""One model, many requests: a single worker thread behind a bounded queue.
+
+The model is shared, so its work runs one job at a time on one thread, and the event loop only
+waits. At most `max_waiting` jobs wait behind the running one; `submit` refuses more with
+`Overloaded`, which the app answers with 429 and a Retry-After estimated from recent job times.
+A job sends its results back as events; cancelling it (client gone) removes it from the queue, or
+tells the running job to stop at its next step.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any
+
+from minigpt4.errors import InputError
+
+logger = logging.getLogger(__name__)
+
+
+class Overloaded(Exception):
+    def __init__(self, retry_after_s: int) -> None:
+        super().__init__(f"the server is busy; retry in {retry_after_s} s")
+        self.retry_after_s = retry_after_s
+
+
+class Failed:
+    """The event a job ends with when its work raised."""
+
+    def __init__(self, error: Exception) -> None:
+        self.error = error
+
+
+class Job:
+    """A handle on one piece of work: the worker `emit`s events, the event loop `await`s them."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        self._events: asyncio.Queue[Any] = asyncio.Queue()
+        self._cancelled = threading.Event()
+        self.future: Future[None] | None = None
+
+    @property
+    def cancelled(self) -> bool:
+        return self._cancelled.is_set()
+
+    def emit(self, event: Any) -> None:
+        """Called on the worker thread."""
+        self._loop.call_soon_threadsafe(self._events.put_nowait, event)
+
+    async def next_event(self) -> Any:
+        return await self._events.get()
+
+    def cancel(self) -> None:
+        self._cancelled.set()
+        if self.future is not None:
+            self.future.cancel()  # drops the job if it has not started yet
+
+
+class Scheduler:
+    """Runs `work(job)` calls one at a time on a worker thread, with at most `max_waiting` queued."""
+
+    def __init__(self, max_waiting: int) -> None:
+        if max_waiting < 0:
+            raise ValueError(f"max_waiting must be >= 0, got {max_waiting}")
+        self.capacity = 1 + max_waiting
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="minigpt4-serve")
+        self._lock = threading.Lock()
+        self._admitted = 0
+        self._running = 0
+        self._mean_job_s = 1.0  # a moving average; only Retry-After uses it
+
+    def status(self) -> dict[str, int]:
+        with self._lock:
+            return {"running": self._running, "waiting": self._admitted - self._running}
+
+    def retry_after_s(self) -> int:
+        return max(1, math.ceil(self._mean_job_s))
+
+    def submit(self, work: Callable[[Job], None]) -> Job:
+        """Queue `work`; raises Overloaded when the queue is full. Call from the event loop."""
+        with self._lock:
+            if self._admitted >= self.capacity:
+                raise Overloaded(self.retry_after_s())
+            self._admitted += 1
+        job = Job(asyncio.get_running_loop())
+        job.future = self._executor.submit(self._run, work, job)
+        job.future.add_done_callback(self._release)
+        return job
+
+    def shutdown(self) -> None:
+        self._executor.shutdown(wait=True, cancel_futures=True)
+
+    def _run(self, work: Callable[[Job], None], job: Job) -> None:
+        with self._lock:
+            self._running += 1
+        start = time.monotonic()
+        try:
+            work(job)
+        except Exception as e:
+            if not isinstance(e, InputError):
+                logger.exception("request failed")
+            job.emit(Failed(e))
+        finally:
+            with self._lock:
+                self._running -= 1
+                self._mean_job_s = 0.8 * self._mean_job_s + 0.2 * (time.monotonic() - start)
+
+    def _release(self, _future: object) -> None:
+        with self._lock:
+            self._admitted -= 1

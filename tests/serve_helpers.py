@@ -1,0 +1,114 @@
+"""Helpers for the server tests: a live uvicorn server in a thread, and Chat wrappers that record
+or hold back what the server asks of the engine."""
+
+from __future__ import annotations
+
+import io
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import uvicorn
+from fastapi import FastAPI
+from PIL import Image
+
+
+@contextmanager
+def running(app: FastAPI) -> Iterator[str]:
+    """Serve `app` on a free port of 127.0.0.1 for the duration; yields the base URL."""
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 10
+    while not server.started:
+        if not thread.is_alive() or time.monotonic() > deadline:
+            raise RuntimeError("the test server did not start")
+        time.sleep(0.01)
+    port = server.servers[0].sockets[0].getsockname()[1]
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
+
+
+def png_bytes(color: tuple[int, int, int], size: tuple[int, int] = (32, 24)) -> bytes:
+    buffer = io.BytesIO()
+    Image.new("RGB", size, color).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def wait_until(condition: Any, timeout_s: float = 5.0) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.02)
+    return True
+
+
+class ChatProxy:
+    """Passes everything to a real Chat; subclasses override what they watch."""
+
+    def __init__(self, chat: Any) -> None:
+        self.chat = chat
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.chat, name)
+
+
+class RecordingChat(ChatProxy):
+    """Records how each session is built (images, user and assistant turns) and the generation params."""
+
+    def __init__(self, chat: Any) -> None:
+        super().__init__(chat)
+        self.calls: list[tuple[str, Any]] = []
+        self.params: Any = None
+
+    def upload_image(self, session: Any, image: bytes) -> None:
+        self.calls.append(("image", image))
+        self.chat.upload_image(session, image)
+
+    def ask(self, session: Any, text: str) -> None:
+        self.calls.append(("user", text))
+        self.chat.ask(session, text)
+
+    def add_answer(self, session: Any, text: str) -> None:
+        self.calls.append(("assistant", text))
+        self.chat.add_answer(session, text)
+
+    def stream_answer(self, session: Any, params: Any = None, **overrides: Any) -> Iterator[str]:
+        self.params = params
+        return self.chat.stream_answer(session, params, **overrides)
+
+
+class GatedChat(ChatProxy):
+    """Holds every answer back until `gate` is set, so a test can fill the queue at its own pace."""
+
+    def __init__(self, chat: Any) -> None:
+        super().__init__(chat)
+        self.gate = threading.Event()
+
+    def stream_answer(self, session: Any, params: Any = None, **overrides: Any) -> Iterator[str]:
+        self.gate.wait(timeout=30)
+        yield from self.chat.stream_answer(session, params, **overrides)
+
+
+class EndlessChat(ChatProxy):
+    """Answers with a piece every 10 ms until the server closes the generator (or 30 s pass)."""
+
+    def __init__(self, chat: Any) -> None:
+        super().__init__(chat)
+        self.pieces = 0
+        self.closed = threading.Event()
+
+    def stream_answer(self, session: Any, params: Any = None, **overrides: Any) -> Iterator[str]:
+        try:
+            for _ in range(3000):
+                self.pieces += 1
+                yield "tick "
+                time.sleep(0.01)
+        finally:
+            self.closed.set()
