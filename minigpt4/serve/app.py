@@ -25,8 +25,9 @@ from pydantic import BaseModel
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from minigpt4.chat import Chat, GenerationParams
+from minigpt4.chat import Chat, ChatSession
 from minigpt4.errors import InputError
+from minigpt4.generation import GenerationParams
 from minigpt4.serve.messages import ImagePolicy, Turn, fetch_images, replay, to_turns
 from minigpt4.serve.protocol import (
     APIError,
@@ -62,7 +63,7 @@ class Finished:
 def create_app(
     chat: Chat,
     *,
-    max_image_bytes: int,
+    max_image_bytes: int | None = None,
     api_key: str | None = None,
     max_queue: int = 4,
     local_image_dir: Path | None = None,
@@ -73,9 +74,15 @@ def create_app(
 
     `max_queue` requests may wait behind the running one; more get 429. With `api_key`, every /v1
     request needs `Authorization: Bearer <api_key>`. Images come as data: URLs; file paths under
-    `local_image_dir` and http(s) URLs only when enabled. Request bodies are capped at
-    `max_request_bytes` (default: four images at the byte limit, base64-encoded).
+    `local_image_dir` and http(s) URLs only when enabled. Images are capped at `max_image_bytes`
+    (default: the preset's limit) and request bodies at `max_request_bytes` (default: four images
+    at the byte limit, base64-encoded).
     """
+    if not chat.kv_reuse:
+        raise ValueError(
+            "the server reads token counts from the KV cache record: build the Chat with kv_reuse=True"
+        )
+    max_image_bytes = max_image_bytes or chat.max_image_bytes
     model_name = chat.preset_name
     started = now()
     scheduler = Scheduler(max_waiting=max_queue)
@@ -104,8 +111,8 @@ def create_app(
         _check_model(model_id, model_name)
         return ModelCard(id=model_name, created=started)
 
-    @v1.post("/chat/completions", response_model=None)
-    async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response | ChatCompletion:
+    @v1.post("/chat/completions", response_model=None, responses={200: {"model": ChatCompletion}})
+    async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
         _check_model(body.model, model_name)
         params = _generation_params(chat.defaults, body)
         turns = to_turns(body.messages)
@@ -123,9 +130,9 @@ def create_app(
         # The first event comes after the prompt is encoded, so bad input still gets a 4xx status.
         first = await _next_event(job, request)
         if first is None:
-            return Response(status_code=499)  # nobody is listening
+            return Response(status_code=499)  # the client has gone; nobody reads this
         if isinstance(first, Failed):
-            raise first.error
+            return _error_response(_api_error(first.error))
         meta = _Meta(completion_id(), now(), model_name)
         if body.stream:
             include_usage = body.stream_options is not None and body.stream_options.include_usage
@@ -134,24 +141,7 @@ def create_app(
                 media_type="text/event-stream",
                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
             )
-        pieces: list[str] = []
-        event = first
-        while isinstance(event, str):
-            pieces.append(event)
-            event = await _next_event(job, request)
-        if event is None:
-            return Response(status_code=499)
-        if isinstance(event, Failed):
-            raise event.error
-        return ChatCompletion(
-            id=meta.id,
-            created=meta.created,
-            model=meta.model,
-            choices=[
-                Choice(message=AssistantMessage(content="".join(pieces)), finish_reason=event.finish_reason)
-            ],
-            usage=event.usage,
-        )
+        return await _whole_answer(job, first, meta, request)
 
     app.include_router(v1)
     return app
@@ -178,7 +168,7 @@ def _sse_event(payload: BaseModel | dict[str, object]) -> str:
     return f"data: {data}\n\n"
 
 
-async def _sse(job: Job, first: object, meta: _Meta, include_usage: bool) -> AsyncIterator[str]:
+async def _sse(job: Job, first: str | Finished, meta: _Meta, include_usage: bool) -> AsyncIterator[str]:
     """OpenAI's chunk stream: the role, the text pieces, the finish reason, [usage,] [DONE]."""
     try:
         yield meta.chunk(Delta(role="assistant", content=""))
@@ -195,6 +185,25 @@ async def _sse(job: Job, first: object, meta: _Meta, include_usage: bool) -> Asy
         yield "data: [DONE]\n\n"
     finally:
         job.cancel()  # the client left (or all is sent): stop generating
+
+
+async def _whole_answer(job: Job, first: str | Finished, meta: _Meta, request: Request) -> Response:
+    """Wait for all the pieces, then send the answer as one `chat.completion` body."""
+    pieces: list[str] = []
+    event: object = first
+    while isinstance(event, str):
+        pieces.append(event)
+        event = await _next_event(job, request)
+    if event is None:
+        return Response(status_code=499)
+    if isinstance(event, Failed):
+        return _error_response(_api_error(event.error))
+    assert isinstance(event, Finished)
+    choice = Choice(message=AssistantMessage(content="".join(pieces)), finish_reason=event.finish_reason)
+    completion = ChatCompletion(
+        id=meta.id, created=meta.created, model=meta.model, choices=[choice], usage=event.usage
+    )
+    return Response(completion.model_dump_json(), media_type="application/json")
 
 
 async def _next_event(job: Job, request: Request) -> object | None:
@@ -224,12 +233,22 @@ def _generate(chat: Chat, turns: Sequence[Turn], params: GenerationParams, job: 
     job.emit(_finished(chat, session, params))
 
 
-def _finished(chat: Chat, session: object, params: GenerationParams) -> Finished:
-    return Finished("length", Usage.of(0, 0))
+def _finished(chat: Chat, session: ChatSession, params: GenerationParams) -> Finished:
+    """Token counts and why the answer ended, read from the session after the answer.
+
+    The session is fresh, so its one prefill was the whole prompt; with KV reuse and one beam the
+    session's cache record holds the prompt and every answer token generated (re-tokenizing the
+    answer's text would not give that count back).
+    """
+    prompt = session.last_prefill_tokens
+    completion = len(session.cache_atoms) - prompt
+    room = min(params.max_new_tokens, chat.max_context_tokens - prompt)
+    return Finished("length" if completion >= room else "stop", Usage.of(prompt, completion))
 
 
 def _generation_params(defaults: GenerationParams, body: ChatCompletionRequest) -> GenerationParams:
-    changes: dict[str, object] = {}
+    """The preset's decoding settings with the request's changes; temperature 0 means greedy."""
+    changes: dict[str, object] = {"num_beams": 1}  # streaming needs one beam; OpenAI's API has no beams
     if body.temperature == 0:
         changes["do_sample"] = False
     elif body.temperature is not None:
@@ -240,7 +259,10 @@ def _generation_params(defaults: GenerationParams, body: ChatCompletionRequest) 
         changes["max_new_tokens"] = body.token_limit
     if body.stop_strings:
         changes["stop"] = body.stop_strings
-    return dataclasses.replace(defaults, **changes)
+    try:
+        return dataclasses.replace(defaults, **changes)
+    except ValueError as e:
+        raise APIError(400, str(e)) from e
 
 
 def _check_model(requested: str, served: str) -> None:

@@ -11,7 +11,6 @@ from pathlib import Path
 import uvicorn
 
 from minigpt4.chat import load_chat
-from minigpt4.config import load_eval_config
 from minigpt4.serve.app import create_app
 
 logger = logging.getLogger(__name__)
@@ -73,11 +72,9 @@ def main(argv: list[str] | None = None) -> int:
     if api_key is None and not _is_loopback(args.host):
         logger.warning("serving on %s without an API key: anyone who can reach it can use it", args.host)
 
-    cfg = load_eval_config(args.cfg_path, args.options)
     chat = load_chat(args.cfg_path, device=args.device, overrides=args.options)
     app = create_app(
         chat,
-        max_image_bytes=cfg.max_image_bytes,
         api_key=api_key,
         max_queue=args.max_queue,
         local_image_dir=args.image_dir,

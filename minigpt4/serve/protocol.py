@@ -53,7 +53,6 @@ class TextPart(BaseModel):
 
 class ImageURL(BaseModel):
     url: str
-    detail: Literal["auto", "low", "high"] | None = None
 
 
 class ImagePart(BaseModel):
@@ -67,7 +66,6 @@ ContentPart = Annotated[TextPart | ImagePart, Field(discriminator="type")]
 class ChatMessage(BaseModel):
     role: Literal["system", "developer", "user", "assistant"]
     content: str | list[ContentPart]
-    name: str | None = None
 
 
 class StreamOptions(BaseModel):
@@ -145,11 +143,16 @@ class Choice(BaseModel):
     logprobs: None = None
 
 
-class ChatCompletion(BaseModel):
+class _Answer(BaseModel):
+    """What an answer and each chunk of a streamed answer have in common."""
+
     id: str
-    object: Literal["chat.completion"] = "chat.completion"
     created: int
     model: str
+
+
+class ChatCompletion(_Answer):
+    object: Literal["chat.completion"] = "chat.completion"
     choices: list[Choice]
     usage: Usage
 
@@ -166,11 +169,8 @@ class ChunkChoice(BaseModel):
     logprobs: None = None
 
 
-class ChatCompletionChunk(BaseModel):
-    id: str
+class ChatCompletionChunk(_Answer):
     object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
-    created: int
-    model: str
     choices: list[ChunkChoice]
     usage: Usage | None = Field(None, exclude_if=_omit_none)
 
