@@ -10,7 +10,7 @@ from pathlib import Path
 
 import uvicorn
 
-from minigpt4.chat import load_chat
+from minigpt4.commands.common import add_model_args, chat_from_args
 from minigpt4.serve.app import create_app
 
 logger = logging.getLogger(__name__)
@@ -21,13 +21,7 @@ def _parser() -> argparse.ArgumentParser:
         prog="python -m minigpt4 serve",
         description="Serve a MiniGPT-4 preset over OpenAI's chat-completions API (POST /v1/chat/completions).",
     )
-    parser.add_argument(
-        "--cfg-path", help="eval preset name or YAML path (default: the embedded lite preset)"
-    )
-    parser.add_argument(
-        "--options", nargs="+", default=[], metavar="KEY=VALUE", help="config overrides, e.g. model.seed=1"
-    )
-    parser.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
+    add_model_args(parser)
     parser.add_argument(
         "--host", default="127.0.0.1", help="address to bind (default: %(default)s, this machine only)"
     )
@@ -72,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
     if api_key is None and not _is_loopback(args.host):
         logger.warning("serving on %s without an API key: anyone who can reach it can use it", args.host)
 
-    chat = load_chat(args.cfg_path, device=args.device, overrides=args.options)
+    chat = chat_from_args(args)
     app = create_app(
         chat,
         api_key=api_key,
