@@ -38,7 +38,7 @@ class ImagePolicy:
 
 
 @dataclass
-class Image:
+class ImageRef:
     """One image of a turn: where it was named (for error messages), its URL, then its bytes."""
 
     where: str
@@ -51,7 +51,7 @@ class Turn:
     role: Literal["user", "assistant"]
     where: str
     texts: list[str] = field(default_factory=list)
-    images: list[Image] = field(default_factory=list)
+    images: list[ImageRef] = field(default_factory=list)
 
     @property
     def text(self) -> str:
@@ -84,7 +84,7 @@ def to_turns(messages: Sequence[ChatMessage]) -> list[Turn]:
             elif isinstance(part, ImagePart):
                 if message.role == "assistant":
                     raise MessageError(f"{where}: an assistant message cannot hold images")
-                turn.images.append(Image(f"{where}.content[{j}]", part.image_url.url))
+                turn.images.append(ImageRef(f"{where}.content[{j}]", part.image_url.url))
             else:
                 turn.texts.append(part.text)
     if not turns or turns[-1].role != "user" or system:
