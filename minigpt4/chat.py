@@ -45,6 +45,9 @@ class ChatSession:
         self.generator = torch.Generator().manual_seed(random.randrange(2**31))
         self.busy = threading.Lock()
         self.last_prefill_tokens = 0  # positions the last answer had to prefill (KV reuse saves the rest)
+        self.last_prompt_tokens = 0  # positions of the last answer's whole prompt, images included
+        self.last_answer_tokens = 0  # tokens the last answer generated (a stop token counted)
+        self.last_finish_reason = ""  # "stop" (stop token or string) or "length" (max_new_tokens)
 
     @property
     def history(self) -> list[tuple[str, str]]:
@@ -218,10 +221,12 @@ class Chat:
             self.tokenizer, self.stop_strings + list(params.stop), self.template.strip_prefixes
         )
         llm = self.model.llm
+        session.last_prompt_tokens = len(ids)
+        session.last_answer_tokens, session.last_finish_reason = 0, "length"
         if params.num_beams > 1:
             session.cache, session.cache_atoms = None, []
             session.last_prefill_tokens = len(atoms)
-            yield from self._beam_search(embeds, params, stream)
+            yield from self._beam_search(session, embeds, params, stream)
             session.conversation.add_assistant(stream.sent)
             return
         prefix = _common_prefix(session.cache_atoms, atoms) if self.kv_reuse and session.cache else 0
@@ -237,13 +242,16 @@ class Chat:
             for token in decode_tokens(
                 llm, out.logits[0, -1], cache, params, self.stop_ids, session.generator
             ):
+                session.last_answer_tokens += 1
                 if token in self.stop_ids:
+                    session.last_finish_reason = "stop"
                     break
                 fed.append(token)
                 piece = stream.add(token)
                 if piece:
                     yield piece
                 if stream.stopped:
+                    session.last_finish_reason = "stop"
                     break
             if not stream.stopped:
                 piece = stream.finish()
@@ -255,7 +263,7 @@ class Chat:
                 session.cache, session.cache_atoms = cache, fed
 
     def _beam_search(
-        self, embeds: torch.Tensor, params: GenerationParams, stream: StreamText
+        self, session: ChatSession, embeds: torch.Tensor, params: GenerationParams, stream: StreamText
     ) -> Iterator[str]:
         """Beam search through `generate` (full prefill, the answer comes at once)."""
         output = self.model.llm.generate(
@@ -274,10 +282,13 @@ class Chat:
         )
         text = ""
         for token in output[0].tolist():
+            session.last_answer_tokens += 1
             if token in self.stop_ids:
+                session.last_finish_reason = "stop"
                 break
             text += stream.add(token)
             if stream.stopped:
+                session.last_finish_reason = "stop"
                 break
         if not stream.stopped:
             text += stream.finish()

@@ -181,3 +181,15 @@ def test_stream_without_stop_string_keeps_all_text(tiny_chat):
     text = "".join(stream.add(t) for t in tok(" A dog ## runs ", add_special_tokens=False).input_ids)
     text += stream.finish()
     assert text == "A dog ## runs" and not stream.stopped
+
+
+def test_sessions_record_token_counts_and_why_the_answer_ended(tiny_chat, photo):
+    session = _start(tiny_chat, photo)
+    prompt_len = len(tiny_chat.model.tokenize_prompt(session.conversation.render(tiny_chat.tokenizer), 1))
+    full = tiny_chat.answer(session, do_sample=False, max_new_tokens=8)
+    assert (session.last_prompt_tokens, session.last_answer_tokens) == (prompt_len, 8)
+    assert session.last_finish_reason == "length"
+    again = _start(tiny_chat, photo)
+    cut = tiny_chat.answer(again, do_sample=False, max_new_tokens=8, stop=(full[-3:],))
+    assert again.last_finish_reason == "stop" and again.last_answer_tokens <= 8
+    assert full.startswith(cut) and len(cut) < len(full)

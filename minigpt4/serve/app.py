@@ -78,10 +78,6 @@ def create_app(
     (default: the preset's limit) and request bodies at `max_request_bytes` (default: four images
     at the byte limit, base64-encoded).
     """
-    if not chat.kv_reuse:
-        raise ValueError(
-            "the server reads token counts from the KV cache record: build the Chat with kv_reuse=True"
-        )
     max_image_bytes = max_image_bytes or chat.max_image_bytes
     model_name = chat.preset_name
     started = now()
@@ -230,20 +226,15 @@ def _generate(chat: Chat, turns: Sequence[Turn], params: GenerationParams, job: 
                 job.emit(piece)
     finally:
         pieces.close()  # stops generation when the client has gone
-    job.emit(_finished(chat, session, params))
+    job.emit(_finished(session))
 
 
-def _finished(chat: Chat, session: ChatSession, params: GenerationParams) -> Finished:
-    """Token counts and why the answer ended, read from the session after the answer.
-
-    The session is fresh, so its one prefill was the whole prompt; with KV reuse and one beam the
-    session's cache record holds the prompt and every answer token generated (re-tokenizing the
-    answer's text would not give that count back).
-    """
-    prompt = session.last_prefill_tokens
-    completion = len(session.cache_atoms) - prompt
-    room = min(params.max_new_tokens, chat.max_context_tokens - prompt)
-    return Finished("length" if completion >= room else "stop", Usage.of(prompt, completion))
+def _finished(session: ChatSession) -> Finished:
+    """Token counts and why the answer ended, as the engine recorded them on the session."""
+    return Finished(
+        session.last_finish_reason or "stop",
+        Usage.of(session.last_prompt_tokens, session.last_answer_tokens),
+    )
 
 
 def _generation_params(defaults: GenerationParams, body: ChatCompletionRequest) -> GenerationParams:
