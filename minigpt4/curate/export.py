@@ -64,7 +64,9 @@ def export(work: WorkDir, out: Path, include_undecided: bool = False) -> list[di
     """Write the `cc_sbu_align` folder; returns its annotations."""
     chosen = approved_captions(work, include_undecided)
     if not chosen:
-        hint = "approve some in `curate review`" + ("" if include_undecided else " or pass --include-undecided")
+        hint = "approve some in `curate review`" + (
+            "" if include_undecided else " or pass --include-undecided"
+        )
         raise CurateError(f"no records to export: {hint}")
     image_dir = out / "image"
     image_dir.mkdir(parents=True, exist_ok=True)
@@ -78,7 +80,9 @@ def export(work: WorkDir, out: Path, include_undecided: bool = False) -> list[di
     os.replace(tmp, out / "filter_cap.json")
     extra = {p.stem for p in image_dir.glob("*.jpg")} - {r["image_id"] for r in annotations}
     if extra:
-        log.info("%d images in %s are no longer approved; filter_cap.json leaves them out", len(extra), image_dir)
+        log.info(
+            "%d images in %s are no longer approved; filter_cap.json leaves them out", len(extra), image_dir
+        )
     return annotations
 
 
@@ -88,7 +92,9 @@ def pipeline_summary(work: WorkDir, exported: int) -> list[tuple[str, int, int, 
     refined = latest_by_id(read_jsonl(work.refine)).values()
     judged = latest_by_id(read_jsonl(work.filter)).values()
     ids_passed = {r["image_id"] for r in judged if r["passed"]}
-    decided = [r["decision"] for r in latest_by_id(read_jsonl(work.review)).values() if r["image_id"] in ids_passed]
+    decided = [
+        r["decision"] for r in latest_by_id(read_jsonl(work.review)).values() if r["image_id"] in ids_passed
+    ]
     described = sum("raw" in r for r in generated)
     n_refined = sum("refined" in r for r in refined)
     approved, rejected = decided.count("approved"), decided.count("rejected")
@@ -96,7 +102,12 @@ def pipeline_summary(work: WorkDir, exported: int) -> list[tuple[str, int, int, 
         ("generate", len(generated), described, f"{len(generated) - described} unreadable"),
         ("refine", described, n_refined, f"{len(refined) - n_refined} refused by the server"),
         ("filter", len(judged), len(ids_passed), f"{len(judged) - len(ids_passed)} rejected by rules"),
-        ("review", len(ids_passed), approved, f"{rejected} rejected, {len(ids_passed) - approved - rejected} undecided"),
+        (
+            "review",
+            len(ids_passed),
+            approved,
+            f"{rejected} rejected, {len(ids_passed) - approved - rejected} undecided",
+        ),
         ("export", exported, exported, ""),
     ]
 
@@ -109,8 +120,11 @@ def format_pipeline_summary(rows: list[tuple[str, int, int, str]]) -> str:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", required=True, type=Path, help="the cc_sbu_align folder to write")
-    parser.add_argument("--include-undecided", action="store_true",
-                        help="also export records that passed the filter and were not reviewed (skips the manual check)")
+    parser.add_argument(
+        "--include-undecided",
+        action="store_true",
+        help="also export records that passed the filter and were not reviewed (skips the manual check)",
+    )
 
 
 def run(args: argparse.Namespace, work: WorkDir) -> int:
@@ -119,4 +133,3 @@ def run(args: argparse.Namespace, work: WorkDir) -> int:
     print(format_pipeline_summary(pipeline_summary(work, len(annotations))))
     print(f"export: {len(annotations)} image-text pairs → {args.out}")
     return 0
-

@@ -17,15 +17,14 @@ from typing import Any
 from minigpt4.curate.records import JsonlWriter, WorkDir, count_words, latest_by_id, read_jsonl
 
 # The most frequent English words: prose has 35–55% of them, captions-style descriptions about 40%.
-COMMON_ENGLISH = frozenset(
-    """a about above across after against along among an and any are around as at away back be
+_COMMON_WORDS = """a about above across after against along among an and any are around as at away back be
     been before behind being below beneath beside between both but by can could down during each
     either for from front has have he her here his holding how i in inside into is it its like
     looks may might more most near next of off on one onto or other out outside over she side
     some such than that the their them there these they this those through to top toward towards
     two under up upon very was wearing were what when where which while who with within without
-    would you""".split()
-)
+    would you"""
+COMMON_ENGLISH = frozenset(_COMMON_WORDS.split())
 TEMPLATE_TOKENS = re.compile(
     r"###|\b(?:Assistant|Human|USER|ASSISTANT)\s*:|</?Img>|<ImageHere>|<ImageFeature>|</?s>|"
     r"\[/?INST\]|<<\/?SYS>>|<\|[^|<>]{1,40}\|>|<unk>|<pad>"
@@ -127,7 +126,9 @@ def reason_name(reason: str) -> str:
 
 def filter_records(work: WorkDir, settings: FilterSettings) -> dict[str, Any]:
     """Judge every refined record whose text or settings changed; returns the summary of all records."""
-    refined = [r for r in latest_by_id(read_jsonl(work.require(work.refine, "refine"))).values() if "refined" in r]
+    refined = [
+        r for r in latest_by_id(read_jsonl(work.require(work.refine, "refine"))).values() if "refined" in r
+    ]
     judged = latest_by_id(read_jsonl(work.filter))
     wanted = asdict(settings)
     with JsonlWriter(work.filter) as out:
@@ -136,19 +137,32 @@ def filter_records(work: WorkDir, settings: FilterSettings) -> dict[str, Any]:
             if previous and previous["text"] == record["refined"] and previous["settings"] == wanted:
                 continue
             reasons = judge(record["refined"], settings)
-            result = {"image_id": record["image_id"], "text": record["refined"], "passed": not reasons,
-                      "reasons": reasons, "settings": wanted}
+            result = {
+                "image_id": record["image_id"],
+                "text": record["refined"],
+                "passed": not reasons,
+                "reasons": reasons,
+                "settings": wanted,
+            }
             out.write(result)
             judged[record["image_id"]] = result
     current = [judged[r["image_id"]] for r in refined]
     per_reason = Counter(reason_name(reason) for r in current for reason in r["reasons"])
-    return {"total": len(current), "passed": sum(r["passed"] for r in current), "per_reason": dict(per_reason)}
+    return {
+        "total": len(current),
+        "passed": sum(r["passed"] for r in current),
+        "per_reason": dict(per_reason),
+    }
 
 
 def format_summary(summary: dict[str, Any]) -> str:
     """A plain-text table: records rejected per reason, then the totals."""
     rows = sorted(summary["per_reason"].items(), key=lambda kv: (-kv[1], kv[0]))
-    rows += [("rejected", summary["total"] - summary["passed"]), ("passed", summary["passed"]), ("total", summary["total"])]
+    rows += [
+        ("rejected", summary["total"] - summary["passed"]),
+        ("passed", summary["passed"]),
+        ("total", summary["total"]),
+    ]
     width = max(len(name) for name, _ in rows)
     lines = [f"{'reason':<{width}}  count", f"{'-' * width}  -----"]
     lines += [f"{name:<{width}}  {count:>5}" for name, count in rows]
@@ -159,19 +173,36 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     d = FilterSettings()
     parser.add_argument("--min-words", type=int, default=d.min_words)
     parser.add_argument("--max-words", type=int, default=d.max_words)
-    parser.add_argument("--min-common-ratio", type=float, default=d.min_common_ratio,
-                        help="reject as non-English below this share of frequent English words")
-    parser.add_argument("--max-foreign-letters", type=float, default=d.max_foreign_letters,
-                        help="reject as non-English above this share of letters outside a–z")
+    parser.add_argument(
+        "--min-common-ratio",
+        type=float,
+        default=d.min_common_ratio,
+        help="reject as non-English below this share of frequent English words",
+    )
+    parser.add_argument(
+        "--max-foreign-letters",
+        type=float,
+        default=d.max_foreign_letters,
+        help="reject as non-English above this share of letters outside a–z",
+    )
     parser.add_argument("--ngram", type=int, default=d.ngram, help="n of the repeated n-gram check")
-    parser.add_argument("--max-ngram-repeats", type=int, default=d.max_ngram_repeats,
-                        help="reject when one n-gram appears more often than this")
+    parser.add_argument(
+        "--max-ngram-repeats",
+        type=int,
+        default=d.max_ngram_repeats,
+        help="reject when one n-gram appears more often than this",
+    )
 
 
 def run(args: argparse.Namespace, work: WorkDir) -> int:
     """`curate filter`: rule checks with reasons, and a table of counts per reason."""
     settings = FilterSettings(
-        args.min_words, args.max_words, args.min_common_ratio, args.max_foreign_letters, args.ngram, args.max_ngram_repeats
+        args.min_words,
+        args.max_words,
+        args.min_common_ratio,
+        args.max_foreign_letters,
+        args.ngram,
+        args.max_ngram_repeats,
     )
     print(format_summary(filter_records(work, settings)))
     return 0

@@ -109,17 +109,34 @@ def _write_once(path: Path, data: bytes) -> None:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("source", help="a folder of images, or webdataset shards (a .tar, a folder of them, a {000..009} pattern)")
-    parser.add_argument("--preset", default=None, help="model preset name or eval-config path (default: the embedded one)")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a preset key, e.g. model.projection.checkpoint=stage1.safetensors")
+    parser.add_argument(
+        "source",
+        help="a folder of images, or webdataset shards (a .tar, a folder of them, a {000..009} pattern)",
+    )
+    parser.add_argument(
+        "--preset", default=None, help="model preset name or eval-config path (default: the embedded one)"
+    )
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a preset key, e.g. model.projection.checkpoint=stage1.safetensors",
+    )
     parser.add_argument("--device", default=None, help="cpu, cuda, … (default: cuda when available)")
-    parser.add_argument("--min-words", type=int, default=80, help="ask 'Continue' while the answer is shorter (paper: 80)")
-    parser.add_argument("--max-rounds", type=int, default=3, help="at most this many answers per image, 'Continue' included")
+    parser.add_argument(
+        "--min-words", type=int, default=80, help="ask 'Continue' while the answer is shorter (paper: 80)"
+    )
+    parser.add_argument(
+        "--max-rounds", type=int, default=3, help="at most this many answers per image, 'Continue' included"
+    )
     parser.add_argument("--max-new-tokens", type=int, default=None, help="per answer (default: the preset's)")
     parser.add_argument("--temperature", type=float, default=None, help="default: the preset's")
     parser.add_argument("--num-beams", type=int, default=None, help="default: the preset's")
-    parser.add_argument("--limit", type=int, default=None, help="describe at most this many new images in this run")
+    parser.add_argument(
+        "--limit", type=int, default=None, help="describe at most this many new images in this run"
+    )
 
 
 def run(args: argparse.Namespace, work: WorkDir) -> int:

@@ -104,7 +104,9 @@ class OpenAIChatClient:
                     return _reply_text(response), attempt
                 problem = f"HTTP {response.status_code}: {response.text[:300]}"
                 if response.status_code in FATAL_STATUS:
-                    raise CurateError(f"{response.request.url} answered {problem}; check --base-url, --model and the API key")
+                    raise CurateError(
+                        f"{response.request.url} answered {problem}; check --base-url, --model and the API key"
+                    )
                 if response.status_code != 429 and response.status_code < 500:
                     raise ItemError(problem)
                 retry_after = response.headers.get("retry-after")
@@ -152,7 +154,9 @@ class LocalChatModel:
         if self.tokenizer.pad_token is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
         dtype = torch.float32 if self.device == "cpu" else torch.float16
-        self.model = AutoModelForCausalLM.from_pretrained(model, gguf_file=gguf_file, dtype=dtype).to(self.device)
+        self.model = AutoModelForCausalLM.from_pretrained(model, gguf_file=gguf_file, dtype=dtype).to(
+            self.device
+        )
         self.model.eval()
         self.generation = {"max_new_tokens": max_new_tokens, "do_sample": bool(temperature)}
         if temperature:
@@ -162,9 +166,12 @@ class LocalChatModel:
         import torch
 
         prompts = [
-            self.tokenizer.apply_chat_template(c, add_generation_prompt=True, tokenize=False) for c in conversations
+            self.tokenizer.apply_chat_template(c, add_generation_prompt=True, tokenize=False)
+            for c in conversations
         ]
-        batch = self.tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(self.device)
+        batch = self.tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(
+            self.device
+        )
         with torch.inference_mode():
             out = self.model.generate(**batch, **self.generation, pad_token_id=self.tokenizer.pad_token_id)
         new_tokens = out[:, batch["input_ids"].shape[1] :]
@@ -173,7 +180,9 @@ class LocalChatModel:
 
 def pending_items(work: WorkDir, retry_failed: bool) -> list[dict[str, Any]]:
     """Generated descriptions that have no refinement of their current text yet."""
-    generated = [r for r in latest_by_id(read_jsonl(work.require(work.generate, "generate"))).values() if "raw" in r]
+    generated = [
+        r for r in latest_by_id(read_jsonl(work.require(work.generate, "generate"))).values() if "raw" in r
+    ]
     refined = latest_by_id(read_jsonl(work.refine))
     pending = []
     for record in generated:
@@ -202,7 +211,12 @@ async def refine_remote(
         nonlocal consecutive
         while not queue.empty():
             item = queue.get_nowait()
-            record = {"image_id": item["image_id"], "raw": item["raw"], "backend": "openai", "model": client.model}
+            record = {
+                "image_id": item["image_id"],
+                "raw": item["raw"],
+                "backend": "openai",
+                "model": client.model,
+            }
             try:
                 record["refined"], record["attempts"] = await client.complete(refine_messages(item["raw"]))
             except TransientError as e:
@@ -244,7 +258,13 @@ def refine_local(
             replies = model.complete_batch([refine_messages(item["raw"]) for item in batch])
             for item, reply in zip(batch, replies, strict=True):
                 out.write(
-                    {"image_id": item["image_id"], "raw": item["raw"], "refined": reply, "backend": "local", "model": model.name}
+                    {
+                        "image_id": item["image_id"],
+                        "raw": item["raw"],
+                        "refined": reply,
+                        "backend": "local",
+                        "model": model.name,
+                    }
                 )
             bar.update(len(batch))
     return {"refined": len(items), "failed": 0, "left_for_next_run": 0}
@@ -253,20 +273,33 @@ def refine_local(
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     where = parser.add_mutually_exclusive_group(required=True)
     where.add_argument("--base-url", help="an OpenAI-compatible API, e.g. http://127.0.0.1:8000/v1")
-    where.add_argument("--local-model", help="a transformers chat model: a folder or a hub id already in the cache")
+    where.add_argument(
+        "--local-model", help="a transformers chat model: a folder or a hub id already in the cache"
+    )
     parser.add_argument("--model", default="gpt-3.5-turbo", help="the model name sent to --base-url")
-    parser.add_argument("--api-key-env", default="OPENAI_API_KEY",
-                        help="environment variable holding the API key (none sent when unset)")
+    parser.add_argument(
+        "--api-key-env",
+        default="OPENAI_API_KEY",
+        help="environment variable holding the API key (none sent when unset)",
+    )
     parser.add_argument("--concurrency", type=int, default=4, help="requests in flight at once")
     parser.add_argument("--timeout", type=float, default=120.0, help="seconds per request")
     parser.add_argument("--max-attempts", type=int, default=6, help="tries per item on 429, 5xx and timeouts")
-    parser.add_argument("--backoff", type=float, default=1.0, help="seconds before the first retry; doubles each time")
-    parser.add_argument("--temperature", type=float, default=None, help="default: the server's / greedy locally")
+    parser.add_argument(
+        "--backoff", type=float, default=1.0, help="seconds before the first retry; doubles each time"
+    )
+    parser.add_argument(
+        "--temperature", type=float, default=None, help="default: the server's / greedy locally"
+    )
     parser.add_argument("--max-tokens", type=int, default=None, help="reply length cap (local default: 400)")
-    parser.add_argument("--gguf-file", default=None, help="with --local-model: the GGUF file inside that folder")
+    parser.add_argument(
+        "--gguf-file", default=None, help="with --local-model: the GGUF file inside that folder"
+    )
     parser.add_argument("--device", default=None, help="with --local-model: cpu, cuda, …")
     parser.add_argument("--batch-size", type=int, default=4, help="with --local-model: paragraphs per batch")
-    parser.add_argument("--retry-failed", action="store_true", help="try again the items recorded with an error")
+    parser.add_argument(
+        "--retry-failed", action="store_true", help="try again the items recorded with an error"
+    )
 
 
 def run(args: argparse.Namespace, work: WorkDir) -> int:
@@ -277,7 +310,11 @@ def run(args: argparse.Namespace, work: WorkDir) -> int:
         return 0
     with JsonlWriter(work.refine) as out:
         if args.base_url:
-            sampling = {k: v for k, v in (("temperature", args.temperature), ("max_tokens", args.max_tokens)) if v is not None}
+            sampling = {
+                k: v
+                for k, v in (("temperature", args.temperature), ("max_tokens", args.max_tokens))
+                if v is not None
+            }
             client = OpenAIChatClient(
                 args.base_url,
                 args.model,
@@ -288,7 +325,9 @@ def run(args: argparse.Namespace, work: WorkDir) -> int:
             )
             counts = asyncio.run(refine_remote(client, items, out, args.concurrency))
         else:
-            model = LocalChatModel(args.local_model, args.gguf_file, args.device, args.max_tokens or 400, args.temperature)
+            model = LocalChatModel(
+                args.local_model, args.gguf_file, args.device, args.max_tokens or 400, args.temperature
+            )
             counts = refine_local(model, items, out, args.batch_size)
     print(
         f"refine: {counts['refined']} refined, {counts['failed']} refused by the server, "

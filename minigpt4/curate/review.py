@@ -58,7 +58,9 @@ class ReviewStore:
             verdict = judged.get(image_id)
             if verdict is None or not (verdict["passed"] or include_filtered_out):
                 continue
-            self.items[image_id] = Item(image_id, gen["image"], gen["raw"], verdict["text"], tuple(verdict["reasons"]))
+            self.items[image_id] = Item(
+                image_id, gen["image"], gen["raw"], verdict["text"], tuple(verdict["reasons"])
+            )
         self.order = {image_id: i for i, image_id in enumerate(self.items)}
         self.decisions = {k: v for k, v in latest_by_id(read_jsonl(work.review)).items() if k in self.items}
         self._writer = JsonlWriter(work.review)
@@ -150,11 +152,11 @@ def build_review_app(store: ReviewStore) -> Any:
     def display(view: str, image_id: str | None) -> tuple:
         if image_id is None:
             empty = f"Nothing {view} here." if view != "all" else "No records."
-            return None, gr.update(value="", interactive=False), "", empty, _progress(store, view, None), None
+            return None, "", "", empty, _progress(store, view, None), None
         item = store.items[image_id]
         return (
             item.image,
-            gr.update(value=store.text(image_id), interactive=True),
+            store.text(image_id),
             item.raw,
             _status(store, image_id),
             _progress(store, view, image_id),
@@ -218,20 +220,30 @@ def build_review_app(store: ReviewStore) -> Any:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--host", default="127.0.0.1", help="address to serve on (0.0.0.0 for a remote reviewer)")
+    parser.add_argument(
+        "--host", default="127.0.0.1", help="address to serve on (0.0.0.0 for a remote reviewer)"
+    )
     parser.add_argument("--port", type=int, default=7861)
-    parser.add_argument("--include-filtered-out", action="store_true",
-                        help="also show the records the filter rejected, with its reasons")
+    parser.add_argument(
+        "--include-filtered-out",
+        action="store_true",
+        help="also show the records the filter rejected, with its reasons",
+    )
 
 
 def run(args: argparse.Namespace, work: WorkDir) -> int:
     """`curate review`: serve the review page until interrupted."""
     store = ReviewStore(work, args.include_filtered_out)
     counts = store.counts()
-    print(f"review: {counts['undecided']} undecided of {counts['total']} → open http://{args.host}:{args.port}")
+    print(
+        f"review: {counts['undecided']} undecided of {counts['total']} → open http://{args.host}:{args.port}"
+    )
     try:
         build_review_app(store).launch(
-            server_name=args.host, server_port=args.port, head=SHORTCUTS_JS, allowed_paths=store.image_folders()
+            server_name=args.host,
+            server_port=args.port,
+            head=SHORTCUTS_JS,
+            allowed_paths=store.image_folders(),
         )
     finally:
         store.close()

@@ -48,7 +48,9 @@ def list_folder(folder: Path, check: bool = True) -> list[SourceImage]:
     for path in paths:
         image_id = safe_image_id(str(path.relative_to(folder).with_suffix("")))
         if check and image_id in images:
-            raise CurateError(f"{images[image_id].path} and {path} both map to image id {image_id!r}: rename one")
+            raise CurateError(
+                f"{images[image_id].path} and {path} both map to image id {image_id!r}: rename one"
+            )
         images[image_id] = SourceImage(image_id, path.resolve())
     return list(images.values())
 

@@ -1,0 +1,141 @@
+"""`curate refine` against a real chat-completions server on 127.0.0.1, and with a local model."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from curate_helpers import ChatCompletionsServer, generated_work, paragraph_of, read_records, write_jsonl
+
+from minigpt4.curate import main
+from minigpt4.curate.records import WorkDir
+from minigpt4.curate.refine import REFINE_PROMPT, RetryPolicy
+
+
+def refine(work: WorkDir, server: ChatCompletionsServer, *extra: str) -> int:
+    return main([
+        "refine", "--work", str(work.root), "--base-url", server.url, "--model", "test-model",
+        "--api-key-env", "CURATE_TEST_KEY", "--timeout", "0.5", "--backoff", "0.01", *extra,
+    ])  # fmt: skip
+
+
+def refined_by_id(work: WorkDir) -> dict[str, dict]:
+    records = read_records(work.refine)
+    ids = [r["image_id"] for r in records]
+    assert len(ids) == len(set(ids)), f"duplicated records: {ids}"
+    return {r["image_id"]: r for r in records}
+
+
+def test_refine_retries_500_429_and_timeout_and_loses_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("CURATE_TEST_KEY", "sk-test-123")
+    work = generated_work(tmp_path, 6)
+    raw = {r["image_id"]: r["raw"] for r in read_records(work.generate)}
+    with ChatCompletionsServer(faults=["500", "429", "timeout"]) as server:
+        assert refine(work, server, "--concurrency", "2") == 0
+    records = refined_by_id(work)
+    assert set(records) == set(raw)
+    for image_id, record in records.items():
+        assert record["raw"] == raw[image_id]
+        assert record["refined"] == raw[image_id].upper()
+        assert record["model"] == "test-model"
+    assert sum(r["attempts"] for r in records.values()) == 6 + 3
+    assert len(server.requests) == 6 + 3
+    for body in server.requests:
+        assert body["model"] == "test-model"
+        assert body["messages"] == [{"role": "user", "content": f"{REFINE_PROMPT}\n\n{paragraph_of(body)}"}]
+        assert paragraph_of(body) in raw.values()
+    assert all(h["Authorization"] == "Bearer sk-test-123" for h in server.headers)
+
+
+def test_paper_refine_prompt_is_sent_verbatim(tmp_path: Path) -> None:
+    work = generated_work(tmp_path, 1)
+    with ChatCompletionsServer() as server:
+        assert refine(work, server) == 0
+    content = server.requests[0]["messages"][0]["content"]
+    assert content == (
+        "Fix the error in the given paragraph. Remove any repeating sentences, meaningless characters, not English "
+        "sentences, and so on. Remove unnecessary repetition. Rewrite any incomplete sentences. Return directly the "
+        "results without explanation. Return directly the input paragraph if it is already correct without "
+        "explanation.\n\n" + read_records(work.generate)[0]["raw"]
+    )
+    assert "Authorization" not in server.headers[0]  # no key in the environment: none sent
+
+
+def test_bad_key_stops_the_run_and_a_rerun_repeats_nothing(tmp_path: Path) -> None:
+    work = generated_work(tmp_path, 5)
+    with ChatCompletionsServer(faults=["ok", "ok", "401"]) as server:
+        assert refine(work, server, "--concurrency", "1") == 2
+    first = refined_by_id(work)
+    assert len(first) == 2
+    with ChatCompletionsServer() as server:
+        assert refine(work, server) == 0
+    assert len(server.requests) == 3
+    records = refined_by_id(work)
+    assert len(records) == 5
+    assert all(records[k] == v for k, v in first.items())
+
+
+def test_refused_item_is_recorded_and_retried_on_request(tmp_path: Path) -> None:
+    work = generated_work(tmp_path, 3)
+    with ChatCompletionsServer(faults=["400"]) as server:
+        assert refine(work, server, "--concurrency", "1") == 0
+    records = refined_by_id(work)
+    failed = [k for k, r in records.items() if "error" in r]
+    assert len(failed) == 1 and "HTTP 400" in records[failed[0]]["error"]
+    with ChatCompletionsServer() as server:
+        assert refine(work, server) == 0
+        assert server.requests == []
+        assert refine(work, server, "--retry-failed") == 0
+        assert len(server.requests) == 1
+    latest = {r["image_id"]: r for r in read_records(work.refine)}
+    assert all("refined" in r for r in latest.values())
+
+
+def test_item_out_of_retries_is_left_for_the_next_run(tmp_path: Path) -> None:
+    work = generated_work(tmp_path, 3)
+    with ChatCompletionsServer(faults=["500", "500"]) as server:
+        assert refine(work, server, "--concurrency", "1", "--max-attempts", "2") == 1
+    assert len(refined_by_id(work)) == 2
+    with ChatCompletionsServer() as server:
+        assert refine(work, server) == 0
+    assert len(server.requests) == 1
+    assert len(refined_by_id(work)) == 3
+
+
+def test_a_dead_server_stops_the_run(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    work = generated_work(tmp_path, 8)
+    with ChatCompletionsServer(faults=["500"] * 100) as server:
+        assert refine(work, server, "--concurrency", "1", "--max-attempts", "1") == 2
+    assert len(server.requests) == 5
+    assert not work.refine.read_text()
+    assert "is the server up?" in capsys.readouterr().err
+
+
+def test_a_regenerated_description_is_refined_again(tmp_path: Path) -> None:
+    work = generated_work(tmp_path, 3)
+    with ChatCompletionsServer() as server:
+        assert refine(work, server) == 0
+        write_jsonl(
+            work.generate, [{"image_id": "scene_01", "image": "x.png", "raw": "A new text.", "answers": []}]
+        )
+        assert refine(work, server) == 0
+    assert len(server.requests) == 4
+    latest = {r["image_id"]: r for r in read_records(work.refine)}
+    assert latest["scene_01"]["refined"] == "A NEW TEXT."
+
+
+def test_retry_delay_doubles_is_capped_and_honours_retry_after() -> None:
+    policy = RetryPolicy(max_attempts=10, backoff_s=1.0, max_backoff_s=8.0)
+    assert 0.5 <= policy.delay(1) <= 1.5
+    assert 2.0 <= policy.delay(3) <= 6.0
+    assert policy.delay(9) <= 12.0
+    assert policy.delay(1, retry_after="3") == 3.0
+    assert policy.delay(1, retry_after="999") == 8.0
+
+
+def test_missing_generate_step_is_a_clear_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    with ChatCompletionsServer() as server:
+        assert refine(WorkDir(tmp_path), server) == 2
+    assert "run `python -m minigpt4 curate generate` first" in capsys.readouterr().err
