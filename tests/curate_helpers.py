@@ -34,6 +34,7 @@ def make_images(folder: Path, n: int, seed: int = 0) -> list[Path]:
 
 
 def write_jsonl(path: Path, records: list[dict[str, Any]]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("a", encoding="utf-8") as f:
         for record in records:
             f.write(json.dumps(record) + "\n")
@@ -156,3 +157,39 @@ def filtered_work(root: Path, n: int, rejected_by_filter: tuple[str, ...] = ()) 
         for r in generated
     ])  # fmt: skip
     return work
+
+
+def save_tiny_chat_model(folder: Path) -> Path:
+    """A random 2-layer LLaMA with a word-level tokenizer and a chat template, saved to `folder`."""
+    import torch
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    from minigpt4.curate.refine import REFINE_PROMPT
+
+    words = sorted(
+        set((REFINE_PROMPT + " " + GOOD_TEXT).lower().replace(".", " . ").replace(",", " , ").split())
+    )
+    specials = ["<unk>", "<pad>", "<eos>", "<|user|>", "<|assistant|>"]
+    vocab = {token: i for i, token in enumerate(specials + words)}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.Whitespace(), pre_tokenizers.Punctuation()]
+    )
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend, unk_token="<unk>", pad_token="<pad>", eos_token="<eos>",
+        additional_special_tokens=["<|user|>", "<|assistant|>"],
+    )  # fmt: skip
+    tokenizer.chat_template = (
+        "{% for m in messages %}<|{{ m['role'] }}|> {{ m['content'] }} {% endfor %}"
+        "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+    )
+    tokenizer.save_pretrained(folder)
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=512, pad_token_id=1, eos_token_id=2, bos_token_id=2,
+        initializer_range=0.5,
+    )  # fmt: skip
+    LlamaForCausalLM(config).save_pretrained(folder)
+    return folder

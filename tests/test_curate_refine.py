@@ -5,7 +5,14 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from curate_helpers import ChatCompletionsServer, generated_work, paragraph_of, read_records, write_jsonl
+from curate_helpers import (
+    GOOD_TEXT,
+    ChatCompletionsServer,
+    generated_work,
+    paragraph_of,
+    read_records,
+    write_jsonl,
+)
 
 from minigpt4.curate import main
 from minigpt4.curate.records import WorkDir
@@ -139,3 +146,25 @@ def test_missing_generate_step_is_a_clear_error(tmp_path: Path, capsys: pytest.C
     with ChatCompletionsServer() as server:
         assert refine(WorkDir(tmp_path), server) == 2
     assert "run `python -m minigpt4 curate generate` first" in capsys.readouterr().err
+
+
+def test_local_model_refines_in_batches_like_one_by_one(tmp_path: Path) -> None:
+    from curate_helpers import save_tiny_chat_model
+
+    from minigpt4.curate.refine import LocalChatModel, refine_messages
+
+    folder = save_tiny_chat_model(tmp_path / "chat-model")
+    work = WorkDir(tmp_path / "work")
+    words = GOOD_TEXT.lower().split()
+    write_jsonl(work.generate, [  # short texts in the model's vocabulary, so each reply depends on its text
+        {"image_id": f"img{i}", "image": "unused.jpg", "raw": " ".join(words[i * 7 : i * 7 + 4 + i])} for i in range(3)
+    ])  # fmt: skip
+    assert main(["refine", "--work", str(work.root), "--local-model", str(folder), "--batch-size", "2",
+                 "--max-tokens", "6", "--device", "cpu"]) == 0  # fmt: skip
+    records = refined_by_id(work)
+    assert set(records) == {"img0", "img1", "img2"}
+    model = LocalChatModel(str(folder), device="cpu", max_new_tokens=6)
+    for record in records.values():
+        assert record["backend"] == "local" and record["model"] == str(folder)
+        assert record["refined"] == model.complete_batch([refine_messages(record["raw"])])[0]
+    assert len({r["refined"] for r in records.values()}) > 1  # each answer follows its own input
