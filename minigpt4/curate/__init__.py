@@ -12,7 +12,8 @@ import importlib
 import sys
 from pathlib import Path
 
-from minigpt4.curate.records import CurateError, WorkDir
+from minigpt4.curate.records import WorkDir
+from minigpt4.errors import ConfigError, InputError
 
 STEPS = {
     "generate": "describe each image with the stage-1 model (the paper's prompt, 'Continue' under 80 words)",
@@ -43,6 +44,6 @@ def main(argv: list[str] | None = None) -> int:
     step = importlib.import_module(f"minigpt4.curate.{args.step}")
     try:
         return step.run(args, WorkDir(args.work))
-    except CurateError as e:
+    except (InputError, ConfigError) as e:
         print(f"curate {args.step}: error: {e}", file=sys.stderr)
         return 2

@@ -17,10 +17,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from minigpt4.errors import InputError
+
 log = logging.getLogger(__name__)
 
 
-class CurateError(ValueError):
+class CurateError(InputError):
     """Something the user gave the curation pipeline is wrong; the message says what and where."""
 
 
