@@ -105,3 +105,15 @@ def test_filter_step_prints_a_table_and_rechecks_only_what_changed(
     latest = {r["image_id"]: r for r in read_records(work.filter)}
     assert latest["short"]["passed"] and len(read_records(work.filter)) == 6
     assert table_rows(capsys.readouterr().out)["passed"] == 2
+
+
+def test_rules_can_be_chosen(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    gibberish = "qz9 ing tion� blor ka mmm vex"
+    assert reasons(gibberish, FilterSettings(rules=("length",), min_words=1)) == []
+    assert reasons("", FilterSettings(rules=())) == ["empty"]
+    work = refined_work(tmp_path, {"noise": gibberish})
+    assert main(["filter", "--work", str(tmp_path), "--rules", "length", "--min-words", "1"]) == 0
+    assert table_rows(capsys.readouterr().out) == {"rejected": 0, "passed": 1, "total": 1}
+    assert read_records(work.filter)[0]["settings"]["rules"] == ["length"]
+    assert main(["filter", "--work", str(tmp_path), "--rules", "length,spelling"]) == 2
+    assert "unknown filter rule 'spelling'" in capsys.readouterr().err

@@ -130,7 +130,8 @@ def test_bad_arguments_are_clear_errors(tmp_path: Path, capsys: pytest.CaptureFi
     assert "neither a folder of images nor webdataset shards" in capsys.readouterr().err
     make_images(tmp_path / "imgs", 1)
     assert (
-        main(["generate", str(tmp_path / "imgs"), "--work", str(tmp_path / "w"), "--preset", "no_such"]) == 2
+        main(["generate", str(tmp_path / "imgs"), "--work", str(tmp_path / "w"), "--cfg-path", "no_such"])
+        == 2
     )
     assert "no_such" in capsys.readouterr().err
     with pytest.raises(ValueError, match="max_rounds"):
@@ -143,7 +144,7 @@ def test_killed_generate_command_resumes_without_loss_or_repeats(tmp_path: Path)
     work = tmp_path / "work"
     command = [
         sys.executable, "-m", "minigpt4", "curate", "generate", str(tmp_path / "imgs"), "--work", str(work),
-        "--preset", "minigpt4_tiny_random", "--device", "cpu", "--min-words", "10000", "--max-rounds", "2",
+        "--cfg-path", "minigpt4_tiny_random", "--device", "cpu", "--min-words", "10000", "--max-rounds", "2",
         "--max-new-tokens", "12",
     ]  # fmt: skip
     env = {**os.environ, "PYTHONPATH": str(ROOT)}

@@ -24,26 +24,40 @@ STEPS = {
 }
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="python -m minigpt4 curate",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    steps = parser.add_subparsers(dest="step", required=True, metavar="STEP")
-    for name, help_ in STEPS.items():
-        sub = steps.add_parser(name, help=help_, description=help_)
-        sub.add_argument("--work", required=True, type=Path, help="the work folder shared by all steps")
-        importlib.import_module(f"minigpt4.curate.{name}").add_arguments(sub)
+def usage() -> str:
+    lines = [
+        "usage: python -m minigpt4 curate STEP --work DIR [options]",
+        "",
+        __doc__.strip(),
+        "",
+        "steps, in order:",
+    ]
+    lines += [f"  {name:<9} {help_}" for name, help_ in STEPS.items()]
+    lines += ["", "`python -m minigpt4 curate STEP --help` describes each step."]
+    return "\n".join(lines)
+
+
+def step_parser(step: str) -> argparse.ArgumentParser:
+    """The arguments of one step (only that step's module is imported: `generate` brings in torch)."""
+    parser = argparse.ArgumentParser(prog=f"python -m minigpt4 curate {step}", description=STEPS[step])
+    parser.add_argument("--work", required=True, type=Path, help="the work folder shared by all steps")
+    importlib.import_module(f"minigpt4.curate.{step}").add_arguments(parser)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     """Run one curation step; a problem with the input is reported in one line with exit code 2."""
-    args = build_parser().parse_args(argv)
-    step = importlib.import_module(f"minigpt4.curate.{args.step}")
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(usage())
+        return 0
+    step = argv[0]
+    if step not in STEPS:
+        print(f"unknown step {step!r}\n\n{usage()}", file=sys.stderr)
+        return 2
+    args = step_parser(step).parse_args(argv[1:])
     try:
-        return step.run(args, WorkDir(args.work))
+        return importlib.import_module(f"minigpt4.curate.{step}").run(args, WorkDir(args.work))
     except (InputError, ConfigError) as e:
-        print(f"curate {args.step}: error: {e}", file=sys.stderr)
+        print(f"curate {step}: error: {e}", file=sys.stderr)
         return 2

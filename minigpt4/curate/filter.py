@@ -8,13 +8,14 @@ same ones does nothing.
 from __future__ import annotations
 
 import argparse
+import json
 import re
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from minigpt4.curate.records import JsonlWriter, WorkDir, count_words, latest_by_id, read_jsonl
+from minigpt4.curate.records import CurateError, JsonlWriter, WorkDir, count_words, latest_by_id, read_jsonl
 
 # The most frequent English words: prose has 35–55% of them, captions-style descriptions about 40%.
 _COMMON_WORDS = """a about above across after against along among an and any are around as at away back be
@@ -40,14 +41,23 @@ _SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
 _WORD = re.compile(r"[a-z']+")
 
 
+RULE_NAMES = ("length", "english", "repeated_sentence", "repeated_ngram", "template_tokens", "explanation")
+
+
 @dataclass(frozen=True)
 class FilterSettings:
+    rules: tuple[str, ...] = RULE_NAMES  # the rules applied; an empty text is always rejected
     min_words: int = 20
     max_words: int = 200
     min_common_ratio: float = 0.2  # share of words that are frequent English words
     max_foreign_letters: float = 0.05  # share of letters outside a–z
     ngram: int = 5
     max_ngram_repeats: int = 2
+
+    def __post_init__(self) -> None:
+        unknown = sorted(set(self.rules) - set(RULE_NAMES))
+        if unknown:
+            raise CurateError(f"unknown filter rule {unknown[0]!r}; the rules are {', '.join(RULE_NAMES)}")
 
 
 def _words(text: str) -> list[str]:
@@ -103,21 +113,27 @@ def check_explanation(text: str, s: FilterSettings) -> str | None:
     return f"explanation: {match.group(0).strip()!r}" if match else None
 
 
-RULES: dict[str, Callable[[str, FilterSettings], str | None]] = {
-    "length": check_length,
-    "english": check_english,
-    "repeated_sentence": check_repeated_sentence,
-    "repeated_ngram": check_repeated_ngram,
-    "template_tokens": check_template_tokens,
-    "explanation": check_explanation,
-}
+RULES: dict[str, Callable[[str, FilterSettings], str | None]] = dict(
+    zip(
+        RULE_NAMES,
+        (
+            check_length,
+            check_english,
+            check_repeated_sentence,
+            check_repeated_ngram,
+            check_template_tokens,
+            check_explanation,
+        ),
+        strict=True,
+    )
+)
 
 
 def judge(text: str, settings: FilterSettings) -> list[str]:
     """Why `text` is rejected: one `reason: detail` line per failed rule ([] when it passes)."""
     if not text.strip():
         return ["empty: no text"]
-    return [reason for rule in RULES.values() if (reason := rule(text, settings))]
+    return [reason for name in settings.rules if (reason := RULES[name](text, settings))]
 
 
 def reason_name(reason: str) -> str:
@@ -130,7 +146,7 @@ def filter_records(work: WorkDir, settings: FilterSettings) -> dict[str, Any]:
         r for r in latest_by_id(read_jsonl(work.require(work.refine, "refine"))).values() if "refined" in r
     ]
     judged = latest_by_id(read_jsonl(work.filter))
-    wanted = asdict(settings)
+    wanted = json.loads(json.dumps(asdict(settings)))  # as it reads back from the file
     with JsonlWriter(work.filter) as out:
         for record in refined:
             previous = judged.get(record["image_id"])
@@ -171,6 +187,11 @@ def format_summary(summary: dict[str, Any]) -> str:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     d = FilterSettings()
+    parser.add_argument(
+        "--rules",
+        default=",".join(RULE_NAMES),
+        help="comma-separated rules to apply (default: all); an empty text is always rejected",
+    )
     parser.add_argument("--min-words", type=int, default=d.min_words)
     parser.add_argument("--max-words", type=int, default=d.max_words)
     parser.add_argument(
@@ -197,6 +218,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace, work: WorkDir) -> int:
     """`curate filter`: rule checks with reasons, and a table of counts per reason."""
     settings = FilterSettings(
+        tuple(name.strip() for name in args.rules.split(",") if name.strip()),
         args.min_words,
         args.max_words,
         args.min_common_ratio,

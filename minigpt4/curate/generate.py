@@ -17,8 +17,10 @@ from typing import Any
 
 from tqdm import tqdm
 
+from minigpt4.commands.common import add_generation_args, add_model_args, chat_from_args
 from minigpt4.curate.records import JsonlWriter, WorkDir, count_words, latest_by_id, read_jsonl
 from minigpt4.curate.sources import SourceImage, iter_source
+from minigpt4.errors import InputError
 
 log = logging.getLogger(__name__)
 
@@ -30,7 +32,9 @@ CONTINUE_PROMPT = "Continue"
 class GenerateSettings:
     min_words: int = 80
     max_rounds: int = 3
-    overrides: tuple[tuple[str, Any], ...] = ()  # generation overrides passed to Chat.answer
+    overrides: tuple[
+        tuple[str, Any], ...
+    ] = ()  # decoding settings passed to Chat.answer; others: the preset's
 
     def __post_init__(self) -> None:
         if self.min_words < 0:
@@ -41,14 +45,13 @@ class GenerateSettings:
 
 def describe(chat: Any, image: Path, settings: GenerateSettings) -> list[str]:
     """The model's answers about `image`: the first, then one per "Continue" while under `min_words`."""
-    overrides = dict(settings.overrides)
     session = chat.new_session()
     chat.upload_image(session, image)
     chat.ask(session, GENERATE_PROMPT)
-    answers = [chat.answer(session, **overrides).strip()]
+    answers = [chat.answer(session, **dict(settings.overrides)).strip()]
     while count_words(" ".join(answers)) < settings.min_words and len(answers) < settings.max_rounds:
         chat.ask(session, CONTINUE_PROMPT)
-        answers.append(chat.answer(session, **overrides).strip())
+        answers.append(chat.answer(session, **dict(settings.overrides)).strip())
     return answers
 
 
@@ -65,8 +68,6 @@ def generate(
     `load_chat` is called only when there is an image left to describe. An image the model cannot
     read gets a record with its `error`. Returns counts: done before, described, errors.
     """
-    from minigpt4.errors import InputError
-
     done = set(latest_by_id(read_jsonl(work.generate)))
     counts = {"already_done": 0, "described": 0, "errors": 0}
     chat = None
@@ -114,54 +115,31 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="a folder of images, or webdataset shards (a .tar, a folder of them, a {000..009} pattern)",
     )
     parser.add_argument(
-        "--preset", default=None, help="model preset name or eval-config path (default: the embedded one)"
-    )
-    parser.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a preset key, e.g. model.projection.checkpoint=stage1.safetensors",
-    )
-    parser.add_argument("--device", default=None, help="cpu, cuda, … (default: cuda when available)")
-    parser.add_argument(
         "--min-words", type=int, default=80, help="ask 'Continue' while the answer is shorter (paper: 80)"
     )
     parser.add_argument(
         "--max-rounds", type=int, default=3, help="at most this many answers per image, 'Continue' included"
     )
-    parser.add_argument("--max-new-tokens", type=int, default=None, help="per answer (default: the preset's)")
-    parser.add_argument("--temperature", type=float, default=None, help="default: the preset's")
-    parser.add_argument("--num-beams", type=int, default=None, help="default: the preset's")
     parser.add_argument(
         "--limit", type=int, default=None, help="describe at most this many new images in this run"
     )
+    add_model_args(parser)
+    add_generation_args(parser)
 
 
 def run(args: argparse.Namespace, work: WorkDir) -> int:
     """`curate generate`: describe the images of a folder or of webdataset shards."""
-    from minigpt4.chat import load_chat
-
-    overrides = tuple(
-        (name, value)
-        for name, value in (
-            ("max_new_tokens", args.max_new_tokens),
-            ("temperature", args.temperature),
-            ("num_beams", args.num_beams),
-        )
-        if value is not None
-    )
+    chosen = {
+        "temperature": args.temperature,
+        "top_p": args.top_p,
+        "num_beams": args.num_beams,
+        "max_new_tokens": args.max_new_tokens,
+        "do_sample": False if args.greedy else None,
+    }
+    overrides = tuple((k, v) for k, v in chosen.items() if v is not None)
     settings = GenerateSettings(args.min_words, args.max_rounds, overrides)
     images, total = iter_source(args.source, work.images)
-    counts = generate(
-        lambda: load_chat(args.preset, device=args.device, overrides=args.overrides),
-        images,
-        work,
-        settings,
-        total=total,
-        limit=args.limit,
-    )
+    counts = generate(lambda: chat_from_args(args), images, work, settings, total=total, limit=args.limit)
     print(
         f"generate: {counts['described']} described, {counts['errors']} unreadable, "
         f"{counts['already_done']} already done → {work.generate}"

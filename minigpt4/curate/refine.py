@@ -304,6 +304,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace, work: WorkDir) -> int:
     """`curate refine`: rewrite the generated descriptions with a chat LLM."""
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one INFO line per request drowns the progress bar
     items = pending_items(work, args.retry_failed)
     if not items:
         print(f"refine: nothing to do → {work.refine}")
