@@ -10,6 +10,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+import yaml
 from app_helpers import converse, free_port, write_png_claiming
 from gradio_client import Client, handle_file
 from gradio_client.exceptions import AppError
@@ -17,6 +18,7 @@ from gradio_client.exceptions import AppError
 import app
 from demo import launch
 from demo.examples import example_rows
+from minigpt4.config import load_eval_config
 
 ROOT = Path(__file__).resolve().parent.parent
 CAT = Path(example_rows()[0][0])  # scikit-image's chelsea.png
@@ -142,6 +144,23 @@ def test_app_names_an_unknown_preset(capsys) -> None:
         app.main(["--cfg-path", "no_such_preset"])
     assert exit_.value.code == 2
     assert "no_such_preset" in capsys.readouterr().err
+
+
+def test_space_front_matter_matches_the_project() -> None:
+    front_matter = yaml.safe_load((ROOT / "README.md").read_text(encoding="utf-8").split("---")[1])
+    pins = dict(
+        line.split("==") for line in (ROOT / "requirements.txt").read_text().splitlines() if "==" in line
+    )
+    assert front_matter["sdk"] == "gradio"
+    assert front_matter["sdk_version"] == pins["gradio"]
+    assert (ROOT / front_matter["app_file"]).is_file()
+
+
+def test_space_preset_is_the_released_7b_model() -> None:
+    no_download = ["model.projection.checkpoint=null"]
+    space = load_eval_config("minigpt4_space", no_download)
+    assert space.model == load_eval_config("minigpt4_vicuna0_7b", no_download).model
+    assert space.model.llm.pretrained == "Vision-CAIR/vicuna-7b"
 
 
 def test_demo_never_imports_torch() -> None:
