@@ -10,16 +10,19 @@ import argparse
 import logging
 import os
 
+from demo import launch
+from minigpt4.commands.common import add_model_args, chat_from_args
+from minigpt4.errors import ConfigError
+
 PRESET_ENV = "MINIGPT4_PRESET"
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description="MiniGPT-4 web app (Gradio)")
-    parser.add_argument(
-        "--cfg-path",
-        default=os.environ.get(PRESET_ENV) or None,
-        help=f"preset name in eval_configs/ or a YAML path (default: ${PRESET_ENV}, else the embedded default)",
+    parser = argparse.ArgumentParser(
+        description=f"MiniGPT-4 web app (Gradio). With no --cfg-path: the preset ${PRESET_ENV} names, if set."
     )
+    add_model_args(parser)
+    parser.set_defaults(cfg_path=os.environ.get(PRESET_ENV) or None)
     parser.add_argument(
         "--host",
         default=os.environ.get("GRADIO_SERVER_NAME", "127.0.0.1"),
@@ -32,7 +35,6 @@ def build_parser() -> argparse.ArgumentParser:
         help="port (default: the first free one from $GRADIO_SERVER_PORT, else from 7860)",
     )
     parser.add_argument("--share", action="store_true", help="also serve through a public gradio.live link")
-    parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1, … (default: cuda when available)")
     return parser
 
 
@@ -41,13 +43,8 @@ def main(argv: list[str] | None = None) -> None:
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    # Imported after parsing so that `--help` and argument errors answer at once.
-    from demo import launch
-    from minigpt4.chat import load_chat
-    from minigpt4.errors import ConfigError
-
     try:
-        chat = load_chat(args.cfg_path, device=args.device)
+        chat = chat_from_args(args)
     except ConfigError as error:
         parser.error(str(error))
     launch(chat, host=args.host, port=args.port, share=args.share)
