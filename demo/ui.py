@@ -36,7 +36,7 @@ def build_demo(chat: Chat) -> gr.Blocks:
         gr.Markdown(handlers.model_status(), elem_id="model-status")
         with gr.Row():
             with gr.Column(scale=1):
-                image = gr.Image(type="filepath", image_mode=None, label="Image", height=300)
+                image = gr.Image(type="filepath", image_mode=None, label="Image", height=300, elem_id="image")
                 upload = gr.Button("Upload & Start Chat", variant="primary")
                 restart = gr.Button("Restart")
                 num_beams = gr.Slider(1, 10, value=defaults.num_beams, step=1, label="Beam search numbers")

@@ -113,8 +113,11 @@ def test_chat_in_the_browser(page: Page) -> None:
     page.get_by_test_id("toast-close").first.click()
     expect(page.get_by_test_id("toast-text")).to_have_count(0)
 
+    page.get_by_text("Advanced").click()
+    page.get_by_label("Sample").uncheck()  # greedy: the tiny model's answers are reproducible
     page.get_by_text(QUESTION).click()  # an example: fills the image and the question
     expect(message).to_have_value(QUESTION)
+    expect(page.locator("#image img")).to_be_visible()
     upload.click()
     expect(page.locator("#chat-status")).to_contain_text("1 image in this chat")
     expect(page.locator("#chatbot img")).to_have_count(1)
@@ -124,7 +127,8 @@ def test_chat_in_the_browser(page: Page) -> None:
     expect(page.get_by_test_id("bot").last).to_have_text(re.compile(r"\S"))
     expect(message).to_have_value("")
 
-    page.locator("input[type=file]").first.set_input_files(COFFEE)
+    page.locator("#image input[type=file]").set_input_files(COFFEE)
+    expect(page.locator("#image img")).to_be_visible()  # the file has reached the server
     upload.click()
     expect(page.locator("#chat-status")).to_contain_text("2 images in this chat")
     expect(page.locator("#chatbot img")).to_have_count(2)
