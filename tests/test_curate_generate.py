@@ -15,8 +15,15 @@ import webdataset as wds
 from curate_helpers import make_images, read_records
 
 from minigpt4.curate import main
-from minigpt4.curate.generate import CONTINUE_PROMPT, GENERATE_PROMPT, GenerateSettings, describe, generate
-from minigpt4.curate.records import WorkDir, read_jsonl
+from minigpt4.curate.generate import (
+    CONTINUE_PROMPT,
+    GENERATE_PROMPT,
+    GenerateSettings,
+    describe,
+    describe_batch,
+    generate,
+)
+from minigpt4.curate.records import CurateError, WorkDir, read_jsonl
 from minigpt4.curate.sources import iter_source
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -81,6 +88,36 @@ def test_continue_is_asked_in_the_same_conversation(tiny_chat: Any, red_square: 
     assert [role for role, _ in sessions[0].history] == ["user", "assistant", "user", "assistant"]
     assert sessions[0].history[2][1] == CONTINUE_PROMPT
     assert [text.strip() for role, text in sessions[0].history if role == "assistant"] == answers
+
+
+def test_batched_rounds_match_the_chat_greedily(tiny_chat: Any, tmp_path: Path) -> None:
+    paths = make_images(tmp_path, 3)
+    greedy = (("max_new_tokens", 8), ("do_sample", False))
+    one_round = GenerateSettings(10_000, 1, greedy, batch_size=3)
+    batched = describe_batch(tiny_chat, paths, one_round)
+    assert batched == [describe(tiny_chat, path, GenerateSettings(10_000, 1, greedy)) for path in paths]
+    assert [len(a) for a in describe_batch(tiny_chat, paths, GenerateSettings(10_000, 3, greedy, 3))] == [
+        3,
+        3,
+        3,
+    ]
+    assert [len(a) for a in describe_batch(tiny_chat, paths, GenerateSettings(0, 3, greedy, 3))] == [1, 1, 1]
+    with pytest.raises(CurateError, match="temperature needs batch size 1"):
+        GenerateSettings(80, 3, (("temperature", 0.7),), batch_size=4)
+
+
+def test_batched_generate_records_each_image_and_skips_the_unreadable(tiny_chat: Any, tmp_path: Path) -> None:
+    make_images(tmp_path / "imgs", 4)
+    (tmp_path / "imgs" / "broken.png").write_bytes(b"not an image")
+    work = WorkDir(tmp_path / "work")
+    images, total = iter_source(str(tmp_path / "imgs"), work.images)
+    settings = GenerateSettings(10_000, 2, (("max_new_tokens", 6),), batch_size=3)
+    assert generate(lambda: tiny_chat, images, work, settings, total) == {
+        "already_done": 0, "described": 4, "errors": 1
+    }  # fmt: skip
+    records = {r["image_id"]: r for r in read_records(work.generate)}
+    assert set(records) == {"broken", "scene_00", "scene_01", "scene_02", "scene_03"}
+    assert "error" in records["broken"] and all(len(records[f"scene_0{i}"]["answers"]) == 2 for i in range(4))
 
 
 def run_generate(chat: Any, source: Path, work: WorkDir, **kwargs: Any) -> dict[str, int]:

@@ -17,10 +17,14 @@ from typing import Any
 
 from tqdm import tqdm
 
+from minigpt4.chat import Chat
 from minigpt4.commands.common import add_generation_args, add_model_args, chat_from_args
-from minigpt4.curate.records import JsonlWriter, WorkDir, count_words, latest_by_id, read_jsonl
+from minigpt4.conversation import Conversation
+from minigpt4.curate.records import CurateError, JsonlWriter, WorkDir, count_words, latest_by_id, read_jsonl
 from minigpt4.curate.sources import SourceImage, iter_source
 from minigpt4.errors import InputError
+from minigpt4.eval.answer import BatchAnswerer
+from minigpt4.images import load_image
 
 log = logging.getLogger(__name__)
 
@@ -35,35 +39,101 @@ class GenerateSettings:
     overrides: tuple[
         tuple[str, Any], ...
     ] = ()  # decoding settings passed to Chat.answer; others: the preset's
+    batch_size: int = 1  # above 1: images decoded together, greedily
 
     def __post_init__(self) -> None:
         if self.min_words < 0:
-            raise ValueError(f"min_words must be >= 0, got {self.min_words}")
+            raise CurateError(f"min_words must be >= 0, got {self.min_words}")
         if self.max_rounds < 1:
-            raise ValueError(f"max_rounds must be >= 1, got {self.max_rounds}")
+            raise CurateError(f"max_rounds must be >= 1, got {self.max_rounds}")
+        if self.batch_size < 1:
+            raise CurateError(f"batch_size must be >= 1, got {self.batch_size}")
+        sampling = sorted({name for name, _ in self.overrides} - {"max_new_tokens", "do_sample"})
+        if self.batch_size > 1 and sampling:
+            raise CurateError(f"a batch is decoded greedily: {', '.join(sampling)} needs batch size 1")
 
 
-def describe(chat: Any, image: Path, settings: GenerateSettings) -> list[str]:
+def describe(chat: Chat, image: Path, settings: GenerateSettings) -> list[str]:
     """The model's answers about `image`: the first, then one per "Continue" while under `min_words`."""
     session = chat.new_session()
     chat.upload_image(session, image)
     chat.ask(session, GENERATE_PROMPT)
     answers = [chat.answer(session, **dict(settings.overrides)).strip()]
-    while count_words(" ".join(answers)) < settings.min_words and len(answers) < settings.max_rounds:
+    while _wants_more(answers, settings):
         chat.ask(session, CONTINUE_PROMPT)
         answers.append(chat.answer(session, **dict(settings.overrides)).strip())
     return answers
 
 
+class _ConversationAnswerer(BatchAnswerer):
+    """BatchAnswerer over whole conversations (an image turn, questions, earlier answers)."""
+
+    def prompt_ids(self, conversation: Conversation) -> list[int]:  # type: ignore[override]
+        return self.chat.model.tokenize_prompt(conversation.render(self.chat.tokenizer), 1)
+
+
+def describe_batch(chat: Chat, images: list[Path], settings: GenerateSettings) -> list[list[str]]:
+    """`describe` for several images at once, greedily: each round decodes the images still short."""
+    max_new_tokens = dict(settings.overrides).get("max_new_tokens", chat.defaults.max_new_tokens)
+    answerer = _ConversationAnswerer(chat, max_new_tokens)
+    conversations = [Conversation(chat.template) for _ in images]
+    for conversation in conversations:
+        conversation.add_image()
+        conversation.add_user(GENERATE_PROMPT)
+    answers: list[list[str]] = [[] for _ in images]
+    active = list(range(len(images)))
+    while active:
+        replies = answerer.answer([images[i] for i in active], [conversations[i] for i in active])
+        for i, reply in zip(active, replies, strict=True):
+            answers[i].append(reply.strip())
+            conversations[i].add_assistant(reply.strip())
+            conversations[i].add_user(CONTINUE_PROMPT)
+        active = [i for i in active if _wants_more(answers[i], settings)]
+    return answers
+
+
+def _wants_more(answers: list[str], settings: GenerateSettings) -> bool:
+    return count_words(" ".join(answers)) < settings.min_words and len(answers) < settings.max_rounds
+
+
+def describe_records(
+    chat: Chat, batch: list[SourceImage], settings: GenerateSettings
+) -> list[dict[str, Any]]:
+    """One record per image of `batch`: its answers joined as `raw`, or the `error` that stopped it."""
+    records = {item.image_id: {"image_id": item.image_id, "image": str(item.path)} for item in batch}
+    started = time.perf_counter()
+    results: dict[str, list[str]] = {}
+    readable = []
+    for item in batch:
+        try:
+            if settings.batch_size == 1:
+                results[item.image_id] = describe(chat, item.path, settings)
+            else:
+                load_image(item.path, chat.max_image_pixels)  # one bad image must not sink the batch
+                readable.append(item)
+        except InputError as e:
+            log.warning("%s: %s", item.path, e)
+            records[item.image_id]["error"] = str(e)
+    if readable:
+        answers = describe_batch(chat, [item.path for item in readable], settings)
+        results.update(zip([item.image_id for item in readable], answers, strict=True))
+    for image_id, answers in results.items():
+        raw = " ".join(a for a in answers if a)
+        records[image_id].update(raw=raw, answers=answers, words=count_words(raw), preset=chat.preset_name)
+    for record in records.values():
+        record["seconds"] = round((time.perf_counter() - started) / len(batch), 3)
+    return list(records.values())
+
+
 def generate(
-    load_chat: Callable[[], Any],
+    load_chat: Callable[[], Chat],
     images: Iterator[SourceImage],
     work: WorkDir,
     settings: GenerateSettings,
     total: int | None = None,
     limit: int | None = None,
 ) -> dict[str, int]:
-    """Describe each image not yet in `work.generate`, appending one record per image as it finishes.
+    """Describe each image not yet in `work.generate`, appending each record as its batch finishes.
 
     `load_chat` is called only when there is an image left to describe. An image the model cannot
     read gets a record with its `error`. Returns counts: done before, described, errors.
@@ -72,31 +142,42 @@ def generate(
     counts = {"already_done": 0, "described": 0, "errors": 0}
     chat = None
     with JsonlWriter(work.generate) as out, tqdm(total=total, desc="generate", unit="img") as bar:
-        for item in images:
-            bar.update()
-            if item.image_id in done:
-                counts["already_done"] += 1
-                continue
-            if limit is not None and counts["described"] + counts["errors"] >= limit:
-                break
-            if item.data is not None:
-                _write_once(item.path, item.data)
+        for batch in _pending_batches(images, done, settings.batch_size, limit, counts, bar):
             chat = chat or load_chat()
-            record: dict[str, Any] = {"image_id": item.image_id, "image": str(item.path)}
-            started = time.perf_counter()
-            try:
-                answers = describe(chat, item.path, settings)
-            except InputError as e:
-                log.warning("%s: %s", item.path, e)
-                record["error"] = str(e)
-                counts["errors"] += 1
-            else:
-                raw = " ".join(a for a in answers if a)
-                record.update(raw=raw, answers=answers, words=count_words(raw), preset=chat.preset_name)
-                counts["described"] += 1
-            record["seconds"] = round(time.perf_counter() - started, 3)
-            out.write(record)
+            for record in describe_records(chat, batch, settings):
+                out.write(record)
+                counts["errors" if "error" in record else "described"] += 1
+            bar.update(len(batch))
     return counts
+
+
+def _pending_batches(
+    images: Iterator[SourceImage],
+    done: set[str],
+    batch_size: int,
+    limit: int | None,
+    counts: dict[str, int],
+    bar: tqdm,
+) -> Iterator[list[SourceImage]]:
+    """Batches of the images not done yet (shard images unpacked), at most `limit` images in all."""
+    batch: list[SourceImage] = []
+    taken = 0
+    for item in images:
+        if item.image_id in done:
+            counts["already_done"] += 1
+            bar.update()
+            continue
+        if limit is not None and taken >= limit:
+            break
+        taken += 1
+        if item.data is not None:
+            _write_once(item.path, item.data)
+        batch.append(item)
+        if len(batch) == batch_size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
 
 
 def _write_once(path: Path, data: bytes) -> None:
@@ -123,6 +204,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--limit", type=int, default=None, help="describe at most this many new images in this run"
     )
+    parser.add_argument(
+        "--batch-size",
+        type=int,
+        default=1,
+        help="images decoded together (greedy; default 1: one Chat conversation per image, the preset's sampling)",
+    )
     add_model_args(parser)
     add_generation_args(parser)
 
@@ -137,7 +224,7 @@ def run(args: argparse.Namespace, work: WorkDir) -> int:
         "do_sample": False if args.greedy else None,
     }
     overrides = tuple((k, v) for k, v in chosen.items() if v is not None)
-    settings = GenerateSettings(args.min_words, args.max_rounds, overrides)
+    settings = GenerateSettings(args.min_words, args.max_rounds, overrides, args.batch_size)
     images, total = iter_source(args.source, work.images)
     counts = generate(lambda: chat_from_args(args), images, work, settings, total=total, limit=args.limit)
     print(
