@@ -134,6 +134,8 @@ class Chat:
             raise MessageError(
                 f"the message is {len(text):,} characters long; the limit is {self.max_message_chars:,}"
             )
+        if session.busy.locked():
+            raise MessageError("an answer is still being generated in this conversation")
         before = [replace(m) for m in session.conversation.messages]
         session.conversation.add_user(text)
         try:

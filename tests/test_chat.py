@@ -193,3 +193,15 @@ def test_sessions_record_token_counts_and_why_the_answer_ended(tiny_chat, photo)
     cut = tiny_chat.answer(again, do_sample=False, max_new_tokens=8, stop=(full[-3:],))
     assert again.last_finish_reason == "stop" and again.last_answer_tokens <= 8
     assert full.startswith(cut) and len(cut) < len(full)
+
+
+def test_a_question_during_an_answer_is_refused_and_not_recorded(tiny_chat, photo):
+    session = _start(tiny_chat, photo)
+    stream = tiny_chat.stream_answer(session, **GREEDY)
+    next(stream)
+    with pytest.raises(MessageError, match="still being generated"):
+        tiny_chat.ask(session, "and then?")
+    with pytest.raises(MessageError, match="still being generated"):
+        next(tiny_chat.stream_answer(session, **GREEDY))
+    "".join(stream)
+    assert [role for role, _ in session.history] == ["user", "assistant"]
