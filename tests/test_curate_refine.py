@@ -142,10 +142,13 @@ def test_retry_delay_doubles_is_capped_and_honours_retry_after() -> None:
     assert policy.delay(1, retry_after="999") == 8.0
 
 
-def test_missing_generate_step_is_a_clear_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_missing_inputs_are_clear_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     with ChatCompletionsServer() as server:
         assert refine(WorkDir(tmp_path), server) == 2
     assert "run `python -m minigpt4 curate generate` first" in capsys.readouterr().err
+    work = generated_work(tmp_path, 1)
+    assert main(["refine", "--work", str(work.root), "--local-model", str(tmp_path / "no_model")]) == 2
+    assert "cannot load the chat model" in capsys.readouterr().err
 
 
 def test_local_model_refines_in_batches_like_one_by_one(tmp_path: Path) -> None:

@@ -36,9 +36,8 @@ CONTINUE_PROMPT = "Continue"
 class GenerateSettings:
     min_words: int = 80
     max_rounds: int = 3
-    overrides: tuple[
-        tuple[str, Any], ...
-    ] = ()  # decoding settings passed to Chat.answer; others: the preset's
+    # Decoding settings passed to Chat.answer (max_new_tokens, temperature, …); the rest: the preset's.
+    overrides: tuple[tuple[str, Any], ...] = ()
     batch_size: int = 1  # above 1: images decoded together, greedily
 
     def __post_init__(self) -> None:

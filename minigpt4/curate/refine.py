@@ -147,7 +147,10 @@ class LocalChatModel:
 
         self.name = model
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-        self.tokenizer = AutoTokenizer.from_pretrained(model, gguf_file=gguf_file)
+        try:
+            self.tokenizer = AutoTokenizer.from_pretrained(model, gguf_file=gguf_file)
+        except OSError as e:
+            raise CurateError(f"cannot load the chat model {model!r}: {e}") from e
         if not self.tokenizer.chat_template:
             raise CurateError(f"{model} has no chat template; use a chat (instruct) model")
         self.tokenizer.padding_side = "left"
