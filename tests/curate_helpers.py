@@ -67,14 +67,20 @@ class ChatCompletionsServer:
 
     `faults` are served, in arrival order, before normal answers: "500", "429", "400", "401",
     "timeout" (holds the request for `hang_s` then answers late), or "ok" for one normal answer.
+    Normal answers take `delay_s`.
     """
 
     def __init__(
-        self, faults: list[str] | None = None, reply: Callable[[str], str] = str.upper, hang_s: float = 1.5
+        self,
+        faults: list[str] | None = None,
+        reply: Callable[[str], str] = str.upper,
+        hang_s: float = 1.5,
+        delay_s: float = 0.0,
     ):
         self.faults = list(faults or [])
         self.reply = reply
         self.hang_s = hang_s
+        self.delay_s = delay_s  # before every normal answer
         self.requests: list[dict[str, Any]] = []
         self.headers: list[dict[str, str]] = []
         self._lock = threading.Lock()
@@ -126,6 +132,7 @@ class ChatCompletionsServer:
                     extra = {"Retry-After": "0"} if fault == "429" else None
                     self._send(int(fault), {"error": {"message": f"injected {fault}"}}, extra)
                     return
+                time.sleep(server.delay_s)
                 content = server.reply(paragraph_of(body))
                 self._send(200, {
                     "id": "chatcmpl-test", "object": "chat.completion", "model": body["model"],

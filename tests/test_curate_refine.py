@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import os
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -15,7 +20,7 @@ from curate_helpers import (
 )
 
 from minigpt4.curate import main
-from minigpt4.curate.records import WorkDir
+from minigpt4.curate.records import WorkDir, read_jsonl
 from minigpt4.curate.refine import REFINE_PROMPT, RetryPolicy
 
 
@@ -171,3 +176,37 @@ def test_local_model_refines_in_batches_like_one_by_one(tmp_path: Path) -> None:
         assert record["backend"] == "local" and record["model"] == str(folder)
         assert record["refined"] == model.complete_batch([refine_messages(record["raw"])])[0]
     assert len({r["refined"] for r in records.values()}) > 1  # each answer follows its own input
+
+
+@pytest.mark.slow
+def test_killed_refine_command_resumes_without_loss_or_repeats(tmp_path: Path) -> None:
+    work = generated_work(tmp_path, 12)
+    root = Path(__file__).resolve().parent.parent
+    with ChatCompletionsServer(delay_s=0.3) as server:
+        command = [
+            sys.executable, "-m", "minigpt4", "curate", "refine", "--work", str(work.root),
+            "--base-url", server.url, "--model", "m", "--concurrency", "3",
+        ]  # fmt: skip
+        env = {**os.environ, "PYTHONPATH": str(root)}
+        process = subprocess.Popen(
+            command, cwd=root, env=env, stderr=subprocess.DEVNULL, stdout=subprocess.DEVNULL
+        )
+        try:
+            deadline = time.monotonic() + 120
+            while time.monotonic() < deadline and process.poll() is None and len(read_jsonl(work.refine)) < 3:
+                time.sleep(0.02)
+            assert process.poll() is None, "refine finished or failed before it could be killed"
+            process.send_signal(signal.SIGKILL)
+            process.wait(timeout=30)
+        finally:
+            if process.poll() is None:
+                process.kill()
+        before = read_jsonl(work.refine)
+        assert 3 <= len(before) < 12
+        result = subprocess.run(command, cwd=root, env=env, capture_output=True, text=True, timeout=120)
+        assert result.returncode == 0, result.stderr
+    records = read_records(work.refine)
+    assert records[: len(before)] == before
+    assert sorted(r["image_id"] for r in records) == [f"scene_{i:02d}" for i in range(12)]
+    assert all(r["refined"] == r["raw"].upper() for r in records)
+    assert f"{12 - len(before)} refined" in result.stdout
