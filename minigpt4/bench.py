@@ -79,7 +79,8 @@ class InferenceBench:
         chat.stop_ids, chat.stop_strings = set(), []
         self.greedy = {"do_sample": False, "num_beams": 1, "repetition_penalty": 1.0}
 
-    def _session(self, question: str | None = None):
+    def session(self, question: str | None = None):
+        """A new chat session with the image uploaded (and `question` asked)."""
         session = self.chat.new_session()
         self.chat.upload_image(session, self.image)
         if question is not None:
@@ -122,7 +123,7 @@ class InferenceBench:
         without: list[list[float]] = [[] for _ in range(turns)]
         context = [0] * turns
         for _ in range(repeats):
-            reused, full = self._session(), self._session()
+            reused, full = self.session(), self.session()
             for t in range(turns):
                 question = QUESTIONS[t % len(QUESTIONS)]
                 with_reuse[t].append(self.turn(reused, question, kv_reuse=True)[0])
@@ -136,7 +137,7 @@ class InferenceBench:
         }
 
     def _chat_seconds(self, question: str, n_tokens: int) -> float:
-        session = self._session(question)  # set-up and image upload are not timed
+        session = self.session(question)  # set-up and image upload are not timed
         start = time.perf_counter()
         for _ in self.chat.stream_answer(session, max_new_tokens=n_tokens, **self.greedy):
             pass
@@ -160,7 +161,7 @@ class InferenceBench:
     def decode(self, n_tokens: int, repeats: int) -> dict[str, float]:
         """Decode tokens/s: the chat engine with the image in context vs `generate` on same-length text."""
         question = QUESTIONS[0]
-        prompt_len = self.context_tokens(self._session(question))
+        prompt_len = self.context_tokens(self.session(question))
         tokenizer = self.chat.tokenizer
         filler = tokenizer(" image", add_special_tokens=False).input_ids[-1]
         text_ids = torch.full((1, prompt_len), filler, dtype=torch.long, device=self.chat.model.device)
@@ -197,7 +198,7 @@ def run_bench(
 ) -> dict[str, Any]:
     """Every inference figure of the bench, as one dict (the `--json` output)."""
     bench = InferenceBench(chat, image, answer_tokens)
-    bench.turn(bench._session(), QUESTIONS[0], kv_reuse=True)  # warm-up: lazy initialisation, caches
+    bench.turn(bench.session(), QUESTIONS[0], kv_reuse=True)  # warm-up: lazy initialisation, caches
     result: dict[str, Any] = {"encode_ms": bench.encode_ms(repeats)}
     result |= bench.conversation(turns, repeats)
     result |= bench.decode(decode_tokens, repeats)

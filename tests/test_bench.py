@@ -58,7 +58,7 @@ def test_bench_reports_every_figure_per_turn(result: dict) -> None:
 
 def test_bench_turns_use_and_skip_the_kv_cache(own_chat) -> None:
     runner = bench.InferenceBench(own_chat, bench.default_image(), answer_tokens=5)
-    reused, full = runner._session(), runner._session()
+    reused, full = runner.session(), runner.session()
     _, context = runner.turn(reused, "What is it?", kv_reuse=True)
     runner.turn(full, "What is it?", kv_reuse=False)
     assert reused.cache is not None and full.cache is None

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -93,13 +94,30 @@ def test_eval_rejects_bad_data_before_loading_a_model(
 
     monkeypatch.setattr(run, "chat_from_args", no_model)
     assert _eval("--task", "pope", "--data", tmp_path / "missing") == 2
-    assert "no such file or folder" in capsys.readouterr().out
+    assert "no such file or folder" in capsys.readouterr().err
     questions = small_set / evalset.VQA_QUESTIONS_FILE
     assert _eval("--task", "vqa", "--data", questions) == 2
-    assert "needs --annotations" in capsys.readouterr().out
+    assert "needs --annotations" in capsys.readouterr().err
     assert run.main(["--task", "pope", "--data", str(small_set), "--cfg-path", "no_such_preset"]) == 2
-    assert "no_such_preset" in capsys.readouterr().out
+    assert "no_such_preset" in capsys.readouterr().err
     assert _eval("--task", "pope", "--data", small_set, "--batch-size", 0) == 2
+    assert _eval("--task", "pope", "--data", small_set, "--prompt", "{question} {lang}") == 2
+    assert "--prompt may hold {question}" in capsys.readouterr().err
+
+
+def test_eval_skips_an_unreadable_image_and_keeps_the_rest(
+    use_tiny_chat, small_set: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    data = tmp_path / "set"
+    shutil.copytree(small_set, data)
+    broken = sorted((data / evalset.IMAGES_DIR).glob("*.png"))[0]
+    broken.write_bytes(broken.read_bytes()[:100])  # truncated file
+    out = tmp_path / "r.json"
+    assert _eval("--task", "caption", "--data", data, "--out", out, "--no-meteor", "--max-new-tokens", 4) == 1
+    results = json.loads(out.read_text())
+    assert results["n"] == 2 and [s["image"] for s in results["skipped"]] == [str(broken)]
+    assert broken.name not in {p["image"] for p in results["predictions"]}
+    assert "1 samples skipped" in capsys.readouterr().out
 
 
 def test_eval_command_loads_the_preset_itself(small_set: Path, tiny_cfg_path: Path, tmp_path: Path) -> None:

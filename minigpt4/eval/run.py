@@ -16,6 +16,7 @@ import dataclasses
 import json
 import logging
 import os
+import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -26,7 +27,7 @@ from tqdm import tqdm
 
 from minigpt4.commands.common import add_model_args, chat_from_args
 from minigpt4.config import resolve_preset
-from minigpt4.errors import ConfigError, InputError
+from minigpt4.errors import ConfigError, ImageError
 from minigpt4.eval import evalset
 from minigpt4.eval.answer import BatchAnswerer
 from minigpt4.eval.data import DataError, read_captions, read_pope, read_vqa
@@ -118,16 +119,34 @@ def _question_record(sample, answer: str, **truth: Any) -> dict[str, Any]:
     }
 
 
-def answer_all(answerer, samples: Sequence, prompt: str, batch_size: int) -> list[str]:
-    """Greedy answers for every sample, `batch_size` at a time, with a progress bar."""
+def answer_all(
+    answerer, samples: Sequence, prompt: str, batch_size: int
+) -> tuple[list, list[str], list[dict]]:
+    """Greedy answers, `batch_size` at a time, with a progress bar.
+
+    Returns the samples answered, their answers, and the samples skipped because their image could
+    not be read (each with the reason), as `caption` does: one bad file does not cost the run.
+    """
+    answered: list = []
     answers: list[str] = []
+    skipped: list[dict] = []
     with tqdm(total=len(samples), desc="answering", unit="q") as bar:
         for start in range(0, len(samples), batch_size):
             batch = samples[start : start + batch_size]
             questions = [prompt.format(question=getattr(s, "question", "")) for s in batch]
-            answers += answerer.answer([s.image for s in batch], questions)
+            try:
+                answers += answerer.answer([s.image for s in batch], questions)
+                answered += batch
+            except ImageError:
+                for sample, question in zip(batch, questions, strict=True):
+                    try:
+                        answers += answerer.answer([sample.image], [question])
+                        answered.append(sample)
+                    except ImageError as e:
+                        log.error("%s: skipped: %s", sample.image, e)
+                        skipped.append({"image": str(sample.image), "error": str(e)})
             bar.update(len(batch))
-    return answers
+    return answered, answers, skipped
 
 
 def metric_rows(metrics: dict[str, Any], prefix: str = "") -> list[tuple[str, str]]:
@@ -177,30 +196,39 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _fail(message: str) -> int:
+    print(f"error: {message}", file=sys.stderr)
+    return 2
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Score a preset on a task's data and write the results JSON; 2 on bad input."""
     args = build_parser().parse_args(argv)
     task = TASKS[args.task]
     if args.batch_size < 1 or (args.limit is not None and args.limit < 1):
-        print("error: --batch-size and --limit must be at least 1")
-        return 2
+        return _fail("--batch-size and --limit must be at least 1")
     try:
         files = resolve_data(args.task, args.data, args.annotations, args.images)
         samples = load_samples(args.task, files)[: args.limit]
         cfg_file = resolve_preset(args.cfg_path)
     except (DataError, ConfigError) as e:
-        print(f"error: {e}")
-        return 2
+        return _fail(str(e))
     prompt = args.prompt or task.prompt
+    try:
+        prompt.format(question="")
+    except (KeyError, IndexError, ValueError):
+        return _fail(f"--prompt may hold {{question}} and no other {{…}} field, got {prompt!r}")
     max_new_tokens = args.max_new_tokens or task.max_new_tokens
 
     started = time.time()
     try:
         chat = chat_from_args(args)  # loaded only once the inputs are known good
-        answers = answer_all(BatchAnswerer(chat, max_new_tokens), samples, prompt, args.batch_size)
-    except (ConfigError, InputError) as e:
-        print(f"error: {e}")
-        return 2
+        answerer = BatchAnswerer(chat, max_new_tokens)
+    except ConfigError as e:
+        return _fail(str(e))
+    samples, answers, skipped = answer_all(answerer, samples, prompt, args.batch_size)
+    if not samples:
+        return _fail(f"none of the {len(skipped)} images could be read")
     metrics, records = score(args.task, samples, answers, meteor=False if args.no_meteor else None)
     results = {
         "task": args.task,
@@ -220,6 +248,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "git": git_state(),
         "seconds": round(time.time() - started, 1),
         "predictions": records,
+        "skipped": skipped,
     }
     out = args.out or Path("outputs") / "eval" / f"{chat.preset_name}_{args.task}.json"
     write_json(out, results)
@@ -228,4 +257,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     for name, value in metric_rows(metrics):
         print(f"  {name:<{width}}  {value}")
     print(f"results: {out}")
-    return 0
+    if skipped:
+        print(f"{len(skipped)} samples skipped: their image could not be read (listed in the results)")
+    return 1 if skipped else 0
