@@ -30,6 +30,7 @@ from typing import Any
 
 import torch
 from PIL import Image
+from tqdm import tqdm
 
 from minigpt4.commands.common import add_model_args, chat_from_args
 from minigpt4.errors import ConfigError, InputError
@@ -122,13 +123,15 @@ class InferenceBench:
         with_reuse: list[list[float]] = [[] for _ in range(turns)]
         without: list[list[float]] = [[] for _ in range(turns)]
         context = [0] * turns
-        for _ in range(repeats):
-            reused, full = self.session(), self.session()
-            for t in range(turns):
-                question = QUESTIONS[t % len(QUESTIONS)]
-                with_reuse[t].append(self.turn(reused, question, kv_reuse=True)[0])
-                seconds, context[t] = self.turn(full, question, kv_reuse=False)
-                without[t].append(seconds)
+        with tqdm(total=repeats * turns, desc="conversation turns", unit="turn") as bar:
+            for _ in range(repeats):
+                reused, full = self.session(), self.session()
+                for t in range(turns):
+                    question = QUESTIONS[t % len(QUESTIONS)]
+                    with_reuse[t].append(self.turn(reused, question, kv_reuse=True)[0])
+                    seconds, context[t] = self.turn(full, question, kv_reuse=False)
+                    without[t].append(seconds)
+                    bar.update()
         self.chat.kv_reuse = True
         return {
             "ttft_ms": [1000 * statistics.median(x) for x in with_reuse],
@@ -168,7 +171,7 @@ class InferenceBench:
         if tokenizer.bos_token_id is not None:
             text_ids[0, 0] = tokenizer.bos_token_id
         times: dict[str, list[float]] = {"chat_n": [], "chat_1": [], "plain_n": [], "plain_1": []}
-        for _ in range(repeats):  # interleaved, so both paths see the same machine load
+        for _ in tqdm(range(repeats), desc="decode runs", unit="run"):  # interleaved: same machine load
             times["chat_n"].append(self._chat_seconds(question, n_tokens))
             times["chat_1"].append(self._chat_seconds(question, 1))
             times["plain_n"].append(self._generate_seconds(text_ids, n_tokens, filler))
