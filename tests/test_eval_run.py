@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from minigpt4.conversation import Conversation
 from minigpt4.eval import evalset, run
 from minigpt4.eval.answer import BatchAnswerer
 from minigpt4.eval.metrics import pope_metrics, vqa_metrics
@@ -43,6 +44,25 @@ def test_batched_greedy_answers_equal_the_chat_one_at_a_time(tiny_chat, small_se
         tiny_chat.ask(session, question)
         one_by_one.append(tiny_chat.answer(session, do_sample=False, max_new_tokens=12))
     assert batched == one_by_one
+
+
+def test_batched_answers_continue_whole_conversations(tiny_chat, small_set: Path) -> None:
+    images = sorted((small_set / evalset.IMAGES_DIR).glob("*.png"))[:2]
+    conversations, expected = [], []
+    for image in images:
+        session = tiny_chat.new_session()
+        tiny_chat.upload_image(session, image)
+        tiny_chat.ask(session, "What is it?")
+        first = tiny_chat.answer(session, do_sample=False, max_new_tokens=6)
+        tiny_chat.ask(session, "Tell me more.")
+        expected.append(tiny_chat.answer(session, do_sample=False, max_new_tokens=6))
+        conversation = Conversation(tiny_chat.template)
+        conversation.add_image()
+        conversation.add_user("What is it?")
+        conversation.add_assistant(first)
+        conversation.add_user("Tell me more.")
+        conversations.append(conversation)
+    assert BatchAnswerer(tiny_chat, max_new_tokens=6).answer_conversations(images, conversations) == expected
 
 
 def test_eval_pope_writes_scores_predictions_and_provenance(

@@ -39,16 +39,28 @@ class BatchAnswerer:
         conversation = Conversation(self.chat.template)
         conversation.add_image()
         conversation.add_user(question)
+        return self.conversation_ids(conversation)
+
+    def conversation_ids(self, conversation: Conversation) -> list[int]:
+        """Token ids of a whole conversation about one image, ready for the assistant's next turn."""
         return self.chat.model.tokenize_prompt(conversation.render(self.chat.tokenizer), 1)
 
-    @torch.no_grad()
     def answer(self, images: Sequence[Path], questions: Sequence[str]) -> list[str]:
         """One answer per (image, question) pair; raises `ImageError` for an unreadable image."""
-        if len(images) != len(questions):
-            raise ValueError(f"{len(images)} images for {len(questions)} questions")
+        return self._generate(images, [self.prompt_ids(q) for q in questions])
+
+    def answer_conversations(
+        self, images: Sequence[Path], conversations: Sequence[Conversation]
+    ) -> list[str]:
+        """The next assistant turn of each conversation (one image each, its image turn first)."""
+        return self._generate(images, [self.conversation_ids(c) for c in conversations])
+
+    @torch.no_grad()
+    def _generate(self, images: Sequence[Path], prompts: Sequence[list[int]]) -> list[str]:
+        if len(images) != len(prompts):
+            raise ValueError(f"{len(images)} images for {len(prompts)} prompts")
         model, chat = self.chat.model, self.chat
         pixel_values = model.preprocess([load_image(path, chat.max_image_pixels) for path in images])
-        prompts = [self.prompt_ids(q) for q in questions]
         width = max(map(len, prompts))
         # Left padding keeps every prompt's last token in the last column, where generation continues.
         ids = torch.tensor([[self.pad_id] * (width - len(p)) + p for p in prompts])
