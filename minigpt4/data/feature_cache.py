@@ -1,0 +1,95 @@
+"""The frozen-feature cache on disk: what `cache-features` writes and training with `features:` reads.
+
+    <dir>/part-00000.npy    float array (rows, n_tokens, feature_dim), read memory-mapped
+    <dir>/part-00000.json   {"keys": [...]}: the sample key of each row (written last: a part is
+                            complete when its .json exists)
+    <dir>/index.json        the vision fingerprint, shapes, dtype and the list of parts (written
+                            when every part is done)
+
+A part holds the records [p·part_size, (p+1)·part_size) of a fixed enumeration of the data set, so
+an interrupted run resumes at the first missing part.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from minigpt4.config import ModelConfig
+from minigpt4.errors import ConfigError
+
+INDEX = "index.json"
+
+
+def vision_fingerprint(cfg: ModelConfig) -> dict[str, Any]:
+    """What decides the frozen features: the vision config (and the seed of a random one)."""
+    vision = dataclasses.asdict(cfg.vision)
+    return {"vision": vision, "seed": cfg.seed} if cfg.vision.random_init is not None else {"vision": vision}
+
+
+def part_name(index: int) -> str:
+    return f"part-{index:05d}"
+
+
+def write_part(root: Path, index: int, features: np.ndarray, keys: list[str]) -> None:
+    """Write one part atomically: the array first, then its key list (which marks it complete)."""
+    name = part_name(index)
+    tmp = root / f".{name}.npy.tmp"
+    with open(tmp, "wb") as fh:
+        np.save(fh, features)
+    os.replace(tmp, root / f"{name}.npy")
+    tmp = root / f".{name}.json.tmp"
+    tmp.write_text(json.dumps({"keys": keys}))
+    os.replace(tmp, root / f"{name}.json")
+
+
+def part_done(root: Path, index: int) -> bool:
+    return (root / f"{part_name(index)}.json").is_file()
+
+
+def write_index(root: Path, index: dict[str, Any]) -> None:
+    tmp = root / f".{INDEX}.tmp"
+    tmp.write_text(json.dumps(index, indent=1))
+    os.replace(tmp, root / INDEX)
+
+
+class FeatureCache:
+    """Read cached features by sample key; arrays are memory-mapped and opened on first use."""
+
+    def __init__(self, root: str | Path, fingerprint: dict[str, Any]) -> None:
+        self.root = Path(root)
+        path = self.root / INDEX
+        if not path.is_file():
+            raise ConfigError(
+                f"data.features: {self.root} holds no finished feature cache ({INDEX} missing); "
+                "run `python -m minigpt4 cache-features --cfg-path <this config>` first"
+            )
+        self.index = json.loads(path.read_text())
+        if self.index["fingerprint"] != json.loads(json.dumps(fingerprint)):
+            raise ConfigError(
+                f"data.features: the cache in {self.root} was computed with another vision model "
+                f"({self.index['fingerprint']}) than this config's ({fingerprint}); recompute it"
+            )
+        self.rows: dict[str, tuple[int, int]] = {}
+        for part in range(self.index["parts"]):
+            keys = json.loads((self.root / f"{part_name(part)}.json").read_text())["keys"]
+            self.rows.update((key, (part, row)) for row, key in enumerate(keys))
+        self._arrays: dict[int, np.ndarray] = {}
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __contains__(self, key: str) -> bool:
+        return key in self.rows
+
+    def get(self, key: str) -> torch.Tensor:
+        part, row = self.rows[key]
+        if part not in self._arrays:
+            self._arrays[part] = np.load(self.root / f"{part_name(part)}.npy", mmap_mode="r")
+        return torch.from_numpy(np.array(self._arrays[part][row])).float()

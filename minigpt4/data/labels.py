@@ -1,0 +1,70 @@
+"""Token sequences and labels for the two training stages (DESIGN §4).
+
+Stage 1: BOS, the image positions, then `caption + "\\n"` (at most 32 tokens); no prompt.
+Stage 2: the template's prompt with the image (`###Human: <Img><ImageHere></Img> {instruction}
+###Assistant: `), then `answer + "###"` (at most 160 tokens).
+Labels are -100 on the prompt and the image positions, so the loss falls on the text that follows
+and on its end symbol only. The text is tokenized apart from the prompt, as in the original.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from minigpt4.conversation import IMAGE_PLACEHOLDER, Template
+from minigpt4.model import IGNORE_INDEX
+
+STAGE1_END = "\n"
+
+
+@dataclass
+class TextBuilder:
+    """Builds (input_ids, labels) for one image and its text. `tokenize_prompt` is the model's."""
+
+    tokenize_prompt: Callable[[str, int], list[int]]
+    tokenizer: object
+    template: Template
+    stage: int
+    max_text_tokens: int
+
+    def prompt(self, instruction: str | None) -> str:
+        if self.stage == 1:
+            return IMAGE_PLACEHOLDER
+        if instruction is None:
+            raise ValueError("a stage-2 example needs an instruction")
+        return self.template.training_prompt(instruction, self.tokenizer)
+
+    def end(self) -> str:
+        return STAGE1_END if self.stage == 1 else self.template.answer_end(self.tokenizer)
+
+    def build(self, text: str, instruction: str | None = None) -> tuple[list[int], list[int]]:
+        prompt_ids = self.tokenize_prompt(self.prompt(instruction), 1)
+        text_ids = self.tokenizer(text + self.end(), add_special_tokens=False).input_ids[
+            : self.max_text_tokens
+        ]
+        if not text_ids:
+            raise ValueError(f"the text {text!r} gives no token to learn from")
+        return prompt_ids + text_ids, [IGNORE_INDEX] * len(prompt_ids) + text_ids
+
+
+def pad_batch(
+    sequences: Sequence[tuple[list[int], list[int]]], pad_id: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Right-pad (input_ids, labels) pairs: input_ids, attention_mask and labels (-100 on padding)."""
+    length = max(len(ids) for ids, _ in sequences)
+    input_ids = torch.full((len(sequences), length), pad_id, dtype=torch.long)
+    labels = torch.full((len(sequences), length), IGNORE_INDEX, dtype=torch.long)
+    attention_mask = torch.zeros((len(sequences), length), dtype=torch.long)
+    for row, (ids, labs) in enumerate(sequences):
+        input_ids[row, : len(ids)] = torch.tensor(ids)
+        labels[row, : len(labs)] = torch.tensor(labs)
+        attention_mask[row, : len(ids)] = 1
+    return input_ids, attention_mask, labels
+
+
+def supervised_tokens(labels: torch.Tensor) -> int:
+    """How many tokens the causal-LM loss counts: labels shift left by one, -100 is ignored."""
+    return int((labels[:, 1:] != IGNORE_INDEX).sum())

@@ -1,0 +1,353 @@
+"""`python -m minigpt4 train --cfg-path train_configs/X.yaml [key=value …]`: stage-1 / stage-2 training.
+
+The loop is written out: AdamW on the trainable weights only, the original's warmup + cosine
+schedule, gradient accumulation, clipping and mixed precision through Accelerate. The same command
+runs data-parallel under `torchrun` or `accelerate launch`. The loss is a mean over every supervised
+token of the global batch, whatever the number of processes and micro-batches, so N processes
+train exactly as one process with an N× batch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import math
+import time
+from collections.abc import Iterator
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import gather_object, set_seed
+from tqdm import tqdm
+
+from minigpt4 import checkpoint
+from minigpt4.build import build_model
+from minigpt4.data.labels import supervised_tokens
+from minigpt4.data.loader import BatchPlan, build_loader
+from minigpt4.model import MiniGPT4
+from minigpt4.train_config import RunConfig, TrainConfig, check_batch_layout, load_train_config
+from minigpt4.weights import load_trainable, save_trainable
+
+log = logging.getLogger(__name__)
+
+FINAL_WEIGHTS = "projection.safetensors"
+METRICS = "metrics.jsonl"
+
+
+class TrainingError(RuntimeError):
+    """The run cannot go on (a NaN loss, an incompatible checkpoint); the message says why."""
+
+
+def lr_at(run: RunConfig, step: int) -> float:
+    """The learning rate of optimizer step `step` (0-based), as MiniGPT-4's scheduler sets it.
+
+    Linear warmup from `warmup_lr` to `init_lr` over `warmup_steps`, then a cosine from `init_lr`
+    to `min_lr` whose phase counts from step 0 over the whole run (max_epoch × iters_per_epoch).
+    """
+    if step < run.warmup_steps:
+        return min(run.init_lr, run.warmup_lr + (run.init_lr - run.warmup_lr) * step / run.warmup_steps)
+    return run.min_lr + (run.init_lr - run.min_lr) * 0.5 * (1.0 + math.cos(math.pi * step / run.total_steps))
+
+
+def build_optimizer(model: MiniGPT4, run: RunConfig) -> torch.optim.AdamW:
+    """AdamW over the trainable weights only; biases and 1-d weights get no weight decay."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            (no_decay if p.ndim < 2 or name.endswith(".bias") else decay).append(p)
+    if not decay and not no_decay:
+        raise TrainingError("the model has no trainable weight")
+    groups = [{"params": decay, "weight_decay": run.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW([g for g in groups if g["params"]], lr=run.init_lr, betas=(0.9, 0.999))
+
+
+@dataclass
+class TrainResult:
+    step: int  # optimizer steps done (of the whole run)
+    losses: list[float] = field(default_factory=list)  # the loss of each step this invocation ran
+    corrupt: int = 0  # records skipped over the whole run
+    checkpoint: Path | None = None
+    weights: Path | None = None  # the final projection (+LoRA), once the run is complete
+    main_process: bool = True
+
+
+@dataclass
+class _Progress:
+    """What a checkpoint stores about the run besides weights and optimizer."""
+
+    step: int = 0
+    samples: int = 0  # records handed out (corrupt ones included): the data position
+    corrupt: int = 0
+
+
+def train(
+    cfg: TrainConfig,
+    resume: str | None = None,
+    stop_after: int | None = None,
+    cpu: bool = False,
+) -> TrainResult:
+    """Run (or continue) the training a config describes; see the module docstring."""
+    run = cfg.run
+    precision = run.mixed_precision
+    if precision == "auto":
+        precision = "fp16" if torch.cuda.is_available() and not cpu else "no"
+    accelerator = Accelerator(cpu=cpu, mixed_precision=precision)
+    world, rank = accelerator.num_processes, accelerator.process_index
+    global_micro = check_batch_layout(cfg, world)
+    global_batch = global_micro * run.grad_accum_steps
+    output_dir = Path(run.output_dir)
+    if run.deterministic:
+        torch.use_deterministic_algorithms(True)
+
+    model = build_model(cfg.model, device=accelerator.device)
+    model.train()
+    progress = _Progress()
+    resume_from = _resume_path(output_dir, resume)
+    state = checkpoint.load_state(resume_from) if resume_from else None
+    if state is not None:
+        _check_compatible(state, global_batch, global_micro, resume_from)
+        load_trainable(model, resume_from / checkpoint.WEIGHTS)
+        progress = _Progress(state["step"], state["samples"], state["corrupt"])
+    optimizer = build_optimizer(model, run)
+    if state is not None:
+        optimizer.load_state_dict(state["optimizer"])
+    set_seed(run.seed + rank)
+    if state is not None and len(state["rng"]) == world:
+        checkpoint.set_rng_state(state["rng"][rank])
+    ddp_model, optimizer = accelerator.prepare(model, optimizer)
+    params = [p for p in model.parameters() if p.requires_grad]
+
+    plan = BatchPlan(global_micro, cfg.data.streams, rank, world)
+    loader = build_loader(
+        cfg.data, cfg.model, model, plan, seed=run.seed, start=progress.samples // global_micro
+    )
+    batches = iter(loader)
+    if state is not None:
+        log.info("resuming from %s at step %d of %d", resume_from, progress.step, run.total_steps)
+
+    metrics = _Metrics(output_dir, run, enabled=accelerator.is_main_process)
+    result = TrainResult(
+        step=progress.step, corrupt=progress.corrupt, main_process=accelerator.is_main_process
+    )
+    end = run.total_steps if stop_after is None else min(run.total_steps, progress.step + stop_after)
+    bar = tqdm(
+        total=run.total_steps, initial=progress.step, desc=cfg.name, unit="step",
+        disable=not accelerator.is_main_process,
+    )  # fmt: skip
+    last_saved = None
+    t_last, samples_last = time.perf_counter(), 0
+    for step in range(progress.step, end):
+        lr = lr_at(run, step)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        loss, n_samples, n_corrupt = _train_step(accelerator, ddp_model, batches, run.grad_accum_steps, step)
+        grad_norm = _clip(accelerator, params, run.max_grad_norm, step)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        progress = _Progress(step + 1, progress.samples + global_batch, progress.corrupt + n_corrupt)
+        result.losses.append(loss)
+        samples_last += n_samples
+        bar.update(1)
+        if (step + 1) % run.log_every == 0 or step + 1 == end:
+            now = time.perf_counter()
+            rate = samples_last / max(now - t_last, 1e-9)
+            t_last, samples_last = now, 0
+            bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", samples_s=f"{rate:.1f}")
+            metrics.write(
+                step=step + 1, epoch=step // run.iters_per_epoch, loss=loss, lr=lr, grad_norm=grad_norm,
+                samples_per_s=rate, corrupt=progress.corrupt,
+            )  # fmt: skip
+        if (run.save_every and (step + 1) % run.save_every == 0) or step + 1 == end:
+            last_saved = _save(accelerator, model, optimizer, progress, global_batch, global_micro, cfg)
+    bar.close()
+    metrics.close()
+    result.step, result.corrupt, result.checkpoint = progress.step, progress.corrupt, last_saved
+    if progress.corrupt:
+        log.warning("%d corrupt records were skipped over the run", progress.corrupt)
+    if progress.step == run.total_steps:
+        result.weights = output_dir / FINAL_WEIGHTS
+        if accelerator.is_main_process:
+            save_trainable(model, result.weights, {"config": cfg.name, "step": progress.step})
+            log.info("trained weights: %s (set model.projection.checkpoint to it)", result.weights)
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    if world > 1:
+        torch.distributed.destroy_process_group()
+    return result
+
+
+def _train_step(
+    accelerator: Accelerator, model: torch.nn.Module, batches: Iterator[dict[str, Any]], accum: int, step: int
+) -> tuple[float, int, int]:
+    """Forward/backward over `accum` micro-batches; returns (global mean loss, samples, corrupt)."""
+    micro = [next(batches) for _ in range(accum)]
+    counts = [supervised_tokens(b["labels"]) for b in micro]
+    totals = torch.tensor(
+        [sum(counts), sum(len(b["labels"]) for b in micro), sum(b["corrupt"] for b in micro)],
+        dtype=torch.float64, device=accelerator.device,
+    )  # fmt: skip
+    tokens, samples, corrupt = (int(v) for v in accelerator.reduce(totals, "sum").tolist())
+    if tokens == 0:
+        raise TrainingError(f"step {step + 1}: the batch has no supervised token (every label is -100)")
+    loss_sum = torch.zeros((), dtype=torch.float64, device=accelerator.device)
+    for i, (batch, n) in enumerate(zip(micro, counts, strict=True)):
+        inputs = {k: v.to(accelerator.device) for k, v in batch.items() if isinstance(v, torch.Tensor)}
+        sync = nullcontext() if i == accum - 1 else accelerator.no_sync(model)
+        with sync, accelerator.autocast():
+            out = model(**inputs)
+            # The model's loss is a mean over this micro-batch's n tokens; re-weight it into a share
+            # of the global sum, × processes because gradient all-reduce averages over them.
+            accelerator.backward(out.loss * (n * accelerator.num_processes / tokens))
+        loss_sum += out.loss.detach().double() * n
+    loss = float(accelerator.reduce(loss_sum, "sum")) / tokens
+    if not math.isfinite(loss):
+        raise TrainingError(
+            f"step {step + 1}: the loss is {loss}; stopped before updating the weights "
+            "(the last checkpoint is intact: lower the learning rate or check the data)"
+        )
+    return loss, samples, corrupt
+
+
+def _clip(
+    accelerator: Accelerator, params: list[torch.nn.Parameter], max_norm: float | None, step: int
+) -> float:
+    if max_norm is None:
+        return float("nan")
+    norm = float(accelerator.clip_grad_norm_(params, max_norm))
+    if not math.isfinite(norm) and accelerator.mixed_precision != "fp16":
+        # Under fp16 the grad scaler skips such a step itself; elsewhere it is a real blow-up.
+        raise TrainingError(
+            f"step {step + 1}: the gradient norm is {norm}; stopped before updating the weights"
+        )
+    return norm
+
+
+def _save(
+    accelerator: Accelerator,
+    model: MiniGPT4,
+    optimizer: torch.optim.Optimizer,
+    progress: _Progress,
+    global_batch: int,
+    global_micro: int,
+    cfg: TrainConfig,
+) -> Path:
+    path = checkpoint.step_dir(cfg.run.output_dir, progress.step)
+    rng = gather_object([checkpoint.rng_state()])
+    if accelerator.is_main_process:
+        state = {
+            "step": progress.step,
+            "samples": progress.samples,
+            "corrupt": progress.corrupt,
+            "global_batch": global_batch,
+            "global_micro": global_micro,
+            "optimizer": optimizer.state_dict(),
+            "rng": rng,
+            "config": json.dumps(dataclasses.asdict(cfg)),
+        }
+        checkpoint.save_checkpoint(path, model, state, {"config": cfg.name, "step": progress.step})
+        checkpoint.prune_checkpoints(cfg.run.output_dir, cfg.run.keep_checkpoints)
+    accelerator.wait_for_everyone()
+    return path
+
+
+def _resume_path(output_dir: Path, resume: str | None) -> Path | None:
+    if resume == "auto":
+        latest = checkpoint.latest_checkpoint(output_dir)
+        if latest is None:
+            log.info("--resume auto: no checkpoint in %s yet, starting from step 0", output_dir)
+        return latest
+    if resume:
+        return Path(resume)
+    latest = checkpoint.latest_checkpoint(output_dir)
+    if latest is not None:
+        raise TrainingError(
+            f"{output_dir} already holds checkpoints (latest: {latest.name}); pass --resume auto to "
+            "continue that run, or set run.output_dir to a new folder"
+        )
+    return None
+
+
+def _check_compatible(state: dict[str, Any], global_batch: int, global_micro: int, path: Path) -> None:
+    if state["global_batch"] != global_batch:
+        raise TrainingError(
+            f"{path}: the run used a global batch of {state['global_batch']} samples per step, this one "
+            f"{global_batch} (batch_size × processes × grad_accum_steps); resume with the same global batch"
+        )
+    if state["samples"] % global_micro:
+        raise TrainingError(
+            f"{path}: data position {state['samples']} is not a whole number of micro-batches"
+        )
+
+
+class _Metrics:
+    """One JSON line per logged step in <output_dir>/metrics.jsonl, and TensorBoard when asked for."""
+
+    def __init__(self, output_dir: Path, run: RunConfig, enabled: bool) -> None:
+        self.file = None
+        self.tensorboard = None
+        if not enabled:
+            return
+        output_dir.mkdir(parents=True, exist_ok=True)
+        self.file = open(output_dir / METRICS, "a", encoding="utf-8")  # noqa: SIM115 (closed in close())
+        if run.tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter  # noqa: PLC0415
+            except ImportError:
+                log.warning("run.tensorboard: the tensorboard package is not installed; metrics.jsonl only")
+            else:
+                self.tensorboard = SummaryWriter(str(output_dir / "tensorboard"))
+
+    def write(self, step: int, **values: float) -> None:
+        if self.file is None:
+            return
+        self.file.write(json.dumps({"step": step, "time": time.time(), **values}) + "\n")
+        self.file.flush()
+        if self.tensorboard is not None:
+            for name, value in values.items():
+                self.tensorboard.add_scalar(f"train/{name}", value, step)
+
+    def close(self) -> None:
+        if self.file is not None:
+            self.file.close()
+        if self.tensorboard is not None:
+            self.tensorboard.close()
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m minigpt4 train", description=__doc__.split("\n")[0])
+    parser.add_argument("--cfg-path", required=True, help="a train YAML, or a name in train_configs/")
+    parser.add_argument(
+        "--resume", default=None, metavar="auto|DIR",
+        help="continue from the latest checkpoint of run.output_dir (auto) or from a checkpoint folder",
+    )  # fmt: skip
+    parser.add_argument(
+        "--stop-after", type=int, default=None, metavar="N",
+        help="run at most N steps now, save a checkpoint and exit (continue later with --resume auto)",
+    )  # fmt: skip
+    parser.add_argument("--cpu", action="store_true", help="train on the CPU even when a GPU is present")
+    parser.add_argument("overrides", nargs="*", metavar="key.sub=value", help="config overrides")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Train from the command line; see `train --help`."""
+    args = build_parser().parse_args(argv)
+    cfg = load_train_config(args.cfg_path, args.overrides)
+    result = train(cfg, resume=args.resume, stop_after=args.stop_after, cpu=args.cpu)
+    if not result.main_process:
+        return 0
+    if result.losses:
+        print(
+            f"steps {result.step - len(result.losses) + 1}–{result.step}: loss {result.losses[0]:.4f} → {result.losses[-1]:.4f}"
+        )
+    if result.weights is not None:
+        print(f"trained weights: {result.weights}")
+    elif result.checkpoint is not None:
+        print(f"stopped at step {result.step}; continue with --resume auto ({result.checkpoint})")
+    return 0
