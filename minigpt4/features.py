@@ -99,7 +99,11 @@ def cache_features(
                 keys += batch_keys
             bar.update(len(chunk[start : start + batch_size]))
         corrupt += len(stream_errors) - errors_before
-        array = np.concatenate(feats) if feats else np.zeros((0, vision.n_tokens, vision.feature_dim), DTYPES[dtype])
+        array = (
+            np.concatenate(feats)
+            if feats
+            else np.zeros((0, vision.n_tokens, vision.feature_dim), DTYPES[dtype])
+        )
         write_part(out, part, array, keys)
     bar.close()
     index = {
@@ -117,7 +121,9 @@ def cache_features(
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m minigpt4 cache-features", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m minigpt4 cache-features", description=__doc__.split("\n")[0]
+    )
     parser.add_argument("--cfg-path", required=True, help="the train YAML whose data and vision model to use")
     parser.add_argument("--out", default=None, help="output folder (default: the config's data.features)")
     parser.add_argument("--batch-size", type=int, default=64)
@@ -135,6 +141,8 @@ def main(argv: list[str] | None = None) -> int:
     out = args.out or cfg.data.features
     if out is None:
         raise ConfigError("give --out, or set data.features in the config")
-    index = cache_features(cfg.data, cfg.model, Path(out), args.batch_size, args.part_size, args.dtype, args.device)
+    index = cache_features(
+        cfg.data, cfg.model, Path(out), args.batch_size, args.part_size, args.dtype, args.device
+    )
     print(f"cached features of {index['records']} records in {out}; train with data.features={out}")
     return 0

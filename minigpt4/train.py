@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import hashlib
 import json
 import logging
 import math
@@ -29,7 +30,7 @@ from tqdm import tqdm
 from minigpt4 import checkpoint
 from minigpt4.build import build_model
 from minigpt4.data.labels import supervised_tokens
-from minigpt4.data.loader import BatchPlan, build_loader
+from minigpt4.data.loader import BatchPlan, build_loader, process_shards
 from minigpt4.model import MiniGPT4
 from minigpt4.train_config import RunConfig, TrainConfig, check_batch_layout, load_train_config
 from minigpt4.weights import load_trainable, save_trainable
@@ -94,9 +95,11 @@ def train(
 ) -> TrainResult:
     """Run (or continue) the training a config describes; see the module docstring."""
     run = cfg.run
+    # Accelerate joins CPU processes (gloo) only when told it runs on the CPU.
+    cpu = cpu or not torch.cuda.is_available()
     precision = run.mixed_precision
     if precision == "auto":
-        precision = "fp16" if torch.cuda.is_available() and not cpu else "no"
+        precision = "no" if cpu else "fp16"
     accelerator = Accelerator(cpu=cpu, mixed_precision=precision)
     world, rank = accelerator.num_processes, accelerator.process_index
     global_micro = check_batch_layout(cfg, world)
@@ -128,6 +131,8 @@ def train(
         cfg.data, cfg.model, model, plan, seed=run.seed, start=progress.samples // global_micro
     )
     batches = iter(loader)
+    if world > 1 and cfg.data.format == "webdataset":
+        log.info("process %d of %d reads %s", rank, world, ", ".join(process_shards(cfg.data, plan)))
     if state is not None:
         log.info("resuming from %s at step %d of %d", resume_from, progress.step, run.total_steps)
 
@@ -150,6 +155,7 @@ def train(
         grad_norm = _clip(accelerator, params, run.max_grad_norm, step)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+        _check_finite(params, step)
         progress = _Progress(step + 1, progress.samples + global_batch, progress.corrupt + n_corrupt)
         result.losses.append(loss)
         samples_last += n_samples
@@ -167,6 +173,8 @@ def train(
             last_saved = _save(accelerator, model, optimizer, progress, global_batch, global_micro, cfg)
     bar.close()
     metrics.close()
+    if world > 1:
+        _check_ranks_agree(model, world)
     result.step, result.corrupt, result.checkpoint = progress.step, progress.corrupt, last_saved
     if progress.corrupt:
         log.warning("%d corrupt records were skipped over the run", progress.corrupt)
@@ -176,9 +184,7 @@ def train(
             save_trainable(model, result.weights, {"config": cfg.name, "step": progress.step})
             log.info("trained weights: %s (set model.projection.checkpoint to it)", result.weights)
     accelerator.wait_for_everyone()
-    accelerator.end_training()
-    if world > 1:
-        torch.distributed.destroy_process_group()
+    accelerator.end_training()  # also destroys the process group of a multi-process run
     return result
 
 
@@ -226,6 +232,26 @@ def _clip(
             f"step {step + 1}: the gradient norm is {norm}; stopped before updating the weights"
         )
     return norm
+
+
+def _check_ranks_agree(model: MiniGPT4, world: int) -> None:
+    """Data-parallel ranks must end with the same weights, bit for bit; anything else is a bug."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.trainable_state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    digests = gather_object([digest.hexdigest()])
+    if len(set(digests)) != 1:
+        raise TrainingError(f"the {world} processes ended with different weights: {digests}")
+    log.info("the trained weights are identical on all %d processes (sha256 %s)", world, digests[0][:16])
+
+
+def _check_finite(params: list[torch.nn.Parameter], step: int) -> None:
+    if not all(bool(torch.isfinite(p).all()) for p in params):
+        raise TrainingError(
+            f"step {step + 1}: the update made the weights NaN or inf; stopped without saving them "
+            "(the last checkpoint is intact: lower the learning rate)"
+        )
 
 
 def _save(

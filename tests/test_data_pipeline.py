@@ -13,7 +13,6 @@ from pathlib import Path
 import pytest
 import torch
 import webdataset as wds
-from train_helpers import one_thread, tiny_config, tiny_data, tiny_model  # noqa: F401 (fixtures)
 
 from minigpt4.conversation import get_template
 from minigpt4.data import scenes
@@ -25,6 +24,7 @@ from minigpt4.errors import ConfigError
 from minigpt4.model import IGNORE_INDEX, IMAGE_TOKEN_ID
 from minigpt4.train_config import check_batch_layout, source_shards
 
+pytest_plugins = ["train_helpers"]  # fixtures: tiny_data, tiny_config, tiny_model, one_thread
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
@@ -64,10 +64,14 @@ def test_processes_together_take_exactly_the_one_process_batch(world, streams):
         one = positions(BatchPlan(8, streams), j)
         parts = [positions(BatchPlan(8, streams, rank, world), j) for rank in range(world)]
         assert set().union(*parts) == one and sum(map(len, parts)) == 8, "a partition of the same records"
-        assert one == {(s, p) for s in range(streams) for p in range(j * 8 // streams, (j + 1) * 8 // streams)}
+        assert one == {
+            (s, p) for s in range(streams) for p in range(j * 8 // streams, (j + 1) * 8 // streams)
+        }
         if streams % world == 0:
             own = [{s for s, _ in part} for part in parts]
-            assert all(not (a & b) for a, b in itertools.combinations(own, 2)), "each rank has its own streams"
+            assert all(not (a & b) for a, b in itertools.combinations(own, 2)), (
+                "each rank has its own streams"
+            )
 
 
 def test_a_stream_reads_only_its_shards_and_mixes_sources_by_ratio(tiny_data):
@@ -103,8 +107,8 @@ def _assert_same_batches(a, b):
             assert torch.equal(x[key], y[key]), key
 
 
-def test_workers_and_resumption_give_the_same_batches(tiny_data, tiny_model, tmp_path):
-    cfg = tiny_config(1, tiny_data, tmp_path)
+def test_workers_and_resumption_give_the_same_batches(tiny_config, tiny_model, tmp_path):
+    cfg = tiny_config(1, tmp_path)
     plan = BatchPlan(8, 2)
     reference = _batches(build_loader(cfg.data, cfg.model, tiny_model, plan, seed=5), 5)
     assert [b["index"] for b in reference] == [0, 1, 2, 3, 4]
@@ -116,15 +120,21 @@ def test_workers_and_resumption_give_the_same_batches(tiny_data, tiny_model, tmp
     )
 
 
-def test_two_ranks_together_see_the_one_process_samples(tiny_data, tiny_model, tmp_path):
-    cfg = tiny_config(2, tiny_data, tmp_path)
+def test_two_ranks_together_see_the_one_process_samples(tiny_config, tiny_model, tmp_path):
+    cfg = tiny_config(2, tmp_path)
 
     def rows(batch):  # each sample's unpadded tokens and labels
         keep = batch["attention_mask"].bool()
-        return {(tuple(i[m].tolist()), tuple(lab[m].tolist())) for i, lab, m in zip(batch["input_ids"], batch["labels"], keep)}
+        return {
+            (tuple(i[m].tolist()), tuple(lab[m].tolist()))
+            for i, lab, m in zip(batch["input_ids"], batch["labels"], keep, strict=True)
+        }
 
     one = _batches(build_loader(cfg.data, cfg.model, tiny_model, BatchPlan(4, 1), seed=0), 3)
-    ranks = [_batches(build_loader(cfg.data, cfg.model, tiny_model, BatchPlan(4, 1, r, 2), seed=0), 3) for r in (0, 1)]
+    ranks = [
+        _batches(build_loader(cfg.data, cfg.model, tiny_model, BatchPlan(4, 1, r, 2), seed=0), 3)
+        for r in (0, 1)
+    ]
     for j in range(3):
         assert rows(ranks[0][j]) | rows(ranks[1][j]) == rows(one[j])
         assert len(ranks[0][j]["labels"]) == len(ranks[1][j]["labels"]) == 2
@@ -139,13 +149,17 @@ def _write_shard(path: Path, members: list[dict]) -> None:
             sink.write(member)
 
 
-def _one_source_config(tiny_data, folder, tmp_path):
+def _one_source_config(tiny_config, folder, tmp_path):
     return tiny_config(
-        1, tiny_data, tmp_path, f"data.sources=[{{name: x, path: '{folder}'}}]", "data.streams=1", "data.shuffle_buffer=1"
+        1,
+        tmp_path,
+        f"data.sources=[{{name: x, path: '{folder}'}}]",
+        "data.streams=1",
+        "data.shuffle_buffer=1",
     )
 
 
-def test_corrupt_samples_are_skipped_counted_and_named(tiny_data, tiny_model, tmp_path, caplog):
+def test_corrupt_samples_are_skipped_counted_and_named(tiny_config, tiny_model, tmp_path, caplog):
     good = scenes.render_scene(random.Random(0))
     jpg, caption = jpeg_bytes(good.image), json.dumps({"caption": scenes.caption(good)})
     folder = tmp_path / "shards"
@@ -161,7 +175,7 @@ def test_corrupt_samples_are_skipped_counted_and_named(tiny_data, tiny_model, tm
             {"__key__": "good2", "jpg": jpg, "txt": "a caption in txt"},
         ],
     )
-    cfg = _one_source_config(tiny_data, folder, tmp_path)
+    cfg = _one_source_config(tiny_config, folder, tmp_path)
     with caplog.at_level(logging.WARNING):
         batch = next(iter(build_loader(cfg.data, cfg.model, tiny_model, BatchPlan(6, 1), seed=0)))
     assert batch["corrupt"] == 3 and batch["labels"].shape[0] == 3
@@ -171,7 +185,7 @@ def test_corrupt_samples_are_skipped_counted_and_named(tiny_data, tiny_model, tm
         assert any(f"shard-00000.tar/{key}" in m for m in skipped), key
 
 
-def test_a_truncated_shard_is_counted_and_its_readable_part_used(tiny_data, tiny_model, tmp_path, caplog):
+def test_a_truncated_shard_is_counted_and_its_readable_part_used(tiny_config, tiny_model, tmp_path, caplog):
     folder = tmp_path / "shards"
     folder.mkdir()
     members = []
@@ -183,7 +197,7 @@ def test_a_truncated_shard_is_counted_and_its_readable_part_used(tiny_data, tiny
     with tarfile.open(fileobj=io.BytesIO(data)) as tar:
         third = tar.getmembers()[4]  # cut inside the third sample's image
     (folder / "shard-00000.tar").write_bytes(data[: third.offset_data + 100])
-    cfg = _one_source_config(tiny_data, folder, tmp_path)
+    cfg = _one_source_config(tiny_config, folder, tmp_path)
     with caplog.at_level(logging.WARNING):
         batch = next(iter(build_loader(cfg.data, cfg.model, tiny_model, BatchPlan(4, 1), seed=0)))
     assert batch["corrupt"] >= 1
@@ -208,7 +222,9 @@ def test_stage1_golden_labels_supervise_the_caption_and_newline_only(tiny_model)
 
 
 def test_stage2_golden_labels_mask_the_prompt_and_image(tiny_model):
-    ids, labels = _builder(tiny_model, 2, 160).build("The image shows one shape.", "Describe this image in detail.")
+    ids, labels = _builder(tiny_model, 2, 160).build(
+        "The image shows one shape.", "Describe this image in detail."
+    )
     mask = "".join("1" if label != IGNORE_INDEX else "0" for label in labels)
     assert mask == "0" * 53 + "1" * 10
     assert ids[14:22] == [IMAGE_TOKEN_ID] * 8
@@ -236,14 +252,14 @@ def test_padding_is_masked_and_counted_out():
 # --- configuration -------------------------------------------------------------------------------
 
 
-def test_config_errors_name_the_key(tiny_data, tmp_path):
+def test_config_errors_name_the_key(tiny_config, tmp_path):
     with pytest.raises(ConfigError, match=r"data\.bogus"):
-        tiny_config(1, tiny_data, tmp_path, "data.bogus=1")
+        tiny_config(1, tmp_path, "data.bogus=1")
     with pytest.raises(ConfigError, match=r"data\.sources\[0\]\.path.*not found"):
-        tiny_config(1, tiny_data, tmp_path, "data.sources=[{name: a, path: 'nowhere/shard-{0..3}.tar'}]")
+        tiny_config(1, tmp_path, "data.sources=[{name: a, path: 'nowhere/shard-{0..3}.tar'}]")
     with pytest.raises(ConfigError, match=r"data\.sources\[0\]\.path.*filter_cap\.json"):
-        tiny_config(2, tiny_data, tmp_path, f"data.sources=[{{name: a, path: '{tmp_path}'}}]")
+        tiny_config(2, tmp_path, f"data.sources=[{{name: a, path: '{tmp_path}'}}]")
     with pytest.raises(ConfigError, match=r"data\.prompts_file"):
-        tiny_config(2, tiny_data, tmp_path, "data.prompts_file=null")
+        tiny_config(2, tmp_path, "data.prompts_file=null")
     with pytest.raises(ConfigError, match=r"run\.batch_size"):
-        check_batch_layout(tiny_config(1, tiny_data, tmp_path, "run.batch_size=3"), world_size=1)
+        check_batch_layout(tiny_config(1, tmp_path, "run.batch_size=3"), world_size=1)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -12,6 +14,8 @@ from minigpt4.train_config import TrainConfig, load_train_config
 
 ROOT = Path(__file__).resolve().parent.parent
 
+# Test modules use these with `pytest_plugins = ["train_helpers"]` (tests/conftest.py is the lead's).
+
 
 @pytest.fixture(scope="session")
 def tiny_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
@@ -21,8 +25,7 @@ def tiny_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out
 
 
-def tiny_config(stage: int, data: Path, output_dir: Path, *overrides: str) -> TrainConfig:
-    """train_configs/tiny_stage{1,2}.yaml reading `data` and writing to `output_dir`."""
+def _tiny_config(data: Path, stage: int, output_dir: Path, *overrides: str) -> TrainConfig:
     if stage == 1:
         sources = (
             f"[{{name: shapes, path: '{data}/stage1/shapes', ratio: 115}}, "
@@ -36,6 +39,12 @@ def tiny_config(stage: int, data: Path, output_dir: Path, *overrides: str) -> Tr
     )
 
 
+@pytest.fixture(scope="session")
+def tiny_config(tiny_data: Path) -> Callable[..., TrainConfig]:
+    """`tiny_config(stage, output_dir, *overrides)`: train_configs/tiny_stage{1,2}.yaml on `tiny_data`."""
+    return functools.partial(_tiny_config, tiny_data)
+
+
 @pytest.fixture
 def one_thread():
     """Tiny models run far faster on one thread than on two oversubscribed ones."""
@@ -46,9 +55,8 @@ def one_thread():
 
 
 @pytest.fixture(scope="session")
-def tiny_model(tiny_data: Path, tmp_path_factory: pytest.TempPathFactory):
+def tiny_model(tiny_config, tmp_path_factory: pytest.TempPathFactory):
     """The tiny training configs' model (both stages share it), on the CPU."""
     from minigpt4.build import build_model
 
-    cfg = tiny_config(1, tiny_data, tmp_path_factory.mktemp("unused"))
-    return build_model(cfg.model, device="cpu")
+    return build_model(tiny_config(1, tmp_path_factory.mktemp("unused")).model, device="cpu")

@@ -215,6 +215,18 @@ def read_prompts(path: str | Path) -> list[str]:
     return prompts
 
 
+def process_shards(cfg: DataConfig, plan: BatchPlan) -> list[str]:
+    """The shard files this process reads (webdataset), for the log."""
+    if cfg.format != "webdataset":
+        return []
+    return sorted(
+        Path(shard).name if len(cfg.sources) == 1 else f"{src.name}/{Path(shard).name}"
+        for src in cfg.sources
+        for s in plan.streams()
+        for shard in source_shards(src)[s :: cfg.streams]
+    )
+
+
 def stream_opener(
     cfg: DataConfig, seed: int
 ) -> Callable[[int, Callable[[Exception], bool]], Iterator[dict[str, Any]]]:
