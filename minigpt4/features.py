@@ -26,7 +26,7 @@ from minigpt4.config import ModelConfig, resolve_path
 from minigpt4.data import stage2
 from minigpt4.data.feature_cache import part_done, vision_fingerprint, write_index, write_part
 from minigpt4.data.loader import record_image, record_key
-from minigpt4.data.stage1 import CorruptSample
+from minigpt4.data.stage1 import CorruptSample, sample_caption
 from minigpt4.errors import ConfigError
 from minigpt4.train_config import DataConfig, load_train_config, source_shards
 from minigpt4.vision import build_vision
@@ -46,6 +46,15 @@ def all_records(cfg: DataConfig, on_error) -> Iterator[dict[str, Any]]:
         for sample in wds.tarfile_samples(({"url": u} for u in urls), handler=on_error):
             sample["__source__"] = source.name
             yield sample
+
+
+def _shard_record(sample: dict[str, Any]) -> list:
+    """[source, shard file, member key, caption or None] of a webdataset sample."""
+    try:
+        text = sample_caption(sample)
+    except CorruptSample:
+        text = None
+    return [sample["__source__"], Path(sample["__url__"]).name, sample["__key__"], text]
 
 
 def frozen_vision(cfg: ModelConfig, device: torch.device) -> torch.nn.Module:
@@ -83,6 +92,7 @@ def cache_features(
             continue
         errors_before = len(stream_errors)
         keys, feats = [], []
+        shard_records = [_shard_record(r) for r in chunk if "image_path" not in r]
         for start in range(0, len(chunk), batch_size):
             batch_keys, images = [], []
             for record in chunk[start : start + batch_size]:
@@ -104,7 +114,7 @@ def cache_features(
             if feats
             else np.zeros((0, vision.n_tokens, vision.feature_dim), DTYPES[dtype])
         )
-        write_part(out, part, array, keys)
+        write_part(out, part, array, keys, shard_records)
     bar.close()
     index = {
         "fingerprint": vision_fingerprint(cfg_model),

@@ -95,12 +95,7 @@ def train(
 ) -> TrainResult:
     """Run (or continue) the training a config describes; see the module docstring."""
     run = cfg.run
-    # Accelerate joins CPU processes (gloo) only when told it runs on the CPU.
-    cpu = cpu or not torch.cuda.is_available()
-    precision = run.mixed_precision
-    if precision == "auto":
-        precision = "no" if cpu else "fp16"
-    accelerator = Accelerator(cpu=cpu, mixed_precision=precision)
+    accelerator = make_accelerator(run, cpu)
     world, rank = accelerator.num_processes, accelerator.process_index
     global_micro = check_batch_layout(cfg, world)
     global_batch = global_micro * run.grad_accum_steps
@@ -148,26 +143,19 @@ def train(
     last_saved = None
     t_last, samples_last = time.perf_counter(), 0
     for step in range(progress.step, end):
-        lr = lr_at(run, step)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        loss, n_samples, n_corrupt = _train_step(accelerator, ddp_model, batches, run.grad_accum_steps, step)
-        grad_norm = _clip(accelerator, params, run.max_grad_norm, step)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        _check_finite(params, step)
-        progress = _Progress(step + 1, progress.samples + global_batch, progress.corrupt + n_corrupt)
-        result.losses.append(loss)
-        samples_last += n_samples
+        out = train_step(accelerator, ddp_model, optimizer, params, batches, run, step)
+        progress = _Progress(step + 1, progress.samples + global_batch, progress.corrupt + out.corrupt)
+        result.losses.append(out.loss)
+        samples_last += out.samples
         bar.update(1)
         if (step + 1) % run.log_every == 0 or step + 1 == end:
             now = time.perf_counter()
             rate = samples_last / max(now - t_last, 1e-9)
             t_last, samples_last = now, 0
-            bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", samples_s=f"{rate:.1f}")
+            bar.set_postfix(loss=f"{out.loss:.4f}", lr=f"{out.lr:.2e}", samples_s=f"{rate:.1f}")
             metrics.write(
-                step=step + 1, epoch=step // run.iters_per_epoch, loss=loss, lr=lr, grad_norm=grad_norm,
-                samples_per_s=rate, corrupt=progress.corrupt,
+                step=step + 1, epoch=step // run.iters_per_epoch, loss=out.loss, lr=out.lr,
+                grad_norm=out.grad_norm, samples_per_s=rate, corrupt=progress.corrupt,
             )  # fmt: skip
         if (run.save_every and (step + 1) % run.save_every == 0) or step + 1 == end:
             last_saved = _save(accelerator, model, optimizer, progress, global_batch, global_micro, cfg)
@@ -188,7 +176,47 @@ def train(
     return result
 
 
-def _train_step(
+def make_accelerator(run: RunConfig, cpu: bool = False) -> Accelerator:
+    """An Accelerator for the run: fp16 autocast on CUDA when `mixed_precision: auto`."""
+    # Accelerate joins CPU processes (gloo) only when told it runs on the CPU.
+    cpu = cpu or not torch.cuda.is_available()
+    precision = run.mixed_precision
+    if precision == "auto":
+        precision = "no" if cpu else "fp16"
+    return Accelerator(cpu=cpu, mixed_precision=precision)
+
+
+@dataclass
+class StepResult:
+    loss: float  # mean over every supervised token of the global batch
+    lr: float
+    grad_norm: float
+    samples: int  # used samples, all processes
+    corrupt: int  # skipped records, all processes
+
+
+def train_step(
+    accelerator: Accelerator,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    params: list[torch.nn.Parameter],
+    batches: Iterator[dict[str, Any]],
+    run: RunConfig,
+    step: int,
+) -> StepResult:
+    """One optimizer step (0-based `step`): schedule, forward/backward, clipping, update, NaN checks."""
+    lr = lr_at(run, step)
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    loss, samples, corrupt = forward_backward(accelerator, model, batches, run.grad_accum_steps, step)
+    grad_norm = _clip(accelerator, params, run.max_grad_norm, step)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    _check_finite(params, step)
+    return StepResult(loss, lr, grad_norm, samples, corrupt)
+
+
+def forward_backward(
     accelerator: Accelerator, model: torch.nn.Module, batches: Iterator[dict[str, Any]], accum: int, step: int
 ) -> tuple[float, int, int]:
     """Forward/backward over `accum` micro-batches; returns (global mean loss, samples, corrupt)."""

@@ -19,7 +19,7 @@ from minigpt4.data import scenes
 from minigpt4.data.labels import TextBuilder, pad_batch, supervised_tokens
 from minigpt4.data.loader import BatchPlan, build_loader
 from minigpt4.data.make import jpeg_bytes
-from minigpt4.data.stage1 import ShardSource, shard_stream
+from minigpt4.data.stage1 import ShardSource, shard_stream, tar_reader
 from minigpt4.errors import ConfigError
 from minigpt4.model import IGNORE_INDEX, IMAGE_TOKEN_ID
 from minigpt4.train_config import check_batch_layout, source_shards
@@ -79,14 +79,20 @@ def test_a_stream_reads_only_its_shards_and_mixes_sources_by_ratio(tiny_data):
     texts = tuple(source_shards_of(tiny_data / "stage1" / "shapes_txt"))
     sources = [ShardSource("shapes", shapes, 3.0), ShardSource("shapes_txt", texts, 1.0)]
     for stream in (0, 1):
-        samples = list(itertools.islice(shard_stream(sources, stream, 2, 0, 8, _raise), 240))
+        samples = list(itertools.islice(shard_stream(sources, stream, 2, 0, 8, tar_reader(_raise)), 240))
         shard_numbers = {int(Path(s["__url__"]).stem.split("-")[1]) for s in samples}
         assert {n % 2 for n in shard_numbers} == {stream}
         share = sum(s["__source__"] == "shapes" for s in samples) / len(samples)
         assert share == pytest.approx(0.75, abs=0.08)
-    again = [s["__key__"] for s in itertools.islice(shard_stream(sources, 0, 2, 0, 8, _raise), 40)]
-    other_seed = [s["__key__"] for s in itertools.islice(shard_stream(sources, 0, 2, 1, 8, _raise), 40)]
-    assert again == [s["__key__"] for s in itertools.islice(shard_stream(sources, 0, 2, 0, 8, _raise), 40)]
+    again = [
+        s["__key__"] for s in itertools.islice(shard_stream(sources, 0, 2, 0, 8, tar_reader(_raise)), 40)
+    ]
+    other_seed = [
+        s["__key__"] for s in itertools.islice(shard_stream(sources, 0, 2, 1, 8, tar_reader(_raise)), 40)
+    ]
+    assert again == [
+        s["__key__"] for s in itertools.islice(shard_stream(sources, 0, 2, 0, 8, tar_reader(_raise)), 40)
+    ]
     assert again != other_seed
 
 

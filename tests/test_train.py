@@ -6,6 +6,7 @@ import itertools
 import json
 import math
 import random
+import shutil
 
 import pytest
 import torch
@@ -15,11 +16,13 @@ from safetensors.torch import load_file
 from minigpt4 import checkpoint
 from minigpt4.build import build_model
 from minigpt4.chat import load_chat
+from minigpt4.config import PROJECT_ROOT as ROOT
+from minigpt4.config import from_dict, read_yaml
 from minigpt4.data import scenes
 from minigpt4.features import cache_features
 from minigpt4.model import MiniGPT4
-from minigpt4.train import FINAL_WEIGHTS, METRICS, TrainingError, _train_step, lr_at, train
-from minigpt4.train_config import RunConfig
+from minigpt4.train import FINAL_WEIGHTS, METRICS, TrainingError, forward_backward, lr_at, train
+from minigpt4.train_config import RunConfig, TrainConfig
 
 pytest_plugins = ["train_helpers"]  # fixtures: tiny_data, tiny_config, tiny_model, one_thread
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -103,8 +106,11 @@ def test_a_stopped_run_resumes_at_its_step_and_ends_with_the_same_weights(tiny_c
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_cached_features_train_exactly_like_images(tiny_config, tmp_path):
-    cfg = tiny_config(1, tmp_path / "images", *SHORT)
+def test_cached_features_train_exactly_like_images_and_never_read_the_tars(tiny_data, tiny_config, tmp_path):
+    data = tmp_path / "data"
+    shutil.copytree(tiny_data / "stage1", data / "stage1")
+    cfg = tiny_config(1, tmp_path / "images", *SHORT, data=data)
+    with_images = train(cfg)
     cache = tmp_path / "features"
     index = cache_features(cfg.data, cfg.model, cache, batch_size=16, part_size=32)
     assert index["records"] == 96 and index["parts"] == 3
@@ -114,8 +120,10 @@ def test_cached_features_train_exactly_like_images(tiny_config, tmp_path):
     assert cache_features(cfg.data, cfg.model, cache, batch_size=16, part_size=32) == index
     assert (cache / "part-00000.npy").stat().st_mtime_ns == kept and (cache / "part-00001.json").is_file()
 
-    with_images = train(cfg)
-    with_cache = train(tiny_config(1, tmp_path / "cached", *SHORT, f"data.features={cache}"))
+    for shard in data.glob("stage1/*/*.tar"):
+        shard.write_bytes(b"")  # training from the cache must not need the images any more
+    with_cache = train(tiny_config(1, tmp_path / "cached", *SHORT, f"data.features={cache}", data=data))
+    assert with_cache.corrupt == 0
     assert with_cache.losses == pytest.approx(with_images.losses, rel=1e-5)
     a, b = _weights(with_images.weights), _weights(with_cache.weights)
     assert all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)
@@ -184,7 +192,7 @@ def test_a_batch_with_no_supervised_token_is_an_error(tiny_model):
         "corrupt": 0,
     }
     with pytest.raises(TrainingError, match="step 7: .*no supervised token"):
-        _train_step(Accelerator(cpu=True), tiny_model, iter([batch]), accum=1, step=6)
+        forward_backward(Accelerator(cpu=True), tiny_model, iter([batch]), accum=1, step=6)
 
 
 def test_lora_weights_train_save_and_load_with_the_projection(tiny_config, tmp_path):
@@ -215,3 +223,25 @@ def test_gradient_accumulation_matches_a_bigger_batch(tiny_config, tmp_path):
     a, b = _weights(big.weights), _weights(accumulated.weights)
     # Summation order differs; Adam turns fp32 rounding into ~1e-6 weight differences.
     assert all(torch.allclose(a[k], b[k], atol=2e-5) for k in a)
+
+
+@pytest.mark.parametrize("variant", ["minigpt4", "minigpt4_llama2"])
+def test_paper_configs_hold_the_papers_settings(variant):
+    def load(stage):
+        path = ROOT / "train_configs" / f"{variant}_{stage}.yaml"
+        return from_dict(TrainConfig, {"name": path.stem, **read_yaml(path)}, where=str(path))
+
+    stage1, stage2 = load("stage1_pretrain"), load("stage2_finetune")
+    assert (stage1.data.stage, stage1.data.format, stage1.data.max_text_tokens) == (1, "webdataset", 32)
+    assert [(s.name, s.ratio) for s in stage1.data.sources] == [("laion", 115), ("cc_sbu", 14)]
+    r = stage1.run
+    assert (r.batch_size, r.max_epoch, r.iters_per_epoch, r.warmup_steps) == (64, 4, 5000, 5000)
+    assert (r.warmup_lr, r.init_lr, r.min_lr, r.weight_decay) == (1e-6, 1e-4, 8e-5, 0.05)
+    assert (stage2.data.stage, stage2.data.format, stage2.data.max_text_tokens) == (2, "cc_sbu_align", 160)
+    r = stage2.run
+    assert (r.batch_size, r.max_epoch, r.iters_per_epoch, r.warmup_steps) == (12, 5, 200, 200)
+    assert (r.warmup_lr, r.init_lr, r.min_lr, r.weight_decay) == (1e-6, 3e-5, 1e-5, 0.05)
+    assert stage2.model.projection.checkpoint == f"{stage1.run.output_dir}/projection.safetensors"
+    assert (
+        stage1.model.template == stage2.model.template == ("vicuna0" if variant == "minigpt4" else "llama2")
+    )

@@ -25,7 +25,7 @@ def tiny_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out
 
 
-def _tiny_config(data: Path, stage: int, output_dir: Path, *overrides: str) -> TrainConfig:
+def _tiny_config(stage: int, output_dir: Path, *overrides: str, data: Path) -> TrainConfig:
     if stage == 1:
         sources = (
             f"[{{name: shapes, path: '{data}/stage1/shapes', ratio: 115}}, "
@@ -41,8 +41,8 @@ def _tiny_config(data: Path, stage: int, output_dir: Path, *overrides: str) -> T
 
 @pytest.fixture(scope="session")
 def tiny_config(tiny_data: Path) -> Callable[..., TrainConfig]:
-    """`tiny_config(stage, output_dir, *overrides)`: train_configs/tiny_stage{1,2}.yaml on `tiny_data`."""
-    return functools.partial(_tiny_config, tiny_data)
+    """`tiny_config(stage, output_dir, *overrides, data=tiny_data)`: train_configs/tiny_stage{1,2}.yaml."""
+    return functools.partial(_tiny_config, data=tiny_data)
 
 
 @pytest.fixture

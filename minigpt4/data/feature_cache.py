@@ -1,7 +1,10 @@
 """The frozen-feature cache on disk: what `cache-features` writes and training with `features:` reads.
 
     <dir>/part-00000.npy    float array (rows, n_tokens, feature_dim), read memory-mapped
-    <dir>/part-00000.json   {"keys": [...]}: the sample key of each row (written last: a part is
+    <dir>/part-00000.json   {"keys": [...], "records": [...]}: the sample key of each row, and for
+                            webdataset data every record of the part's shards in order
+                            ([source, shard file, member key, caption or null]), so that training
+                            with the cache never reads the image tars (written last: a part is
                             complete when its .json exists)
     <dir>/index.json        the vision fingerprint, shapes, dtype and the list of parts (written
                             when every part is done)
@@ -15,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +29,7 @@ from minigpt4.config import ModelConfig
 from minigpt4.errors import ConfigError
 
 INDEX = "index.json"
+CACHED_TEXT = "__text__"  # the caption of a record read from the cache (None: it was unreadable)
 
 
 def vision_fingerprint(cfg: ModelConfig) -> dict[str, Any]:
@@ -37,7 +42,7 @@ def part_name(index: int) -> str:
     return f"part-{index:05d}"
 
 
-def write_part(root: Path, index: int, features: np.ndarray, keys: list[str]) -> None:
+def write_part(root: Path, index: int, features: np.ndarray, keys: list[str], records: list[list]) -> None:
     """Write one part atomically: the array first, then its key list (which marks it complete)."""
     name = part_name(index)
     tmp = root / f".{name}.npy.tmp"
@@ -45,7 +50,7 @@ def write_part(root: Path, index: int, features: np.ndarray, keys: list[str]) ->
         np.save(fh, features)
     os.replace(tmp, root / f"{name}.npy")
     tmp = root / f".{name}.json.tmp"
-    tmp.write_text(json.dumps({"keys": keys}))
+    tmp.write_text(json.dumps({"keys": keys, "records": records}))
     os.replace(tmp, root / f"{name}.json")
 
 
@@ -77,10 +82,24 @@ class FeatureCache:
                 f"({self.index['fingerprint']}) than this config's ({fingerprint}); recompute it"
             )
         self.rows: dict[str, tuple[int, int]] = {}
+        self.shards: dict[tuple[str, str], list[dict[str, Any]]] = {}
         for part in range(self.index["parts"]):
-            keys = json.loads((self.root / f"{part_name(part)}.json").read_text())["keys"]
-            self.rows.update((key, (part, row)) for row, key in enumerate(keys))
+            stored = json.loads((self.root / f"{part_name(part)}.json").read_text())
+            self.rows.update((key, (part, row)) for row, key in enumerate(stored["keys"]))
+            for source, shard, key, text in stored["records"]:
+                record = {"__source__": source, "__url__": shard, "__key__": key, CACHED_TEXT: text}
+                self.shards.setdefault((source, shard), []).append(record)
         self._arrays: dict[int, np.ndarray] = {}
+
+    def read_shard(self, source: str, url: str) -> Iterator[dict[str, Any]]:
+        """The records of a webdataset shard as the cache saw them, in their order."""
+        records = self.shards.get((source, Path(url).name))
+        if records is None:
+            raise ConfigError(
+                f"data.features: shard {url} of source {source!r} is not in the cache {self.root}; "
+                "recompute it for this data"
+            )
+        return (dict(r) for r in records)
 
     def __len__(self) -> int:
         return len(self.rows)

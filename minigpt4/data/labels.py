@@ -10,7 +10,7 @@ and on its end symbol only. The text is tokenized apart from the prompt, as in t
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -22,13 +22,14 @@ STAGE1_END = "\n"
 
 @dataclass
 class TextBuilder:
-    """Builds (input_ids, labels) for one image and its text. `tokenize_prompt` is the model's."""
+    """Builds (input_ids, labels) for images and their texts. `tokenize_prompt` is the model's."""
 
     tokenize_prompt: Callable[[str, int], list[int]]
     tokenizer: object
     template: Template
     stage: int
     max_text_tokens: int
+    _prompt_ids: dict[str | None, list[int]] = field(default_factory=dict, repr=False)
 
     def prompt(self, instruction: str | None) -> str:
         if self.stage == 1:
@@ -41,13 +42,22 @@ class TextBuilder:
         return STAGE1_END if self.stage == 1 else self.template.answer_end(self.tokenizer)
 
     def build(self, text: str, instruction: str | None = None) -> tuple[list[int], list[int]]:
-        prompt_ids = self.tokenize_prompt(self.prompt(instruction), 1)
-        text_ids = self.tokenizer(text + self.end(), add_special_tokens=False).input_ids[
-            : self.max_text_tokens
-        ]
-        if not text_ids:
-            raise ValueError(f"the text {text!r} gives no token to learn from")
-        return prompt_ids + text_ids, [IGNORE_INDEX] * len(prompt_ids) + text_ids
+        return self.build_many([(text, instruction)])[0]
+
+    def build_many(self, items: Sequence[tuple[str, str | None]]) -> list[tuple[list[int], list[int]]]:
+        """(text, instruction) pairs → (input_ids, labels); the texts are tokenized in one call."""
+        end = self.end()
+        encoded = self.tokenizer([text + end for text, _ in items], add_special_tokens=False).input_ids
+        out = []
+        for (text, instruction), ids in zip(items, encoded, strict=True):
+            text_ids = ids[: self.max_text_tokens]
+            if not text_ids:
+                raise ValueError(f"the text {text!r} gives no token to learn from")
+            if instruction not in self._prompt_ids:  # few distinct prompts: tokenize each once
+                self._prompt_ids[instruction] = self.tokenize_prompt(self.prompt(instruction), 1)
+            prompt_ids = self._prompt_ids[instruction]
+            out.append((prompt_ids + text_ids, [IGNORE_INDEX] * len(prompt_ids) + text_ids))
+        return out
 
 
 def pad_batch(

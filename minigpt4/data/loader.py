@@ -31,7 +31,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from minigpt4.config import ModelConfig, resolve_path
 from minigpt4.conversation import get_template
 from minigpt4.data import stage1, stage2
-from minigpt4.data.feature_cache import FeatureCache, vision_fingerprint
+from minigpt4.data.feature_cache import CACHED_TEXT, FeatureCache, vision_fingerprint
 from minigpt4.data.labels import TextBuilder, pad_batch
 from minigpt4.data.stage1 import CorruptSample
 from minigpt4.errors import ImageError
@@ -102,8 +102,8 @@ class _Cursor:
 
 @dataclass
 class Example:
-    input_ids: list[int]
-    labels: list[int]
+    text: str
+    instruction: str | None = None  # stage 2
     image: Image.Image | None = None
     features: torch.Tensor | None = None
 
@@ -120,6 +120,7 @@ class TrainBatches(IterableDataset):
         plan: BatchPlan,
         open_stream: Callable[[int, Callable[[Exception], bool]], Iterator[dict[str, Any]]],
         make_example: Callable[[dict[str, Any], int, int], Example],
+        text: TextBuilder,
         preprocess: Callable[[list[Image.Image]], torch.Tensor] | None,
         pad_id: int,
         start: int = 0,
@@ -127,6 +128,7 @@ class TrainBatches(IterableDataset):
         self.plan = plan
         self.open_stream = open_stream
         self.make_example = make_example
+        self.text = text
         self.preprocess = preprocess
         self.pad_id = pad_id
         self.start = start
@@ -165,9 +167,8 @@ class TrainBatches(IterableDataset):
         corrupt += self._stream_errors
         if not examples:
             raise RuntimeError(f"every record of micro-batch {j} on this process was corrupt ({corrupt})")
-        input_ids, attention_mask, labels = pad_batch(
-            [(e.input_ids, e.labels) for e in examples], self.pad_id
-        )
+        sequences = self.text.build_many([(e.text, e.instruction) for e in examples])
+        input_ids, attention_mask, labels = pad_batch(sequences, self.pad_id)
         batch: dict[str, Any] = {
             "input_ids": input_ids,
             "attention_mask": attention_mask,
@@ -195,6 +196,10 @@ def record_key(record: dict[str, Any]) -> str:
 def record_text(record: dict[str, Any]) -> str:
     if "image_path" in record:
         return record["caption"]
+    if CACHED_TEXT in record:
+        if record[CACHED_TEXT] is None:
+            raise CorruptSample("no readable caption (found when the feature cache was made)")
+        return record[CACHED_TEXT]
     return stage1.sample_caption(record)
 
 
@@ -228,32 +233,31 @@ def process_shards(cfg: DataConfig, plan: BatchPlan) -> list[str]:
 
 
 def stream_opener(
-    cfg: DataConfig, seed: int
+    cfg: DataConfig, seed: int, cache: FeatureCache | None
 ) -> Callable[[int, Callable[[Exception], bool]], Iterator[dict[str, Any]]]:
-    """A function that opens stream `s` of the configured data."""
+    """A function that opens stream `s` of the configured data.
+
+    With a feature cache, webdataset shards are read from the cache's record lists (same samples,
+    same order), so training never touches the image tars.
+    """
     if cfg.format == "cc_sbu_align":
         source = cfg.sources[0]
         records = stage2.read_annotations(resolve_path(source.path), source.name)
         return lambda s, on_error: stage2.annotation_stream(records, seed)
     sources = [stage1.ShardSource(src.name, tuple(source_shards(src)), src.ratio) for src in cfg.sources]
-    return lambda s, on_error: stage1.shard_stream(
-        sources, s, cfg.streams, seed, cfg.shuffle_buffer, on_error
-    )
+
+    def open_stream(s: int, on_error: Callable[[Exception], bool]) -> Iterator[dict[str, Any]]:
+        read = cache.read_shard if cache is not None else stage1.tar_reader(on_error)
+        return stage1.shard_stream(sources, s, cfg.streams, seed, cfg.shuffle_buffer, read)
+
+    return open_stream
 
 
 def example_maker(
-    cfg: DataConfig, model_cfg: ModelConfig, model: Any, seed: int
+    cfg: DataConfig, seed: int, cache: FeatureCache | None
 ) -> Callable[[dict[str, Any], int, int], Example]:
     """A function turning a raw record at (stream, position) into an Example."""
-    text = TextBuilder(
-        tokenize_prompt=model.tokenize_prompt,
-        tokenizer=model.tokenizer,
-        template=get_template(model_cfg.template),
-        stage=cfg.stage,
-        max_text_tokens=cfg.max_text_tokens,
-    )
     prompts = read_prompts(cfg.prompts_file) if cfg.stage == 2 else None
-    cache = FeatureCache(resolve_path(cfg.features), vision_fingerprint(model_cfg)) if cfg.features else None
 
     def make(record: dict[str, Any], stream: int, position: int) -> Example:
         # The instruction depends on the record's place in its stream only: the same on any layout.
@@ -262,25 +266,37 @@ def example_maker(
             if prompts
             else None
         )
-        ids, labels = text.build(record_text(record), instruction)
+        text = record_text(record)
         if cache is None:
-            return Example(ids, labels, image=record_image(record, cfg.max_image_pixels))
+            return Example(text, instruction, image=record_image(record, cfg.max_image_pixels))
         key = record_key(record)
         if key not in cache:
-            raise CorruptSample("not in the feature cache (unreadable when the cache was made)")
-        return Example(ids, labels, features=cache.get(key))
+            raise CorruptSample("no cached features (the image was unreadable when the cache was made)")
+        return Example(text, instruction, features=cache.get(key))
 
     return make
+
+
+def text_builder(cfg: DataConfig, model_cfg: ModelConfig, model: Any) -> TextBuilder:
+    return TextBuilder(
+        tokenize_prompt=model.tokenize_prompt,
+        tokenizer=model.tokenizer,
+        template=get_template(model_cfg.template),
+        stage=cfg.stage,
+        max_text_tokens=cfg.max_text_tokens,
+    )
 
 
 def build_loader(
     cfg: DataConfig, model_cfg: ModelConfig, model: Any, plan: BatchPlan, seed: int, start: int = 0
 ) -> DataLoader:
     """The DataLoader of this process's micro-batches, from global micro-batch `start` on."""
+    cache = FeatureCache(resolve_path(cfg.features), vision_fingerprint(model_cfg)) if cfg.features else None
     dataset = TrainBatches(
         plan,
-        stream_opener(cfg, seed),
-        example_maker(cfg, model_cfg, model, seed),
+        stream_opener(cfg, seed, cache),
+        example_maker(cfg, seed, cache),
+        text_builder(cfg, model_cfg, model),
         preprocess=None if cfg.features else model.vision.preprocess,
         pad_id=model.tokenizer.pad_token_id,
         start=start,

@@ -37,18 +37,27 @@ class CorruptSample(ValueError):
     """A sample that cannot be used; it is skipped and counted."""
 
 
+ShardReader = Callable[[str, str], Iterator[dict[str, Any]]]  # (source name, shard) → raw samples
+
+
+def tar_reader(on_error: Callable[[Exception], bool]) -> ShardReader:
+    """Read a shard's samples from its tar file; `on_error` sees unreadable tar data (True: go on)."""
+
+    def read(source: str, url: str) -> Iterator[dict[str, Any]]:
+        for sample in wds.tarfile_samples(iter([{"url": url}]), handler=on_error):
+            sample["__source__"] = source
+            yield sample
+
+    return read
+
+
 def shard_stream(
-    sources: list[ShardSource],
-    stream: int,
-    n_streams: int,
-    seed: int,
-    shuffle_buffer: int,
-    on_error: Callable[[Exception], bool],
+    sources: list[ShardSource], stream: int, n_streams: int, seed: int, shuffle_buffer: int, read: ShardReader
 ) -> Iterator[dict[str, Any]]:
-    """The endless raw samples of one stream; `on_error` sees unreadable tar data (True: go on)."""
+    """The endless raw samples of one stream, each shard's samples coming from `read`."""
     readers = [
         _source_samples(
-            src, src.shards[stream::n_streams], f"{seed}/{src.name}/{stream}", shuffle_buffer, on_error
+            src, src.shards[stream::n_streams], f"{seed}/{src.name}/{stream}", shuffle_buffer, read
         )
         for src in sources
     ]
@@ -60,21 +69,17 @@ def shard_stream(
 
 
 def _source_samples(
-    src: ShardSource,
-    shards: tuple[str, ...],
-    seed: str,
-    shuffle_buffer: int,
-    on_error: Callable[[Exception], bool],
+    src: ShardSource, shards: tuple[str, ...], seed: str, shuffle_buffer: int, read: ShardReader
 ) -> Iterator[dict[str, Any]]:
     def passes() -> Iterator[dict[str, Any]]:
         for n_pass in itertools.count():
             order = list(shards)
             random.Random(f"{seed}/pass/{n_pass}").shuffle(order)
             n = 0
-            for sample in wds.tarfile_samples(({"url": url} for url in order), handler=on_error):
-                sample["__source__"] = src.name
-                n += 1
-                yield sample
+            for url in order:
+                for sample in read(src.name, url):
+                    n += 1
+                    yield sample
             if n == 0:
                 raise RuntimeError(
                     f"data source {src.name!r} gave no sample in a whole pass over {list(shards)}"
