@@ -35,6 +35,7 @@ def test_export_writes_the_approved_records_in_cc_sbu_align_layout(
     decide(work, "scene_02", "rejected", "Wrong.")
     decide(work, "scene_03", "approved", "First thought.")
     decide(work, "scene_03", "rejected", "Second thought.")
+    decide(work, "scene_04", "approved", "  ")  # an emptied text is never exported
     out = tmp_path / "cc_sbu_align"
     assert export(work, out) == 0
     assert annotations(out) == {"scene_00": "A red circle, edited by hand.", "scene_01": "A png image."}

@@ -41,6 +41,9 @@ def approved_captions(work: WorkDir, include_undecided: bool = False) -> list[di
             caption = decision["text"] if decision else verdict["text"]
         else:
             continue
+        if not caption.strip():
+            log.warning("%s was approved with an empty description; left out", image_id)
+            continue
         chosen.append({"image_id": image_id, "image": gen["image"], "caption": caption.strip()})
     return chosen
 
