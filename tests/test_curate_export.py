@@ -11,6 +11,8 @@ from PIL import Image
 
 from minigpt4.curate import main
 from minigpt4.curate.records import WorkDir
+from minigpt4.data.loader import record_image, record_text
+from minigpt4.data.stage2 import read_annotations
 
 
 def decide(work: WorkDir, image_id: str, decision: str | None, text: str) -> None:
@@ -39,6 +41,11 @@ def test_export_writes_the_approved_records_in_cc_sbu_align_layout(
     out = tmp_path / "cc_sbu_align"
     assert export(work, out) == 0
     assert annotations(out) == {"scene_00": "A red circle, edited by hand.", "scene_01": "A png image."}
+    records = read_annotations(out, "curated")  # what stage-2 training reads
+    assert [(record_text(r), record_image(r, 10**6).size) for r in records] == [
+        ("A red circle, edited by hand.", (64, 64)),
+        ("A png image.", (64, 64)),
+    ]
     assert sorted(p.name for p in (out / "image").iterdir()) == ["scene_00.jpg", "scene_01.jpg"]
     assert (out / "image" / "scene_00.jpg").read_bytes() == (
         tmp_path / "images" / "scene_00.jpg"

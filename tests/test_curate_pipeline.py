@@ -1,18 +1,20 @@
-"""The whole curation pipeline on 10 images: tiny model → chat-completions server → rules → review → export."""
+"""The whole curation pipeline on 10 images: tiny model → chat-completions server → rules → review →
+export → stage-2 training on the exported folder."""
 
 from __future__ import annotations
 
 import itertools
-import json
 from pathlib import Path
 
 import pytest
 from curate_helpers import GOOD_TEXT, ChatCompletionsServer, make_images, read_records
-from PIL import Image
 
 from minigpt4.curate import main
 from minigpt4.curate.records import WorkDir
 from minigpt4.curate.review import ReviewStore
+from minigpt4.data.loader import record_image, record_text
+from minigpt4.data.stage2 import read_annotations
+from minigpt4.train import main as train_main
 
 
 class StandInLLM:
@@ -62,9 +64,15 @@ def test_ten_images_from_folder_to_cc_sbu_align(tmp_path: Path, capsys: pytest.C
     out = tmp_path / "cc_sbu_align"
     assert main(["export", *args, "--out", str(out)]) == 0
     assert f"export: {len(to_review) - 1} image-text pairs" in capsys.readouterr().out
-    annotations = json.loads((out / "filter_cap.json").read_text())["annotations"]
-    assert [a["image_id"] for a in annotations] == to_review[1:]
-    for annotation in annotations:
-        assert "small dog" in annotation["caption"] and "brown" not in annotation["caption"]
-        with Image.open(out / "image" / f"{annotation['image_id']}.jpg") as image:
-            assert image.format == "JPEG" and image.size == (64, 64)
+    records = read_annotations(out, "curated")  # as stage-2 training reads the folder
+    assert [r["__key__"] for r in records] == to_review[1:]
+    for record in records:
+        assert "small dog" in record_text(record) and "brown" not in record_text(record)
+        assert record_image(record, max_pixels=10**6).size == (64, 64)
+
+    run = tmp_path / "run"
+    assert train_main([
+        "--cfg-path", "tiny_stage2", "--cpu", f"data.sources=[{{name: curated, path: {out}}}]",
+        f"run.output_dir={run}", "run.max_epoch=1", "run.iters_per_epoch=2", "run.batch_size=2",
+    ]) == 0  # fmt: skip
+    assert (run / "projection.safetensors").is_file()

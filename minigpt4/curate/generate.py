@@ -64,17 +64,10 @@ def describe(chat: Chat, image: Path, settings: GenerateSettings) -> list[str]:
     return answers
 
 
-class _ConversationAnswerer(BatchAnswerer):
-    """BatchAnswerer over whole conversations (an image turn, questions, earlier answers)."""
-
-    def prompt_ids(self, conversation: Conversation) -> list[int]:  # type: ignore[override]
-        return self.chat.model.tokenize_prompt(conversation.render(self.chat.tokenizer), 1)
-
-
 def describe_batch(chat: Chat, images: list[Path], settings: GenerateSettings) -> list[list[str]]:
     """`describe` for several images at once, greedily: each round decodes the images still short."""
     max_new_tokens = dict(settings.overrides).get("max_new_tokens", chat.defaults.max_new_tokens)
-    answerer = _ConversationAnswerer(chat, max_new_tokens)
+    answerer = BatchAnswerer(chat, max_new_tokens)
     conversations = [Conversation(chat.template) for _ in images]
     for conversation in conversations:
         conversation.add_image()
@@ -82,7 +75,9 @@ def describe_batch(chat: Chat, images: list[Path], settings: GenerateSettings) -
     answers: list[list[str]] = [[] for _ in images]
     active = list(range(len(images)))
     while active:
-        replies = answerer.answer([images[i] for i in active], [conversations[i] for i in active])
+        replies = answerer.answer_conversations(
+            [images[i] for i in active], [conversations[i] for i in active]
+        )
         for i, reply in zip(active, replies, strict=True):
             answers[i].append(reply.strip())
             conversations[i].add_assistant(reply.strip())
