@@ -166,6 +166,7 @@ class LocalChatModel:
             self.generation["temperature"] = temperature
 
     def complete_batch(self, conversations: Sequence[list[dict[str, str]]]) -> list[str]:
+        """The model's reply to each conversation, decoded together."""
         import torch
 
         prompts = [

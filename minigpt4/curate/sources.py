@@ -61,9 +61,9 @@ def shard_urls(source: str) -> list[str]:
     if path.is_dir():
         return sorted(str(p) for p in path.glob("*.tar"))
     if "{" in source:
-        import braceexpand
+        from webdataset.shardlists import expand_urls
 
-        return list(braceexpand.braceexpand(source))
+        return list(expand_urls(source))
     return sorted(glob.glob(source)) or [source]
 
 
