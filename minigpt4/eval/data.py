@@ -8,12 +8,14 @@
 - POPE: JSON lines `{"question_id", "image", "text", "label": "yes"|"no"}`, optionally `"category"`.
 
 Each reader checks the fields it needs and raises `DataError` naming the file and the entry.
+Writers write whole files or nothing (a temporary file renamed into place).
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -48,6 +50,18 @@ class POPESample:
     question: str
     label: str
     category: str
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write `text` whole or not at all: a temporary file beside `path`, renamed into place."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def write_json(path: Path, data: Any) -> None:
+    write_text_atomic(path, json.dumps(data, indent=1, default=str) + "\n")
 
 
 def _load_json(path: Path) -> Any:

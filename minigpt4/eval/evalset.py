@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from minigpt4.data import scenes
+from minigpt4.eval.data import write_json, write_text_atomic
 from minigpt4.eval.photos import PHOTOS
 
 CAPTIONS_FILE = "captions.json"
@@ -103,7 +104,7 @@ def write_eval_set(out: Path, n_scenes: int = 24, seed: int = 0, photos: bool = 
 
     pairs = [(e.image_id, c) for e in entries for c in e.captions]
     captions = [{"id": n, "image_id": i, "caption": c} for n, (i, c) in enumerate(pairs)]
-    _write_json(out / CAPTIONS_FILE, {"images": image_list, "annotations": captions})
+    write_json(out / CAPTIONS_FILE, {"images": image_list, "annotations": captions})
 
     questions, annotations = [], []
     for e in entries:
@@ -119,10 +120,10 @@ def write_eval_set(out: Path, n_scenes: int = 24, seed: int = 0, photos: bool = 
                     "answers": [{"answer_id": j + 1, "answer": a} for j, a in enumerate(answers)],
                 }
             )
-    _write_json(
+    write_json(
         out / VQA_QUESTIONS_FILE, {"data_subtype": "evalset", "images": image_list, "questions": questions}
     )
-    _write_json(out / VQA_ANNOTATIONS_FILE, {"annotations": annotations})
+    write_json(out / VQA_ANNOTATIONS_FILE, {"annotations": annotations})
 
     probes = [
         {
@@ -135,9 +136,5 @@ def write_eval_set(out: Path, n_scenes: int = 24, seed: int = 0, photos: bool = 
         for e in entries
         for k, (q, label, cat) in enumerate(e.probes)
     ]
-    (out / POPE_FILE).write_text("".join(json.dumps(p) + "\n" for p in probes), encoding="utf-8")
+    write_text_atomic(out / POPE_FILE, "".join(json.dumps(p) + "\n" for p in probes))
     return {"images": len(entries), "captions": len(captions), "vqa": len(questions), "pope": len(probes)}
-
-
-def _write_json(path: Path, data: object) -> None:
-    path.write_text(json.dumps(data, indent=1) + "\n", encoding="utf-8")

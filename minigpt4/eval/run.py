@@ -13,9 +13,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import logging
-import os
 import sys
 import time
 from collections.abc import Sequence
@@ -30,7 +28,7 @@ from minigpt4.config import resolve_preset
 from minigpt4.errors import ConfigError, ImageError
 from minigpt4.eval import evalset
 from minigpt4.eval.answer import BatchAnswerer
-from minigpt4.eval.data import DataError, read_captions, read_pope, read_vqa
+from minigpt4.eval.data import DataError, read_captions, read_pope, read_vqa, write_json
 from minigpt4.eval.metrics import caption_metrics, pope_answer, pope_metrics, vqa_accuracy, vqa_metrics
 from minigpt4.eval.provenance import git_state, sha256_file
 
@@ -168,14 +166,6 @@ def describe_data(files: DataFiles) -> dict[str, Any]:
     return {k: str(v) for k, v in paths.items()} | {
         "sha256": {k: sha256_file(v) for k, v in paths.items() if v.is_file()}
     }
-
-
-def write_json(path: Path, data: dict) -> None:
-    """Write `data` whole or not at all (a temporary file renamed into place)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=1, default=str) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
 
 
 def build_parser() -> argparse.ArgumentParser:
