@@ -151,3 +151,13 @@ def test_eval_set_is_deterministic(eval_set: tuple[Path, dict[str, int]], tmp_pa
         evalset.POPE_FILE,
     ):
         assert (tmp_path / name).read_bytes() == (out / name).read_bytes(), name
+
+
+def test_make_data_eval_command(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from minigpt4.__main__ import main
+
+    assert main(["make-data", "eval", "--out", str(tmp_path), "--scenes", "2", "--no-photos"]) == 0
+    assert "2 images" in capsys.readouterr().out
+    assert len(read_pope(tmp_path / evalset.POPE_FILE, tmp_path / evalset.IMAGES_DIR)) == 8
+    assert main(["make-data", "eval", "--out", str(tmp_path / "x"), "--scenes", "-1"]) == 2
+    assert "n_scenes must be at least 0" in capsys.readouterr().err

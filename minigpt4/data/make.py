@@ -4,6 +4,7 @@
   <out>/stage1/shapes/shard-0000N.tar      webdataset shards of jpg + json {"caption": …}
   <out>/stage1/shapes_txt/shard-0000N.tar  webdataset shards of jpg + txt (a second source to mix)
   <out>/cc_sbu_align/filter_cap.json       {"annotations": [{"image_id", "caption"}]} + image/<id>.jpg
+`make-data eval` writes the offline eval set (see minigpt4/eval/evalset.py) to data/eval/.
 Every file is written to a temporary name and renamed, so an interrupted run leaves no half file.
 """
 
@@ -15,6 +16,7 @@ import json
 import logging
 import os
 import random
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -23,6 +25,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from minigpt4.data import scenes
+from minigpt4.eval.evalset import write_eval_set
 
 log = logging.getLogger(__name__)
 
@@ -92,6 +95,18 @@ def make_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def make_eval(args: argparse.Namespace) -> int:
+    try:
+        counts = write_eval_set(
+            Path(args.out), n_scenes=args.scenes, seed=args.seed, photos=not args.no_photos
+        )
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"wrote the eval set under {args.out}: " + ", ".join(f"{n} {kind}" for kind, n in counts.items()))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m minigpt4 make-data", description=__doc__.split("\n")[0])
     sets = parser.add_subparsers(dest="set", required=True, metavar="SET")
@@ -103,6 +118,12 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--stage2", type=int, default=48, help="stage-2 image/description pairs")
     train.add_argument("--size", type=int, default=224, help="image side in pixels")
     train.set_defaults(run=make_train)
+    evalset = sets.add_parser("eval", help="caption, VQA and POPE files over rendered scenes and real photos")
+    evalset.add_argument("--out", default="data/eval", help="output folder (default: data/eval)")
+    evalset.add_argument("--seed", type=int, default=0)
+    evalset.add_argument("--scenes", type=int, default=24, help="rendered scenes (default: 24)")
+    evalset.add_argument("--no-photos", action="store_true", help="leave out scikit-image's photos")
+    evalset.set_defaults(run=make_eval)
     return parser
 
 
