@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import logging
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -147,12 +148,16 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Pre-compute the frozen features of a training config's data; see `cache-features --help`."""
     args = build_parser().parse_args(argv)
-    cfg = load_train_config(args.cfg_path, args.overrides)
-    out = args.out or cfg.data.features
-    if out is None:
-        raise ConfigError("give --out, or set data.features in the config")
-    index = cache_features(
-        cfg.data, cfg.model, Path(out), args.batch_size, args.part_size, args.dtype, args.device
-    )
+    try:
+        cfg = load_train_config(args.cfg_path, args.overrides)
+        out = args.out or cfg.data.features
+        if out is None:
+            raise ConfigError("give --out, or set data.features in the config")
+        index = cache_features(
+            cfg.data, cfg.model, Path(out), args.batch_size, args.part_size, args.dtype, args.device
+        )
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
     print(f"cached features of {index['records']} records in {out}; train with data.features={out}")
     return 0

@@ -15,6 +15,8 @@ import hashlib
 import json
 import logging
 import math
+import os
+import sys
 import time
 from collections.abc import Iterator
 from contextlib import nullcontext
@@ -29,11 +31,13 @@ from tqdm import tqdm
 
 from minigpt4 import checkpoint
 from minigpt4.build import build_model
+from minigpt4.checkpoint import CheckpointError
 from minigpt4.data.labels import supervised_tokens
 from minigpt4.data.loader import BatchPlan, build_loader, process_shards
+from minigpt4.errors import ConfigError
 from minigpt4.model import MiniGPT4
 from minigpt4.train_config import RunConfig, TrainConfig, check_batch_layout, load_train_config
-from minigpt4.weights import load_trainable, save_trainable
+from minigpt4.weights import WeightsError, load_trainable, save_trainable
 
 log = logging.getLogger(__name__)
 
@@ -118,6 +122,10 @@ def train(
     set_seed(run.seed + rank)
     if state is not None and len(state["rng"]) == world:
         checkpoint.set_rng_state(state["rng"][rank])
+    elif state is not None:
+        log.warning(
+            "the checkpoint has the RNG states of %d processes, not %d: fresh ones", len(state["rng"]), world
+        )
     ddp_model, optimizer = accelerator.prepare(model, optimizer)
     params = [p for p in model.parameters() if p.requires_grad]
 
@@ -253,7 +261,8 @@ def _clip(
 ) -> float:
     if max_norm is None:
         return float("nan")
-    norm = float(accelerator.clip_grad_norm_(params, max_norm))
+    accelerator.unscale_gradients()  # a no-op without fp16 grad scaling
+    norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm))
     if not math.isfinite(norm) and accelerator.mixed_precision != "fp16":
         # Under fp16 the grad scaler skips such a step itself; elsewhere it is a real blow-up.
         raise TrainingError(
@@ -392,8 +401,15 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Train from the command line; see `train --help`."""
     args = build_parser().parse_args(argv)
-    cfg = load_train_config(args.cfg_path, args.overrides)
-    result = train(cfg, resume=args.resume, stop_after=args.stop_after, cpu=args.cpu)
+    # Batches are a few short texts, tokenized in data workers or between steps: the tokenizer's
+    # thread pool only adds overhead (and HF warns when workers fork after it started).
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    try:
+        cfg = load_train_config(args.cfg_path, args.overrides)
+        result = train(cfg, resume=args.resume, stop_after=args.stop_after, cpu=args.cpu)
+    except (ConfigError, TrainingError, CheckpointError, WeightsError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
     if not result.main_process:
         return 0
     if result.losses:

@@ -245,3 +245,19 @@ def test_paper_configs_hold_the_papers_settings(variant):
     assert (
         stage1.model.template == stage2.model.template == ("vicuna0" if variant == "minigpt4" else "llama2")
     )
+
+
+def test_the_command_reports_bad_input_without_a_traceback(tiny_data, tmp_path, capsys):
+    from minigpt4 import train as train_module
+
+    sources = f"data.sources=[{{name: a, path: '{tiny_data}/stage1/shapes'}}]"
+    args = [
+        "--cfg-path",
+        str(ROOT / "train_configs" / "tiny_stage1.yaml"),
+        f"run.output_dir={tmp_path}",
+        sources,
+    ]
+    assert train_module.main([*args, "data.bogus=1"]) == 1
+    assert "unknown key data.bogus" in capsys.readouterr().err
+    assert train_module.main([*args, "run.batch_size=3"]) == 1
+    assert "run.batch_size × processes = 3 must be a multiple of data.streams = 2" in capsys.readouterr().err
