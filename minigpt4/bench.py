@@ -32,6 +32,7 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
+from minigpt4.chat import Chat, ChatSession
 from minigpt4.commands.common import add_model_args, chat_from_args
 from minigpt4.errors import ConfigError, InputError
 from minigpt4.eval.provenance import git_state
@@ -73,14 +74,14 @@ def _fastest(fn: Callable[[], object], repeats: int) -> float:
 class InferenceBench:
     """Runs the measurements on one Chat. Its stop tokens are cleared so every answer has a fixed length."""
 
-    def __init__(self, chat, image: Image.Image, answer_tokens: int) -> None:
+    def __init__(self, chat: Chat, image: Image.Image, answer_tokens: int) -> None:
         self.chat = chat
         self.image = image
         self.answer_tokens = answer_tokens
         chat.stop_ids, chat.stop_strings = set(), []
         self.greedy = {"do_sample": False, "num_beams": 1, "repetition_penalty": 1.0}
 
-    def session(self, question: str | None = None):
+    def session(self, question: str | None = None) -> ChatSession:
         """A new chat session with the image uploaded (and `question` asked)."""
         session = self.chat.new_session()
         self.chat.upload_image(session, self.image)
@@ -92,7 +93,7 @@ class InferenceBench:
         if self.chat.model.device.type == "cuda":
             torch.cuda.synchronize()
 
-    def context_tokens(self, session) -> int:
+    def context_tokens(self, session: ChatSession) -> int:
         """Positions of the prompt that the next answer continues (text tokens and image vectors)."""
         prompt = session.conversation.render(self.chat.tokenizer)
         return len(self.chat.model.tokenize_prompt(prompt, session.n_images))
@@ -106,7 +107,7 @@ class InferenceBench:
 
         return 1000 * _fastest(upload, repeats)
 
-    def turn(self, session, question: str, kv_reuse: bool) -> tuple[float, int]:
+    def turn(self, session: ChatSession, question: str, kv_reuse: bool) -> tuple[float, int]:
         """Ask and stream the answer: (seconds to its first piece, or to its end if it has none; prompt length)."""
         self.chat.kv_reuse = kv_reuse
         self.chat.ask(session, question)
@@ -197,7 +198,7 @@ def peak_memory_mb(device: torch.device) -> dict[str, float]:
 
 
 def run_bench(
-    chat, image: Image.Image, turns: int, answer_tokens: int, decode_tokens: int, repeats: int
+    chat: Chat, image: Image.Image, turns: int, answer_tokens: int, decode_tokens: int, repeats: int
 ) -> dict[str, Any]:
     """Every inference figure of the bench, as one dict (the `--json` output)."""
     bench = InferenceBench(chat, image, answer_tokens)
