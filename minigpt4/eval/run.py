@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
 from tqdm import tqdm
 
 from minigpt4.commands.common import add_model_args, chat_from_args
@@ -182,6 +183,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--max-new-tokens", type=int, help="answer length cap (default: 40 caption, 10 vqa/pope)")
     p.add_argument("--prompt", help="instruction; {question} is replaced by the question")
+    p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--no-meteor", action="store_true", help="skip METEOR (it starts a Java process, ~20 s)")
     return p
 
@@ -210,6 +212,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _fail(f"--prompt may hold {{question}} and no other {{…}} field, got {prompt!r}")
     max_new_tokens = args.max_new_tokens or task.max_new_tokens
 
+    if args.threads:
+        torch.set_num_threads(args.threads)
     started = time.time()
     try:
         chat = chat_from_args(args)  # loaded only once the inputs are known good
