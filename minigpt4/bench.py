@@ -18,6 +18,7 @@ exactly `--answer-tokens` long: the stop tokens are switched off in the benchmar
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import logging
 import platform
@@ -274,8 +275,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run the inference bench (or, with `train` first, the training bench)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["train"]:
-        from minigpt4 import train_bench
-
+        train_bench = importlib.import_module("minigpt4.train_bench")
         return int(train_bench.main(argv[1:]) or 0)
     args = build_parser().parse_args(argv)
     for name in ("turns", "answer_tokens", "repeats"):
