@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
 from minigpt4.config import LLMConfig, ModelConfig, resolve_path
 from minigpt4.errors import ConfigError
+from minigpt4.lite.gguf_llm import converted_dir
+from minigpt4.lite.packages import resolve_package_path
 from minigpt4.model import MiniGPT4
 from minigpt4.vision import build_vision
 from minigpt4.weights import load_trainable
@@ -39,12 +42,23 @@ def _source(value: str) -> str:
     return str(path) if path.exists() else value
 
 
+def _pretrained(cfg: LLMConfig, name: str) -> tuple[str, dict]:
+    """from_pretrained's source and kwargs for `name`: a `package:` folder resolved, a local GGUF file
+    converted once into the user's cache (fast later starts), a GGUF file on the hub read as it is."""
+    source = _source(resolve_package_path(name, "model.llm.pretrained"))
+    if not cfg.gguf_file:
+        return source, {}
+    if (Path(source) / cfg.gguf_file).is_file():
+        return str(converted_dir(source, cfg.gguf_file)), {}
+    return source, {"gguf_file": cfg.gguf_file}
+
+
 def load_tokenizer(cfg: LLMConfig):
     name = cfg.tokenizer or cfg.pretrained
     if name is None:
         raise ConfigError("model.llm.tokenizer is required when the LLM is randomly initialised")
-    kwargs = {"gguf_file": cfg.gguf_file} if cfg.gguf_file and not cfg.tokenizer else {}
-    tokenizer = AutoTokenizer.from_pretrained(_source(name), **kwargs)
+    source, kwargs = _pretrained(cfg, name) if not cfg.tokenizer else (_source(name), {})
+    tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
@@ -64,9 +78,8 @@ def load_llm(cfg: LLMConfig, tokenizer, device: torch.device, seed: int = 0) -> 
         )
         llm = LlamaForCausalLM(config).to(device=device, dtype=dtype)
     else:
-        kwargs: dict = {"dtype": dtype}
-        if cfg.gguf_file:
-            kwargs["gguf_file"] = cfg.gguf_file
+        source, kwargs = _pretrained(cfg, cfg.pretrained)
+        kwargs["dtype"] = dtype
         if cfg.low_resource:
             if device.type != "cuda":
                 raise ConfigError(
@@ -79,7 +92,7 @@ def load_llm(cfg: LLMConfig, tokenizer, device: torch.device, seed: int = 0) -> 
         if device.type == "cuda":
             # Straight onto the GPU: a 13B model never passes through host memory in full.
             kwargs["device_map"] = {"": device.index or 0}
-        llm = AutoModelForCausalLM.from_pretrained(_source(cfg.pretrained), **kwargs)
+        llm = AutoModelForCausalLM.from_pretrained(source, **kwargs)
         if device.type != "cuda":
             llm = llm.to(device)
     llm.requires_grad_(False)

@@ -152,8 +152,14 @@ def build_vision(cfg: VisionConfig, device: torch.device) -> nn.Module:
         vision_config, qformer_config = blip2_configs(cfg)
         module = Blip2Vision(vision_config, qformer_config, cfg.num_query_tokens, cfg.image_size)
         load_blip2_weights(module, cfg)
+    elif cfg.kind == "efficientnet_lite":
+        from minigpt4.lite.vision import EfficientNetLiteVision  # noqa: PLC0415
+
+        module = EfficientNetLiteVision()
     else:
-        raise ConfigError(f"model.vision.kind: unknown kind {cfg.kind!r} (known: blip2, blip2_patches)")
+        raise ConfigError(
+            f"model.vision.kind: unknown kind {cfg.kind!r} (known: blip2, blip2_patches, efficientnet_lite)"
+        )
     module.to(device)
     if device.type == "cuda" and cfg.dtype in ("auto", "float16") and isinstance(module, Blip2Vision):
         module.visual_encoder.half()

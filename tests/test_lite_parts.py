@@ -57,7 +57,9 @@ def test_features_have_the_documented_layout(lite_vision):
     assert pixels.shape == (2, 3, 224, 224)
     features = lite_vision(pixels)
     assert features.shape == (2, lite_vision.n_tokens, lite_vision.feature_dim)
-    classes = features[:, :N_CLASS_TOKENS, : N_CLASS_TOKENS * N_CLASSES].reshape(2, N_CLASS_TOKENS, N_CLASS_TOKENS, -1)
+    classes = features[:, :N_CLASS_TOKENS, : N_CLASS_TOKENS * N_CLASSES].reshape(
+        2, N_CLASS_TOKENS, N_CLASS_TOKENS, -1
+    )
     for j in range(N_CLASS_TOKENS):
         probs = classes[:, j, j]
         assert ((probs > 0).sum(-1) == TOP_K).all()

@@ -77,7 +77,9 @@ def write_stage1(out_dir: Path, rng: random.Random, n_shards: int, per_shard: in
                 for i in range(per_shard):
                     scene = scenes.render_scene(rng)
                     caption = json.dumps({"caption": positional_caption(scene)})
-                    sink.write({"__key__": f"{shard:05d}{i:04d}", "jpg": jpeg_bytes(scene.image), "json": caption})
+                    sink.write(
+                        {"__key__": f"{shard:05d}{i:04d}", "jpg": jpeg_bytes(scene.image), "json": caption}
+                    )
 
         write_atomic(out_dir / f"shard-{shard:05d}.tar", write)
 
@@ -109,7 +111,9 @@ def write_bridge_init(path: Path, preset: str) -> None:
 
 def add_parser(sets: argparse._SubParsersAction) -> None:
     """Register `make-data lite`."""
-    lite = sets.add_parser("lite", help="the lite bridge's training data (rendered scenes) and starting weights")
+    lite = sets.add_parser(
+        "lite", help="the lite bridge's training data (rendered scenes) and starting weights"
+    )
     lite.add_argument("--out", default="data/lite", help="output folder (default: data/lite)")
     lite.add_argument("--seed", type=int, default=1000, help="scene seed (the eval set uses others)")
     lite.add_argument("--shards", type=int, default=8, help="stage-1 shards")

@@ -79,7 +79,9 @@ def converted_dir(folder: str | Path, gguf_file: str) -> Path:
 
 def _convert(gguf_path: Path, out: Path) -> None:
     tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
-    model = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(
+        gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32
+    )
     # The tensors are plain de-quantised floats now; only the GGUF marker would stop save_pretrained.
     model.hf_quantizer = None
     del model.config.quantization_config
