@@ -8,7 +8,10 @@ import random
 import webdataset as wds
 
 from minigpt4.data import scenes
+from minigpt4.data.loader import BatchPlan, build_loader
 from minigpt4.lite import data
+
+pytest_plugins = ["train_helpers"]  # fixtures: tiny_config, tiny_model
 
 
 def test_positional_caption_says_what_is_where():
@@ -52,3 +55,14 @@ def test_written_sets_read_back(tmp_path):
     for a in annotations:
         assert (tmp_path / "cc_sbu_align" / "image" / f"{a['image_id']}.jpg").stat().st_size > 0
     assert not list(tmp_path.rglob(".*tmp"))
+
+
+def test_training_reads_each_examples_own_instruction(tiny_config, tiny_model, tmp_path):
+    data.write_stage2(tmp_path / "cc_sbu_align", random.Random(2), n=4)
+    annotations = json.loads((tmp_path / "cc_sbu_align" / "filter_cap.json").read_text())["annotations"]
+    cfg = tiny_config(2, tmp_path / "run", f"data.sources=[{{name: lite, path: '{tmp_path}/cc_sbu_align'}}]")
+    batch = next(iter(build_loader(cfg.data, cfg.model, tiny_model, BatchPlan(4, 1), seed=0)))
+    tokenizer = tiny_model.tokenizer
+    prompts = [tokenizer.decode([t for t in row if t >= 0]) for row in batch["input_ids"].tolist()]
+    for a in annotations:  # one pass of 4 records is the first batch of 4
+        assert sum(f"{a['instruction']} ###Assistant: {a['caption']}###" in p for p in prompts) == 1

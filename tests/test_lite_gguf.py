@@ -19,6 +19,7 @@ def calls() -> list[Path]:
 def fake_gguf(tmp_path, monkeypatch, calls) -> Path:
     """A stand-in GGUF file and a conversion that only records its calls (the real one takes ~30 s)."""
     monkeypatch.setenv(gguf_llm.CACHE_ENV, str(tmp_path / "cache"))
+
     def convert(gguf_path: Path, out: Path) -> None:
         calls.append(gguf_path)
         (out / "config.json").write_text("{}")

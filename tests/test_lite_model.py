@@ -18,7 +18,9 @@ skimage_data = pytest.importorskip("skimage.data")
 
 def _hide_package(monkeypatch, hidden: str) -> None:
     find_spec = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == hidden else find_spec(name, *a))
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == hidden else find_spec(name, *a)
+    )
 
 
 @pytest.mark.parametrize(

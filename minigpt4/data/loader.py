@@ -261,7 +261,7 @@ def example_maker(
 
     def make(record: dict[str, Any], stream: int, position: int) -> Example:
         # The instruction depends on the record's place in its stream only: the same on any layout.
-        instruction = (
+        instruction = record.get("instruction") or (
             prompts[random.Random(f"{seed}/prompt/{stream}/{position}").randrange(len(prompts))]
             if prompts
             else None

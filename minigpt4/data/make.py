@@ -5,6 +5,7 @@
   <out>/stage1/shapes_txt/shard-0000N.tar  webdataset shards of jpg + txt (a second source to mix)
   <out>/cc_sbu_align/filter_cap.json       {"annotations": [{"image_id", "caption"}]} + image/<id>.jpg
 `make-data eval` writes the offline eval set (see minigpt4/eval/evalset.py) to data/eval/.
+`make-data lite` writes the lite bridge's training data (see minigpt4/lite/data.py).
 Every file is written to a temporary name and renamed, so an interrupted run leaves no half file.
 """
 
@@ -38,7 +39,7 @@ def jpeg_bytes(image: Image.Image) -> bytes:
     return buf.getvalue()
 
 
-def _write_atomic(path: Path, write: Callable[[Path], None]) -> None:
+def write_atomic(path: Path, write: Callable[[Path], None]) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     write(tmp)
     os.replace(tmp, path)
@@ -63,7 +64,7 @@ def write_shards(
                         {"__key__": f"{shard:05d}{i:04d}", "jpg": jpeg_bytes(scene.image), text_ext: payload}
                     )
 
-        _write_atomic(path, write)
+        write_atomic(path, write)
         paths.append(path)
     return paths
 
@@ -77,11 +78,11 @@ def write_cc_sbu_align(out_dir: Path, rng: random.Random, n: int, size: int) -> 
         scene = scenes.render_scene(rng, size=size)
         image_id = f"{i:05d}"
         data = jpeg_bytes(scene.image)
-        _write_atomic(image_dir / f"{image_id}.jpg", lambda tmp, data=data: tmp.write_bytes(data))
+        write_atomic(image_dir / f"{image_id}.jpg", lambda tmp, data=data: tmp.write_bytes(data))
         annotations.append({"image_id": image_id, "caption": scenes.describe(scene)})
     path = out_dir / "filter_cap.json"
     text = json.dumps({"annotations": annotations}, indent=1)
-    _write_atomic(path, lambda tmp: tmp.write_text(text))
+    write_atomic(path, lambda tmp: tmp.write_text(text))
     return path
 
 
@@ -124,6 +125,9 @@ def build_parser() -> argparse.ArgumentParser:
     evalset.add_argument("--scenes", type=int, default=24, help="rendered scenes (default: 24)")
     evalset.add_argument("--no-photos", action="store_true", help="leave out scikit-image's photos")
     evalset.set_defaults(run=make_eval)
+    from minigpt4.lite.data import add_parser as add_lite_parser  # noqa: PLC0415 (it imports this module)
+
+    add_lite_parser(sets)
     return parser
 
 

@@ -1,6 +1,8 @@
 """Stage-2 data: the `cc_sbu_align` layout of curated image descriptions.
 
     <root>/filter_cap.json   {"annotations": [{"image_id": "2", "caption": "The image shows …"}, …]}
+                             (an annotation may carry its own "instruction"; others draw one from the
+                             prompts file)
     <root>/image/<image_id>.jpg
 
 The stream is endless: pass after pass over the annotations, each pass in a seeded order.
@@ -33,6 +35,10 @@ def read_annotations(root: str | Path, source: str) -> list[dict[str, Any]]:
     for i, ann in enumerate(annotations):
         if not isinstance(ann, dict) or "image_id" not in ann or "caption" not in ann:
             raise ConfigError(f"{path}: annotations[{i}] needs image_id and caption, got {ann!r}")
+        if not isinstance(ann.get("instruction") or "", str):
+            raise ConfigError(
+                f"{path}: annotations[{i}].instruction must be a string, got {ann['instruction']!r}"
+            )
         image_id = str(ann["image_id"])
         records.append(
             {
@@ -40,6 +46,7 @@ def read_annotations(root: str | Path, source: str) -> list[dict[str, Any]]:
                 "__key__": image_id,
                 "image_path": root / "image" / f"{image_id}.jpg",
                 "caption": ann["caption"],
+                "instruction": ann.get("instruction"),
             }
         )
     if not records:

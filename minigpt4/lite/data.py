@@ -28,8 +28,7 @@ from transformers import AutoTokenizer
 
 from minigpt4.config import LLMConfig, from_dict, read_yaml, resolve_path
 from minigpt4.data import scenes
-from minigpt4.data.make import _write_atomic as write_atomic
-from minigpt4.data.make import jpeg_bytes
+from minigpt4.data.make import jpeg_bytes, write_atomic
 from minigpt4.lite.gguf_llm import converted_dir
 from minigpt4.lite.packages import resolve_package_path
 from minigpt4.lite.vision import initial_bridge
