@@ -34,7 +34,7 @@ def test_stage2_examples_cover_every_kind_and_match_the_scene():
         elif instruction == data.ONE_SENTENCE:
             assert answer == data.short_answer(data.positional_caption(scene))
         else:
-            assert answer.endswith(".") and answer[0].isupper() and len(answer.split()) <= 2
+            assert answer.endswith(".") and answer[0] == answer[0].upper() and len(answer.split()) <= 2
             seen["short"] += 1
             seen["hint"] += instruction.endswith(data.SHORT_ANSWER_HINT)
     assert min(seen.values()) > 10
