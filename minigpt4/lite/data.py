@@ -122,7 +122,7 @@ def add_parser(sets: argparse._SubParsersAction) -> None:
     lite.add_argument("--seed", type=int, default=1000, help="scene seed (the eval set uses others)")
     lite.add_argument("--shards", type=int, default=2, help="stage-1 shards")
     lite.add_argument("--per-shard", type=int, default=500, help="scenes per stage-1 shard")
-    lite.add_argument("--stage2", type=int, default=1000, help="stage-2 examples")
+    lite.add_argument("--stage2", type=int, default=600, help="stage-2 examples")
     lite.add_argument(
         "--cfg-path",
         default="train_configs/lite_stage1.yaml",

@@ -9,9 +9,8 @@ model's one trainable bridge (`llama_proj`, a Linear applied per token) maps eve
   sub-word of what the network recognised. Keeping only the top classes means training updates only
   the columns of classes that were actually seen.
 * spatial tokens, one per cell of a GRID × GRID grid in reading order: the cell's average of the
-  7 × 7 × 1280 feature map (L2-normalised, so that no block of the bridge's input outweighs the
-  others), the cell's colour histogram (27 soft RGB bins — ImageNet features keep little colour),
-  and a one-hot of the cell's index (a learned position embedding once projected).
+  7 × 7 × 1280 feature map, the cell's colour histogram (27 soft RGB bins — ImageNet features keep
+  little colour), and a one-hot of the cell's index (a learned position embedding once projected).
 
 Token features occupy disjoint blocks of one vector, so one Linear acts as a separate map per kind.
 """
@@ -23,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 from torch import nn
+from transformers import PreTrainedTokenizerBase
 
 from minigpt4.lite.packages import require
 
@@ -95,7 +95,7 @@ class EfficientNetLiteVision(nn.Module):
         for j in range(N_CLASS_TOKENS):
             features[:, j, j * N_CLASSES : (j + 1) * N_CLASSES] = probs
         cells = features[:, N_CLASS_TOKENS:]
-        cells[..., CNN_START:COLOUR_START] = F.normalize(_cells(fmap), dim=-1)
+        cells[..., CNN_START:COLOUR_START] = _cells(fmap)
         cells[..., COLOUR_START:SLOT_START] = _cells(self._colour_histogram(pixel_values.float()))
         cells[..., SLOT_START:] = self.slots
         return features
@@ -123,7 +123,7 @@ def _to_tensor(image: Image.Image) -> torch.Tensor:
     return torch.from_numpy(np.array(image)).permute(2, 0, 1).float() / 127.5 - 1
 
 
-def initial_bridge(tokenizer, embeddings: torch.Tensor) -> dict[str, torch.Tensor]:
+def initial_bridge(tokenizer: PreTrainedTokenizerBase, embeddings: torch.Tensor) -> dict[str, torch.Tensor]:
     """The bridge's starting weights: class block `j` = embedding of each class name's `j`-th sub-word.
 
     Every other block starts at zero, so before training the image reads as the recognised class name.
