@@ -282,18 +282,9 @@ class Chat:
             stop_strings=stream.stop_strings or None,
             tokenizer=self.tokenizer,
         )
-        text = ""
-        for token in output[0].tolist():
-            session.last_answer_tokens += 1
-            if token in self.stop_ids:
-                session.last_finish_reason = "stop"
-                break
-            text += stream.add(token)
-            if stream.stopped:
-                session.last_finish_reason = "stop"
-                break
-        if not stream.stopped:
-            text += stream.finish()
+        text, used, stopped = stream.add_tokens(output[0].tolist(), self.stop_ids)
+        session.last_answer_tokens = used
+        session.last_finish_reason = "stop" if stopped else "length"
         if text:
             yield text
 

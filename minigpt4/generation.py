@@ -7,7 +7,7 @@ is produced. Beam search goes through `generate` (see `Chat`).
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -121,6 +121,21 @@ class StreamText:
         safe = text[:safe_end].rstrip("\ufffd")
         safe = safe.rstrip() if safe.rstrip() != safe else safe
         return self._emit(safe)
+
+    def add_tokens(self, tokens: Iterable[int], stop_ids: set[int]) -> tuple[str, int, bool]:
+        """Feed a finished output (beam search, batches): (new text, tokens used, ended by a stop).
+
+        A stop id ends the text and is counted as used; without a stop the text is finished.
+        """
+        text, used = "", 0
+        for token in tokens:
+            used += 1
+            if token in stop_ids:
+                return text + self.finish(), used, True
+            text += self.add(token)
+            if self.stopped:
+                return text, used, True
+        return text + self.finish(), used, False
 
     def finish(self, text: str | None = None) -> str:
         """The rest of the answer once generation ends (all of it, cleaned)."""

@@ -84,11 +84,5 @@ class BatchAnswerer:
 
     def _clean(self, tokens: list[int]) -> str:
         stream = StreamText(self.chat.tokenizer, self.chat.stop_strings, self.chat.template.strip_prefixes)
-        for token in tokens:
-            if token in self.chat.stop_ids:
-                break
-            stream.add(token)
-            if stream.stopped:
-                return stream.sent
-        stream.finish()
+        stream.add_tokens(tokens, self.chat.stop_ids)
         return stream.sent
