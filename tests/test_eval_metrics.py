@@ -138,3 +138,26 @@ def test_meteor_scores_with_java() -> None:
     preds = {1: REFS[1][0], 2: REFS[2][0], 3: "a bus on a street"}
     result = caption_metrics(REFS, preds, meteor=True)
     assert 0.3 < result["METEOR"] < 1.0
+
+
+def test_repetition_is_a_three_word_sequence_said_twice() -> None:
+    assert metrics.repeats_itself("The cat is on the mat. The cat is asleep.")
+    assert metrics.repeats_itself("a red, red, red, red ball")  # "red red red" twice
+    assert not metrics.repeats_itself("The cat is on the mat and a dog sleeps on the sofa.")
+    assert not metrics.repeats_itself("")
+
+
+def test_object_words_match_at_word_starts() -> None:
+    assert metrics.names_object("Two old Coins on a table.", ["coin"])
+    assert metrics.names_object("It is a camera tripod.", ["camera", "tripod"])
+    assert not metrics.names_object("A bitcoin wallet.", ["coin"])
+    assert not metrics.names_object("A cup of tea.", ["cat"])
+
+
+def test_answer_stats_score_only_images_with_object_words() -> None:
+    answers = ["A tabby cat. A tabby cat.", "A red shape in the top left", "A dog on the grass"]
+    stats = metrics.answer_stats(answers, [("cat",), (), ("horse",)])
+    assert stats["words_per_answer"] == pytest.approx((6 + 7 + 5) / 3)
+    assert stats["repetition_rate"] == pytest.approx(1 / 3)
+    assert stats["object_named"] == pytest.approx(1 / 2) and stats["object_named_n"] == 2
+    assert "object_named" not in metrics.answer_stats(answers, [(), (), ()])

@@ -104,6 +104,12 @@ def test_eval_vqa_and_caption_on_the_eval_set(use_tiny_chat, small_set: Path, tm
     caption = json.loads(out.read_text())
     assert {"BLEU-4", "ROUGE-L", "CIDEr"} <= set(caption["metrics"]) and "METEOR" not in caption["metrics"]
     assert caption["n"] == 3 and all(len(p["references"]) == 3 for p in caption["predictions"])
+    answers = [p["caption"] for p in caption["predictions"]]
+    assert caption["metrics"]["words_per_answer"] == pytest.approx(sum(len(a.split()) for a in answers) / 3)
+    assert caption["metrics"]["repetition_rate"] == pytest.approx(
+        sum(p["repeats_itself"] for p in caption["predictions"]) / 3
+    )
+    assert "object_named" not in caption["metrics"]  # scenes list no main object
 
 
 def test_eval_rejects_bad_data_before_loading_a_model(

@@ -32,6 +32,7 @@ class CaptionSample:
     image_id: int | str
     image: Path
     references: tuple[str, ...]
+    objects: tuple[str, ...] = ()  # words naming the main object (an "objects" list in `images`)
 
 
 @dataclass(frozen=True)
@@ -114,8 +115,14 @@ def read_captions(path: Path, image_root: Path) -> list[CaptionSample]:
     unannotated = [i for i in names if i not in refs]
     if unannotated:
         logger.warning("%s: %d images have no caption and are skipped", path, len(unannotated))
+    objects = {img.get("id"): tuple(map(str, img.get("objects") or ())) for img in data["images"]}
     return [
-        CaptionSample(image_id, _image_path(image_root, names[image_id], str(path)), tuple(captions))
+        CaptionSample(
+            image_id,
+            _image_path(image_root, names[image_id], str(path)),
+            tuple(captions),
+            objects.get(image_id, ()),
+        )
         for image_id, captions in refs.items()
     ]
 

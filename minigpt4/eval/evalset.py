@@ -40,6 +40,7 @@ class _Entry:
     captions: list[str]
     qa: list[tuple[str, tuple[str, ...]]] = field(default_factory=list)
     probes: list[tuple[str, str, str]] = field(default_factory=list)  # (question, label, category)
+    objects: tuple[str, ...] = ()  # words naming the main object (photos)
 
 
 def _answer_type(answer: str) -> str:
@@ -85,7 +86,9 @@ def _photo_entries(images: Path) -> list[_Entry]:
     for i, photo in enumerate(PHOTOS):
         file_name = f"photo_{photo.file_name}"
         shutil.copyfile(Path(data_dir) / photo.file_name, images / file_name)
-        entry = _Entry(_PHOTO_ID_START + i, file_name, list(photo.captions), list(photo.questions))
+        entry = _Entry(
+            _PHOTO_ID_START + i, file_name, list(photo.captions), list(photo.questions), objects=photo.objects
+        )
         entry.probes = [(_probe_question(obj), label, "photo") for obj, label in photo.probes]
         entries.append(entry)
     return entries
@@ -101,10 +104,14 @@ def write_eval_set(out: Path, n_scenes: int = 24, seed: int = 0, photos: bool = 
     if not entries:
         raise ValueError("an eval set needs at least one scene or the photos")
     image_list = [{"id": e.image_id, "file_name": e.file_name} for e in entries]
+    captioned = [
+        i | ({"objects": list(e.objects)} if e.objects else {})
+        for i, e in zip(image_list, entries, strict=True)
+    ]
 
     pairs = [(e.image_id, c) for e in entries for c in e.captions]
     captions = [{"id": n, "image_id": i, "caption": c} for n, (i, c) in enumerate(pairs)]
-    write_json(out / CAPTIONS_FILE, {"images": image_list, "annotations": captions})
+    write_json(out / CAPTIONS_FILE, {"images": captioned, "annotations": captions})
 
     questions, annotations = [], []
     for e in entries:

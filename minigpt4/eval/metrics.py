@@ -8,6 +8,9 @@
   words, articles, contractions).
 - POPE: the answer is read as "no" when its first sentence contains the word no/No/not (POPE's own
   rule), else "yes"; accuracy, precision, recall, F1 and the share of "yes" answers.
+- Answers (captions): words per answer, the share of answers that repeat themselves (a 3-word
+  sequence said twice), and, for images that list words naming their main object, the share of
+  answers that use one of them.
 """
 
 from __future__ import annotations
@@ -25,6 +28,39 @@ logger = logging.getLogger(__name__)
 def java_available() -> bool:
     """Whether a `java` executable is on PATH (needed by the PTB tokenizer and by METEOR)."""
     return shutil.which("java") is not None
+
+
+# ---------------------------------------------------------------------------------------- answers
+
+
+def repeats_itself(answer: str, n: int = 3) -> bool:
+    """Whether some sequence of `n` words occurs twice in `answer` (case and punctuation ignored)."""
+    words = re.findall(r"[a-z0-9']+", answer.lower())
+    grams = [tuple(words[i : i + n]) for i in range(len(words) - n + 1)]
+    return len(grams) != len(set(grams))
+
+
+def names_object(answer: str, words: Sequence[str]) -> bool:
+    """Whether `answer` uses one of `words` (each matched at a word start: "coin" matches "coins")."""
+    return any(re.search(rf"\b{re.escape(w.lower())}", answer.lower()) for w in words)
+
+
+def answer_stats(answers: Sequence[str], objects: Sequence[Sequence[str]]) -> dict[str, float | int]:
+    """Words per answer, repetition rate, and the share of answers naming their image's main object.
+
+    `objects[i]` lists the words that name the main object of answer i's image (empty: not scored).
+    """
+    if not answers:
+        return {}
+    stats: dict[str, float | int] = {
+        "words_per_answer": sum(len(a.split()) for a in answers) / len(answers),
+        "repetition_rate": sum(map(repeats_itself, answers)) / len(answers),
+    }
+    scored = [names_object(a, words) for a, words in zip(answers, objects, strict=True) if words]
+    if scored:
+        stats["object_named"] = sum(scored) / len(scored)
+        stats["object_named_n"] = len(scored)
+    return stats
 
 
 # ---------------------------------------------------------------------------------------- captions

@@ -16,6 +16,8 @@ class Photo:
     captions: tuple[str, ...]
     questions: tuple[tuple[str, tuple[str, ...]], ...]  # (question, ten answers)
     probes: tuple[tuple[str, str], ...]  # (object, "yes" | "no")
+    # Words that name the main object (matched at word starts); ImageNet's name for it where it has one.
+    objects: tuple[str, ...] = ()
 
 
 def _ten(*weighted: tuple[str, int]) -> tuple[str, ...]:
@@ -32,6 +34,7 @@ def _all(answer: str) -> tuple[str, ...]:
 PHOTOS: tuple[Photo, ...] = (
     Photo(
         "astronaut.png",
+        objects=("astronaut", "spacesuit", "space suit"),
         captions=(
             "a smiling woman astronaut in an orange space suit",
             "an astronaut posing in front of an american flag and a model of the space shuttle",
@@ -47,6 +50,7 @@ PHOTOS: tuple[Photo, ...] = (
     ),
     Photo(
         "chelsea.png",
+        objects=("cat", "kitten", "tabby"),
         captions=(
             "a close-up of the face of a tabby cat",
             "a brown striped cat with green eyes",
@@ -61,6 +65,7 @@ PHOTOS: tuple[Photo, ...] = (
     ),
     Photo(
         "coffee.png",
+        objects=("coffee", "espresso", "cappuccino", "cup"),
         captions=(
             "a cup of espresso on a saucer with a spoon",
             "a red cup of coffee on a red saucer on a wooden table",
@@ -76,6 +81,7 @@ PHOTOS: tuple[Photo, ...] = (
     ),
     Photo(
         "rocket.jpg",
+        objects=("rocket", "missile", "space shuttle"),
         captions=(
             "a rocket on a launch pad at dusk",
             "a white rocket standing between tall lattice towers",
@@ -90,6 +96,7 @@ PHOTOS: tuple[Photo, ...] = (
     ),
     Photo(
         "motorcycle_left.png",
+        objects=("motorcycle", "motorbike", "moped", "scooter"),
         captions=(
             "a red motorcycle parked in a garage",
             "a red motorbike on its stand in front of shelves with boxes",
@@ -105,6 +112,7 @@ PHOTOS: tuple[Photo, ...] = (
     ),
     Photo(
         "coins.png",
+        objects=("coin",),
         captions=(
             "old coins arranged in rows on a dark background",
             "a black and white photo of ancient coins in four rows",
@@ -119,6 +127,7 @@ PHOTOS: tuple[Photo, ...] = (
     ),
     Photo(
         "camera.png",
+        objects=("camera", "tripod"),
         captions=(
             "a man looking through a camera on a tripod",
             "a black and white photo of a cameraman on a field",

@@ -30,7 +30,16 @@ from minigpt4.errors import ConfigError, ImageError
 from minigpt4.eval import evalset
 from minigpt4.eval.answer import BatchAnswerer
 from minigpt4.eval.data import DataError, read_captions, read_pope, read_vqa, write_json
-from minigpt4.eval.metrics import caption_metrics, pope_answer, pope_metrics, vqa_accuracy, vqa_metrics
+from minigpt4.eval.metrics import (
+    answer_stats,
+    caption_metrics,
+    names_object,
+    pope_answer,
+    pope_metrics,
+    repeats_itself,
+    vqa_accuracy,
+    vqa_metrics,
+)
 from minigpt4.eval.provenance import git_state, sha256_file
 
 log = logging.getLogger(__name__)
@@ -89,8 +98,16 @@ def score(
     if task == "caption":
         refs = {s.image_id: list(s.references) for s in samples}
         metrics = caption_metrics(refs, {s.image_id: a for s, a in pairs}, meteor=meteor)
+        metrics.update(answer_stats(answers, [s.objects for s in samples]))
         records = [
-            {"image_id": s.image_id, "image": s.image.name, "caption": a, "references": list(s.references)}
+            {
+                "image_id": s.image_id,
+                "image": s.image.name,
+                "caption": a,
+                "references": list(s.references),
+                "repeats_itself": repeats_itself(a),
+            }
+            | ({"object_named": names_object(a, s.objects), "objects": list(s.objects)} if s.objects else {})
             for s, a in pairs
         ]
     elif task == "vqa":
