@@ -9,6 +9,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
 from minigpt4.config import LLMConfig, ModelConfig, resolve_path
+from minigpt4.decode_weights import add_half_decode_weights
 from minigpt4.errors import ConfigError
 from minigpt4.lite.gguf_llm import converted_dir
 from minigpt4.lite.packages import resolve_package_path
@@ -106,6 +107,11 @@ def build_model(cfg: ModelConfig, device: str | torch.device | None = None) -> M
     torch.manual_seed(cfg.seed)
     vision = build_vision(cfg.vision, device)
     llm = load_llm(cfg.llm, tokenizer, device, seed=cfg.seed)
+    if cfg.llm.decode_dtype is not None:
+        if device.type == "cpu":
+            add_half_decode_weights(llm, cfg.llm.decode_dtype)
+        else:
+            log.info("model.llm.decode_dtype is for the CPU; on %s the LLM keeps its dtype", device)
     if cfg.lora is not None:
         from peft import LoraConfig, get_peft_model  # noqa: PLC0415
 

@@ -57,7 +57,15 @@ class LLMConfig:
     tokenizer: str | None = None  # defaults to `pretrained`
     dtype: str = "auto"  # auto | float32 | float16 | bfloat16 ("auto": fp16 on GPU, fp32 on CPU)
     low_resource: bool = False  # 8-bit weights through bitsandbytes (CUDA only)
+    # CPU only: one-token decode steps read float16 | bfloat16 copies of the weights (about 2× faster)
+    decode_dtype: str | None = None
     random_init: dict[str, Any] | None = None  # LlamaConfig keys for a random tiny LLM
+
+    def __post_init__(self) -> None:
+        if self.decode_dtype not in (None, "float16", "bfloat16"):
+            raise ConfigError(
+                f"model.llm.decode_dtype must be float16, bfloat16 or null; got {self.decode_dtype!r}"
+            )
 
 
 @dataclass
