@@ -10,7 +10,9 @@ overflows float16 is redone in float32.
 
 from __future__ import annotations
 
+import contextlib
 import logging
+from collections.abc import Iterator
 
 import torch
 import torch.nn.functional as F
@@ -23,6 +25,7 @@ log = logging.getLogger(__name__)
 DECODE_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16}
 # Inputs with at most this many rows (batch × new tokens) use the half-precision copy.
 MAX_ROWS = 2
+_enabled = True
 
 
 class HalfDecodeLinear(nn.Linear):
@@ -31,7 +34,7 @@ class HalfDecodeLinear(nn.Linear):
     weight_half: torch.Tensor
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if torch.is_grad_enabled() or x.numel() > MAX_ROWS * x.shape[-1]:
+        if not _enabled or torch.is_grad_enabled() or x.numel() > MAX_ROWS * x.shape[-1]:
             return super().forward(x)
         out = F.linear(x.to(self.weight_half.dtype), self.weight_half).to(x.dtype)
         if not torch.isfinite(out).all():
@@ -57,3 +60,18 @@ def add_half_decode_weights(model: nn.Module, dtype: str) -> int:
             count += 1
     log.info("LLM: %d Linear layers decode from %s copies of their weights", count, dtype)
     return count
+
+
+def has_half_decode_weights(model: nn.Module) -> bool:
+    return any(isinstance(m, HalfDecodeLinear) for m in model.modules())
+
+
+@contextlib.contextmanager
+def float32_decode() -> Iterator[None]:
+    """Within the block, every HalfDecodeLinear uses its float32 weights (for side-by-side timing)."""
+    global _enabled
+    before, _enabled = _enabled, False
+    try:
+        yield
+    finally:
+        _enabled = before

@@ -79,7 +79,7 @@ def test_bench_json_on_the_command_line(
     own_chat, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     monkeypatch.setattr(bench, "chat_from_args", lambda args: own_chat)
-    args = ["--cfg-path", "minigpt4_tiny_random", "--json", "--turns", "2"]
+    args = ["--cfg-path", "minigpt4_tiny_random", "--json", "--turns", "2", "--no-start"]
     assert bench.main([*args, "--answer-tokens", "2", "--decode-tokens", "3", "--repeats", "1"]) == 0
     printed = json.loads(capsys.readouterr().out)
     assert set(REQUIRED) <= set(printed) and len(printed["ttft_ms"]) == 2
@@ -98,3 +98,30 @@ def test_bench_train_goes_to_the_training_bench(monkeypatch: pytest.MonkeyPatch)
     monkeypatch.setitem(sys.modules, "minigpt4.train_bench", fake)
     assert bench.main(["train", "--steps", "3"]) == 0
     assert seen == [["--steps", "3"]]
+
+
+def test_second_start_is_a_new_process_loading_the_preset(tiny_cfg_path: Path) -> None:
+    seconds = bench.start_seconds(str(tiny_cfg_path), "cpu", ["generation.max_new_tokens=7"], repeats=1)
+    assert 0 < seconds < 600
+    with pytest.raises(RuntimeError, match="no-such-key"):
+        bench.start_seconds(str(tiny_cfg_path), "cpu", ["no-such-key=1"], repeats=1)
+
+
+def test_half_decode_weights_are_timed_beside_float32(tiny_cfg_path: Path) -> None:
+    chat = load_chat(tiny_cfg_path, device="cpu", overrides=["model.llm.decode_dtype=float16"])
+    result = bench.run_bench(
+        chat, bench.default_image(), turns=1, answer_tokens=2, decode_tokens=3, repeats=1, start=lambda: 4.5
+    )
+    assert result["decode_tok_s_float32_weights"] > 0 and result["start_s"] == 4.5
+    report = bench.format_report(result)
+    assert "chat engine, float32 weights" in report and "start to ready (2nd start)" in report
+    assert "targets of the embedded default" not in report  # a tiny preset has none
+
+
+def test_lite_targets_are_judged_in_the_report(result: dict) -> None:
+    lite = result | {"preset": "minigpt4_lite", "start_s": 12.0, "encode_ms": 40.0, "decode_tok_s": 25.0}
+    report = bench.format_report(lite)
+    assert re.search(r"start_s +12\.0 +\(≤ 10: NOT met\)", report)
+    assert re.search(r"encode_ms +40\.0 +\(≤ 50: met\)", report)
+    assert re.search(r"decode_tok_s +25\.0 +\(≥ 20: met\)", report)
+    assert "ttft_first_ms" in report

@@ -8,7 +8,12 @@ from torch import nn
 
 from minigpt4.build import build_model
 from minigpt4.config import load_eval_config
-from minigpt4.decode_weights import HalfDecodeLinear, add_half_decode_weights
+from minigpt4.decode_weights import (
+    HalfDecodeLinear,
+    add_half_decode_weights,
+    float32_decode,
+    has_half_decode_weights,
+)
 from minigpt4.errors import ConfigError
 
 
@@ -35,6 +40,9 @@ def test_decode_steps_use_half_weights_and_prompts_stay_exact(tiny_cfg_path):
     assert step_half.dtype == torch.float32
     assert not torch.equal(step_plain, step_half)  # one row: the float16 copies...
     torch.testing.assert_close(step_half, step_plain, atol=2e-2, rtol=2e-2)  # ...which are close
+    with torch.no_grad(), float32_decode():
+        assert torch.equal(half.llm(input_ids=ids[:, :1]).logits, step_plain)
+    assert has_half_decode_weights(half.llm) and not has_half_decode_weights(plain.llm)
 
 
 def test_greedy_answers_match_float32(tiny_cfg_path):
