@@ -123,6 +123,12 @@ def test_eval_set_reads_back_in_all_three_formats(eval_set: tuple[Path, dict[str
         assert labels.count("yes") == labels.count("no") > 0
     photo_names = {s.image.name for s in caps if s.image.name.startswith("photo_")}
     assert photo_names == {f"photo_{p.file_name}" for p in PHOTOS}
+    # Scene questions carry their closed answer set, photo questions none.
+    for s in vqa:
+        scene = s.image.name.startswith("scene_")
+        assert bool(s.options) == scene
+        if scene:
+            assert s.answers[0] in s.options
     # Photos carry the words that name their main object; scenes none.
     objects = {s.image.name: s.objects for s in caps}
     assert all(objects[f"photo_{p.file_name}"] == p.objects and p.objects for p in PHOTOS)

@@ -161,3 +161,34 @@ def test_answer_stats_score_only_images_with_object_words() -> None:
     assert stats["repetition_rate"] == pytest.approx(1 / 3)
     assert stats["object_named"] == pytest.approx(1 / 2) and stats["object_named_n"] == 2
     assert "object_named" not in metrics.answer_stats(answers, [(), (), ()])
+
+
+POSITIONS = ("top left", "top center", "center", "bottom right")
+
+
+@pytest.mark.parametrize(
+    ("answer", "options", "read_as"),
+    [
+        ("The shape in the center is red.", ("red", "blue", "green"), "red"),
+        ("Top center.", POSITIONS, "top center"),  # "center" inside "top center" is not a second option
+        ("It is in the center of the picture.", POSITIONS, "center"),
+        ('The answer is "two".', tuple("0123456789"), "2"),
+        ("There are two triangles.", ("triangle", "square"), "triangle"),
+        ("Red or blue.", ("red", "blue"), None),  # two options named
+        ("A shape.", ("red", "blue"), None),  # none named
+        ("Reddish.", ("red",), None),  # whole words only
+    ],
+)
+def test_option_answer_reads_the_one_option_named(answer: str, options: tuple, read_as: str | None) -> None:
+    assert metrics.option_answer(answer, options) == read_as
+
+
+def test_option_accuracy_counts_only_closed_questions() -> None:
+    predictions = ["The circle is red.", "Blue and red.", "2", "A cat"]
+    answers = [["red"] * 10, ["red"] * 10, ["2"] * 10, ["cat"] * 10]
+    options = [("red", "blue"), ("red", "blue"), tuple("0123456789"), ()]
+    result = vqa_metrics(predictions, answers, options=options)
+    assert result["option_n"] == 3
+    assert result["option_accuracy"] == pytest.approx(200 / 3)  # right, both named (wrong), right
+    assert result["accuracy"] == pytest.approx(50.0)  # exact match: "2" and "A cat"
+    assert "option_accuracy" not in vqa_metrics(predictions, answers)

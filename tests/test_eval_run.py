@@ -96,6 +96,9 @@ def test_eval_vqa_and_caption_on_the_eval_set(use_tiny_chat, small_set: Path, tm
     assert vqa["metrics"]["accuracy"] == pytest.approx(
         vqa_metrics([p["answer"] for p in vqa["predictions"]], answers)["accuracy"]
     )
+    assert vqa["metrics"]["option_n"] == 4  # scene questions: each has its closed answer set
+    read = [p["read_as"] == p["answers"][0] for p in vqa["predictions"]]
+    assert vqa["metrics"]["option_accuracy"] == pytest.approx(100 * sum(read) / 4)
     out = tmp_path / "c.json"
     assert (
         _eval("--task", "caption", "--data", small_set, "--out", out, "--no-meteor", "--max-new-tokens", 8)

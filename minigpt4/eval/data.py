@@ -42,6 +42,7 @@ class VQASample:
     question: str
     answers: tuple[str, ...]
     answer_type: str
+    options: tuple[str, ...] = ()  # a closed answer set ("answer_options" in the annotation), if any
 
 
 @dataclass(frozen=True)
@@ -142,6 +143,7 @@ def read_vqa(questions_path: Path, annotations_path: Path, image_root: Path) -> 
         answers[_field(ann, "question_id", where)] = {
             "answers": tuple(given),
             "type": ann.get("answer_type", ""),
+            "options": tuple(map(str, ann.get("answer_options") or ())),
         }
     samples = []
     for i, q in enumerate(_list_field(qdata, "questions", questions_path)):
@@ -157,7 +159,8 @@ def read_vqa(questions_path: Path, annotations_path: Path, image_root: Path) -> 
             raise DataError(f"{where}: image_id {image_id!r} is not in 'images'")
         ann = answers[qid]
         image = _image_path(image_root, file_name, where)
-        samples.append(VQASample(qid, image, str(_field(q, "question", where)), ann["answers"], ann["type"]))
+        question = str(_field(q, "question", where))
+        samples.append(VQASample(qid, image, question, ann["answers"], ann["type"], ann["options"]))
     few = sum(len(s.answers) < 10 for s in samples)
     if few:
         logger.warning("%d questions have fewer than 10 answers: VQA accuracy is built for 10", few)

@@ -39,6 +39,7 @@ class _Entry:
     file_name: str
     captions: list[str]
     qa: list[tuple[str, tuple[str, ...]]] = field(default_factory=list)
+    options: list[tuple[str, ...]] = field(default_factory=list)  # per question: its closed answer set, or ()
     probes: list[tuple[str, str, str]] = field(default_factory=list)  # (question, label, category)
     objects: tuple[str, ...] = ()  # words naming the main object (photos)
 
@@ -51,6 +52,17 @@ def _answer_type(answer: str) -> str:
 
 def _probe_question(obj: str) -> str:
     return f"Is there {'an' if obj[0] in 'aeiou' else 'a'} {obj} in the image?"
+
+
+def scene_options(question: str) -> tuple[str, ...]:
+    """Every answer a scene question of this kind can have (see `scenes.questions`)."""
+    if question.startswith("What colour"):
+        return tuple(scenes.COLOURS)
+    if question.startswith("What shape"):
+        return scenes.SHAPES
+    if question.startswith("Where"):
+        return scenes.POSITIONS
+    return tuple(str(n) for n in range(scenes.MAX_OBJECTS + 1))  # "How many …"
 
 
 def _scene_entries(images: Path, n_scenes: int, seed: int) -> list[_Entry]:
@@ -72,6 +84,7 @@ def _scene_entries(images: Path, n_scenes: int, seed: int) -> list[_Entry]:
         )
         chosen = rng.sample(scenes.questions(scene, rng), _QUESTIONS_PER_SCENE)
         entry.qa = [(q, (a,) * 10) for q, a in chosen]
+        entry.options = [scene_options(q) for q, _ in chosen]
         for category, adversarial in (("random", False), ("adversarial", True)):
             probes = scenes.pope_probes(scene, rng, n_per_answer=1, adversarial=adversarial)
             entry.probes += [(q, label, category) for q, label in probes]
@@ -115,7 +128,8 @@ def write_eval_set(out: Path, n_scenes: int = 24, seed: int = 0, photos: bool = 
 
     questions, annotations = [], []
     for e in entries:
-        for k, (question, answers) in enumerate(e.qa):
+        options = e.options or [()] * len(e.qa)
+        for k, ((question, answers), choices) in enumerate(zip(e.qa, options, strict=True)):
             qid = e.image_id * 100 + k
             questions.append({"question_id": qid, "image_id": e.image_id, "question": question})
             annotations.append(
@@ -126,6 +140,7 @@ def write_eval_set(out: Path, n_scenes: int = 24, seed: int = 0, photos: bool = 
                     "multiple_choice_answer": max(set(answers), key=answers.count),
                     "answers": [{"answer_id": j + 1, "answer": a} for j, a in enumerate(answers)],
                 }
+                | ({"answer_options": list(choices)} if choices else {})
             )
     write_json(
         out / VQA_QUESTIONS_FILE, {"data_subtype": "evalset", "images": image_list, "questions": questions}

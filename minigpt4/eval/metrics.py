@@ -5,7 +5,10 @@
   ships (also Java); without Java a plain lower-case word tokenizer stands in, and the result says so.
 - VQA: the standard VQAv2 accuracy, min(#annotators who gave the answer / 3, 1) averaged over the
   leave-one-annotator-out subsets, after the official answer normalisation (punctuation, number
-  words, articles, contractions).
+  words, articles, contractions). For questions with a closed answer set (`answer_options`), also
+  the *option accuracy*: the answer is read as the one option it names ("The shape in the center is
+  red." → "red"); naming none, or more than one, is wrong. A sentence can be right this way, and
+  listing every option cannot.
 - POPE: the answer is read as "no" when its first sentence contains the word no/No/not (POPE's own
   rule), else "yes"; accuracy, precision, recall, F1 and the share of "yes" answers.
 - Answers (captions): words per answer, the share of answers that repeat themselves (a 3-word
@@ -200,21 +203,51 @@ def vqa_accuracy(prediction: str, answers: Sequence[str]) -> float:
     return sum(min(1.0, (n_match - (g == pred)) / 3) for g in gts) / len(gts)
 
 
+def option_answer(prediction: str, options: Sequence[str]) -> str | None:
+    """The one option of a closed answer set that `prediction` names, else None (none, or several).
+
+    Both sides are normalised as VQA answers ("Two." names "2"); an option matches as whole words,
+    also with a plural "s"/"es", and an option inside a longer named one ("center" in "top center")
+    does not count separately.
+    """
+    text = f" {normalize_vqa_answer(prediction)} "
+    normalised = {normalize_vqa_answer(o): o for o in options}
+    named = [n for n in normalised if re.search(rf" {re.escape(n)}(?:s|es)? ", text)]
+    named = [n for n in named if not any(n != m and f" {n} " in f" {m} " for m in named)]
+    return normalised[named[0]] if len(named) == 1 else None
+
+
 def vqa_metrics(
-    predictions: Sequence[str], answers: Sequence[Sequence[str]], answer_types: Sequence[str] | None = None
-) -> dict[str, float | dict[str, float]]:
-    """Mean VQA accuracy (in %, as the VQA challenge reports it), overall and per answer type."""
+    predictions: Sequence[str],
+    answers: Sequence[Sequence[str]],
+    answer_types: Sequence[str] | None = None,
+    options: Sequence[Sequence[str]] | None = None,
+) -> dict[str, float | int | dict[str, float]]:
+    """Mean VQA accuracy (in %, as the VQA challenge reports it), overall and per answer type.
+
+    With `options` (a closed answer set per question; empty: open), also `option_accuracy` (in %)
+    over the questions that have one, and their number `option_n`.
+    """
     if len(predictions) != len(answers):
         raise ValueError(f"{len(predictions)} predictions for {len(answers)} questions")
     if not predictions:
         raise ValueError("no VQA answers to score")
     accs = [vqa_accuracy(p, a) for p, a in zip(predictions, answers, strict=True)]
-    result: dict[str, float | dict[str, float]] = {"accuracy": 100 * sum(accs) / len(accs)}
+    result: dict[str, float | int | dict[str, float]] = {"accuracy": 100 * sum(accs) / len(accs)}
     if answer_types is not None:
         by_type: dict[str, list[float]] = defaultdict(list)
         for acc, kind in zip(accs, answer_types, strict=True):
             by_type[kind].append(acc)
         result["per_answer_type"] = {k: 100 * sum(v) / len(v) for k, v in sorted(by_type.items())}
+    if options is not None:
+        closed = [
+            vqa_accuracy(option_answer(p, o) or "", a)
+            for p, a, o in zip(predictions, answers, options, strict=True)
+            if o
+        ]
+        if closed:
+            result["option_accuracy"] = 100 * sum(closed) / len(closed)
+            result["option_n"] = len(closed)
     return result
 
 

@@ -34,6 +34,7 @@ from minigpt4.eval.metrics import (
     answer_stats,
     caption_metrics,
     names_object,
+    option_answer,
     pope_answer,
     pope_metrics,
     repeats_itself,
@@ -111,9 +112,15 @@ def score(
             for s, a in pairs
         ]
     elif task == "vqa":
-        metrics = vqa_metrics(answers, [s.answers for s in samples], [s.answer_type for s in samples])
+        metrics = vqa_metrics(
+            answers,
+            [s.answers for s in samples],
+            [s.answer_type for s in samples],
+            [s.options for s in samples],
+        )
         records = [
             _question_record(s, a, accuracy=vqa_accuracy(a, s.answers), answers=list(s.answers))
+            | ({"options": list(s.options), "read_as": option_answer(a, s.options)} if s.options else {})
             for s, a in pairs
         ]
     else:
