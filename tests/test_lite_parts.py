@@ -60,13 +60,19 @@ def test_features_have_the_documented_layout(lite_vision):
     classes = features[:, :N_CLASS_TOKENS, : N_CLASS_TOKENS * N_CLASSES].reshape(
         2, N_CLASS_TOKENS, N_CLASS_TOKENS, -1
     )
+    raw = lite_vision.net._fc(lite_vision.net.extract_features(pixels).mean((2, 3))).softmax(-1)
+    top = raw.topk(TOP_K, dim=-1)
     for j in range(N_CLASS_TOKENS):
         probs = classes[:, j, j]
         assert ((probs > 0).sum(-1) == TOP_K).all()
         assert torch.equal(probs, classes[:, 0, 0])
         assert classes[:, j].abs().sum() == probs.abs().sum()  # nothing outside its own block
+    # The top-5 divided by max(their sum, MIN_CLASS_MASS).
+    mass = top.values.sum(-1, keepdim=True).clamp(min=vision.MIN_CLASS_MASS)
+    torch.testing.assert_close(probs.gather(1, top.indices), top.values / mass)
     cells = features[:, N_CLASS_TOKENS:]
     assert cells[..., :CNN_START].abs().sum() == 0
+    torch.testing.assert_close(cells[..., CNN_START:COLOUR_START].norm(dim=-1), torch.ones(2, GRID * GRID))
     assert torch.equal(cells[0, :, SLOT_START:], torch.eye(GRID * GRID))
 
 
@@ -102,7 +108,7 @@ class _CharTokenizer:
         return type("Encoding", (), {"input_ids": [ord(c) % 64 for c in text]})()
 
 
-def test_initial_bridge_starts_from_class_name_embeddings():
+def test_initial_bridge_starts_from_the_words_of_classes_colours_and_places():
     embeddings = torch.randn(64, 8)
     state = vision.initial_bridge(_CharTokenizer(), embeddings)
     weight = state["llama_proj.weight"]
@@ -112,4 +118,13 @@ def test_initial_bridge_starts_from_class_name_embeddings():
     espresso = names.index("espresso")
     for j, char in enumerate(" espresso"[:N_CLASS_TOKENS]):
         torch.testing.assert_close(weight[:, j * N_CLASSES + espresso], embeddings[ord(char) % 64])
-    assert weight[:, CNN_START:].abs().sum() == 0
+    assert weight[:, CNN_START:COLOUR_START].abs().sum() == 0
+
+    def mean_embedding(text: str) -> torch.Tensor:
+        return embeddings[[ord(c) % 64 for c in text]].mean(0)
+
+    words = vision.bin_colour_words()
+    assert (words[18], words[0], words[26], words[13]) == ("red", "black", "white", "gray")  # (255,0,0) …
+    torch.testing.assert_close(weight[:, COLOUR_START + 18], mean_embedding(" red"))
+    torch.testing.assert_close(weight[:, SLOT_START], mean_embedding(" top left"))
+    torch.testing.assert_close(weight[:, SLOT_START + 8], mean_embedding(" bottom right"))

