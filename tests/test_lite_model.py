@@ -10,6 +10,8 @@ from PIL import Image
 from minigpt4.build import build_model
 from minigpt4.chat import load_chat
 from minigpt4.config import load_eval_config
+from minigpt4.eval.metrics import names_object, repeats_itself
+from minigpt4.eval.photos import PHOTOS
 from minigpt4.lite import gguf_llm
 from minigpt4.lite.packages import MissingPackageError
 
@@ -46,6 +48,10 @@ def test_lite_preset_answers_about_a_package_photo(monkeypatch):
     answer = chat.answer(session)  # greedy, up to the preset's 160 new tokens
     assert answer.strip()
     assert session.last_finish_reason == "stop"
+    # The shipped bridge names what the frozen classifier sees ("espresso"), in a sentence that stops.
+    coffee = next(p for p in PHOTOS if p.file_name == "coffee.png")
+    assert names_object(answer, coffee.objects), answer
+    assert not repeats_itself(answer), answer
 
     def no_conversion(*args):
         raise AssertionError("the second load converted the GGUF file again")
