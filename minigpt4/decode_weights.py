@@ -18,8 +18,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from minigpt4.errors import ConfigError
-
 log = logging.getLogger(__name__)
 
 DECODE_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -43,13 +41,12 @@ class HalfDecodeLinear(nn.Linear):
 
 
 def add_half_decode_weights(model: nn.Module, dtype: str) -> int:
-    """Give every float32 nn.Linear of `model` a `dtype` copy for decode steps; returns how many.
+    """Give every float32 nn.Linear of `model` a `dtype` (a DECODE_DTYPES key) copy for decode steps.
 
+    Returns how many layers got one. `LLMConfig` checks `model.llm.decode_dtype` against the same keys.
     The float32 weights stay (prompts and training use them), so memory grows by half of the Linear
     weights. Only for the CPU: on a GPU, load the model in half precision instead.
     """
-    if dtype not in DECODE_DTYPES:
-        raise ConfigError(f"model.llm.decode_dtype must be one of {', '.join(DECODE_DTYPES)}; got {dtype!r}")
     count = 0
     for module in model.modules():
         if type(module) is nn.Linear and module.weight.dtype == torch.float32:

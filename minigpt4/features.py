@@ -25,7 +25,7 @@ from tqdm import tqdm
 from minigpt4.build import pick_device
 from minigpt4.config import ModelConfig, resolve_path
 from minigpt4.data import stage2
-from minigpt4.data.feature_cache import part_done, vision_fingerprint, write_index, write_part
+from minigpt4.data.feature_cache import cache_index, part_done, write_index, write_part
 from minigpt4.data.loader import record_image, record_key
 from minigpt4.data.stage1 import CorruptSample, sample_caption
 from minigpt4.errors import ConfigError
@@ -117,14 +117,7 @@ def cache_features(
         )
         write_part(out, part, array, keys, shard_records)
     bar.close()
-    index = {
-        "fingerprint": vision_fingerprint(cfg_model),
-        "n_tokens": vision.n_tokens,
-        "feature_dim": vision.feature_dim,
-        "dtype": dtype,
-        "parts": n_parts,
-        "records": n_records,
-    }
+    index = cache_index(cfg_model, vision, dtype, n_parts, n_records)
     write_index(out, index)
     if corrupt:
         log.warning("%d corrupt records were skipped (they are skipped in training too)", corrupt)

@@ -20,16 +20,8 @@ import torch
 from minigpt4.build import load_llm, load_tokenizer
 from minigpt4.config import load_eval_config
 from minigpt4.data import scenes
-from minigpt4.eval.evalset import scene_options
 from minigpt4.eval.metrics import option_answer, vqa_accuracy
 from minigpt4.eval.run import VQA_PROMPT
-
-
-def question_kind(question: str) -> str:
-    for prefix, kind in (("What colour", "colour"), ("What shape", "shape"), ("Where", "position")):
-        if question.startswith(prefix):
-            return kind
-    return "count"
 
 
 def main() -> None:
@@ -58,8 +50,8 @@ def main() -> None:
                     ids, max_new_tokens=10, do_sample=False, pad_token_id=tokenizer.pad_token_id
                 )
             reply = tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True)
-            read = option_answer(reply, scene_options(question)) or ""
-            scores[question_kind(question)].append(
+            read = option_answer(reply, scenes.answer_options(question)) or ""
+            scores[scenes.question_kind(question)].append(
                 (vqa_accuracy(reply, [answer] * 10), float(read == answer))
             )
 

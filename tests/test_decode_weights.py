@@ -9,6 +9,7 @@ from torch import nn
 from minigpt4.build import build_model
 from minigpt4.config import load_eval_config
 from minigpt4.decode_weights import (
+    DECODE_DTYPES,
     HalfDecodeLinear,
     add_half_decode_weights,
     float32_decode,
@@ -75,3 +76,7 @@ def test_an_overflowing_product_is_redone_in_float32():
 def test_unknown_decode_dtype_is_a_config_error(tiny_cfg_path):
     with pytest.raises(ConfigError, match="decode_dtype"):
         load_eval_config(tiny_cfg_path, ["model.llm.decode_dtype=int4"])
+    for name in DECODE_DTYPES:  # the config accepts every dtype the copies can take
+        assert (
+            load_eval_config(tiny_cfg_path, [f"model.llm.decode_dtype={name}"]).model.llm.decode_dtype == name
+        )

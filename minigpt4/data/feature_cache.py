@@ -58,6 +58,18 @@ def part_done(root: Path, index: int) -> bool:
     return (root / f"{part_name(index)}.json").is_file()
 
 
+def cache_index(cfg: ModelConfig, vision: Any, dtype: str, parts: int, records: int) -> dict[str, Any]:
+    """What `index.json` holds for a finished cache of `vision` (the model's frozen vision side)."""
+    return {
+        "fingerprint": vision_fingerprint(cfg),
+        "n_tokens": vision.n_tokens,
+        "feature_dim": vision.feature_dim,
+        "dtype": dtype,
+        "parts": parts,
+        "records": records,
+    }
+
+
 def write_index(root: Path, index: dict[str, Any]) -> None:
     tmp = root / f".{INDEX}.tmp"
     tmp.write_text(json.dumps(index, indent=1))

@@ -214,6 +214,27 @@ def questions(scene: Scene, rng: random.Random) -> list[tuple[str, str]]:
     return qa
 
 
+# The kinds of `questions`, by how each question starts; anything else is a count.
+_QUESTION_KINDS = (("What colour", "colour"), ("What shape", "shape"), ("Where", "position"))
+
+
+def question_kind(question: str) -> str:
+    """ "colour", "shape", "position" or "count": the kind of a question that `questions` wrote."""
+    return next((kind for prefix, kind in _QUESTION_KINDS if question.startswith(prefix)), "count")
+
+
+def answer_options(question: str) -> tuple[str, ...]:
+    """Every answer a question of this kind can have (its closed answer set)."""
+    kind = question_kind(question)
+    if kind == "colour":
+        return tuple(COLOURS)
+    if kind == "shape":
+        return SHAPES
+    if kind == "position":
+        return POSITIONS
+    return tuple(str(n) for n in range(MAX_OBJECTS + 1))
+
+
 def pope_probes(
     scene: Scene, rng: random.Random, n_per_answer: int = 3, adversarial: bool = False
 ) -> list[tuple[str, str]]:

@@ -38,8 +38,9 @@ class _Entry:
     image_id: int
     file_name: str
     captions: list[str]
-    qa: list[tuple[str, tuple[str, ...]]] = field(default_factory=list)
-    options: list[tuple[str, ...]] = field(default_factory=list)  # per question: its closed answer set, or ()
+    qa: list[tuple[str, tuple[str, ...], tuple[str, ...]]] = field(
+        default_factory=list
+    )  # (q, answers, options)
     probes: list[tuple[str, str, str]] = field(default_factory=list)  # (question, label, category)
     objects: tuple[str, ...] = ()  # words naming the main object (photos)
 
@@ -52,17 +53,6 @@ def _answer_type(answer: str) -> str:
 
 def _probe_question(obj: str) -> str:
     return f"Is there {'an' if obj[0] in 'aeiou' else 'a'} {obj} in the image?"
-
-
-def scene_options(question: str) -> tuple[str, ...]:
-    """Every answer a scene question of this kind can have (see `scenes.questions`)."""
-    if question.startswith("What colour"):
-        return tuple(scenes.COLOURS)
-    if question.startswith("What shape"):
-        return scenes.SHAPES
-    if question.startswith("Where"):
-        return scenes.POSITIONS
-    return tuple(str(n) for n in range(scenes.MAX_OBJECTS + 1))  # "How many …"
 
 
 def _scene_entries(images: Path, n_scenes: int, seed: int) -> list[_Entry]:
@@ -83,8 +73,7 @@ def _scene_entries(images: Path, n_scenes: int, seed: int) -> list[_Entry]:
             ],
         )
         chosen = rng.sample(scenes.questions(scene, rng), _QUESTIONS_PER_SCENE)
-        entry.qa = [(q, (a,) * 10) for q, a in chosen]
-        entry.options = [scene_options(q) for q, _ in chosen]
+        entry.qa = [(q, (a,) * 10, scenes.answer_options(q)) for q, a in chosen]
         for category, adversarial in (("random", False), ("adversarial", True)):
             probes = scenes.pope_probes(scene, rng, n_per_answer=1, adversarial=adversarial)
             entry.probes += [(q, label, category) for q, label in probes]
@@ -99,9 +88,8 @@ def _photo_entries(images: Path) -> list[_Entry]:
     for i, photo in enumerate(PHOTOS):
         file_name = f"photo_{photo.file_name}"
         shutil.copyfile(Path(data_dir) / photo.file_name, images / file_name)
-        entry = _Entry(
-            _PHOTO_ID_START + i, file_name, list(photo.captions), list(photo.questions), objects=photo.objects
-        )
+        qa = [(q, answers, ()) for q, answers in photo.questions]  # open questions
+        entry = _Entry(_PHOTO_ID_START + i, file_name, list(photo.captions), qa, objects=photo.objects)
         entry.probes = [(_probe_question(obj), label, "photo") for obj, label in photo.probes]
         entries.append(entry)
     return entries
@@ -128,8 +116,7 @@ def write_eval_set(out: Path, n_scenes: int = 24, seed: int = 0, photos: bool = 
 
     questions, annotations = [], []
     for e in entries:
-        options = e.options or [()] * len(e.qa)
-        for k, ((question, answers), choices) in enumerate(zip(e.qa, options, strict=True)):
+        for k, (question, answers, choices) in enumerate(e.qa):
             qid = e.image_id * 100 + k
             questions.append({"question_id": qid, "image_id": e.image_id, "question": question})
             annotations.append(

@@ -40,7 +40,7 @@ from transformers import AutoTokenizer
 
 from minigpt4.config import LLMConfig, ModelConfig, from_dict, read_yaml, resolve_path
 from minigpt4.data import scenes
-from minigpt4.data.feature_cache import vision_fingerprint, write_index, write_part
+from minigpt4.data.feature_cache import cache_index, write_index, write_part
 from minigpt4.data.make import jpeg_bytes, write_atomic
 from minigpt4.features import frozen_vision
 from minigpt4.lite.gguf_llm import converted_dir
@@ -216,22 +216,14 @@ def write_stage2_features(stage2_dir: Path, out: Path, cfg_path: str, batch_size
                 rows.append(scene_features[a["image_id"]])
             else:
                 cells = scene_features[a["cells"]] if a.get("cells") else blank
-                row = torch.from_numpy(np.array(cells, dtype=np.float32))[None].clone()
+                row = torch.tensor(cells, dtype=torch.float32)[None]
                 row[:, :N_CLASS_TOKENS] = 0
                 classes, probs = zip(*a["classes"], strict=True)
                 write_class_tokens(row, torch.tensor([classes]), torch.tensor([probs]))
                 rows.append(row[0].numpy().astype(np.float16))
             keys.append(f"{source}/{a['image_id']}")
         write_part(out, part, np.stack(rows), keys, [])
-    index = {
-        "fingerprint": vision_fingerprint(model_cfg),
-        "n_tokens": vision.n_tokens,
-        "feature_dim": vision.feature_dim,
-        "dtype": "float16",
-        "parts": len(parts),
-        "records": len(annotations),
-    }
-    write_index(out, index)
+    write_index(out, cache_index(model_cfg, vision, "float16", len(parts), len(annotations)))
 
 
 def write_bridge_init(path: Path, cfg_path: str) -> None:

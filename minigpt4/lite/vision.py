@@ -20,6 +20,8 @@ Token features occupy disjoint blocks of one vector, so one Linear acts as a sep
 
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -140,20 +142,14 @@ _COLOUR_WORDS = COLOURS | {"gray": (128, 128, 128), "cyan": (40, 200, 220), "pin
 
 def bin_colour_words() -> list[str]:
     """The nearest colour word to the centre of each of the COLOUR_BINS RGB bins, in bin order."""
-    levels = (0, 128, 255)
-    words = []
-    for r in levels:
-        for g in levels:
-            for b in levels:
-                words.append(
-                    min(
-                        _COLOUR_WORDS,
-                        key=lambda w: sum(
-                            (x - y) ** 2 for x, y in zip((r, g, b), _COLOUR_WORDS[w], strict=True)
-                        ),
-                    )
-                )
-    return words
+
+    def nearest(centre: tuple[int, ...]) -> str:
+        return min(
+            _COLOUR_WORDS,
+            key=lambda w: sum((x - y) ** 2 for x, y in zip(centre, _COLOUR_WORDS[w], strict=True)),
+        )
+
+    return [nearest(centre) for centre in itertools.product((0, 128, 255), repeat=3)]
 
 
 def initial_bridge(tokenizer: PreTrainedTokenizerBase, embeddings: torch.Tensor) -> dict[str, torch.Tensor]:
