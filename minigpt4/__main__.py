@@ -13,11 +13,11 @@ import sys
 COMMANDS: dict[str, tuple[str, str]] = {
     "chat": ("minigpt4.commands.chat", "interactive chat about an image in the terminal"),
     "caption": ("minigpt4.commands.caption", "describe many images; one JSON line per image"),
-    "train": ("minigpt4.train", "stage-1 / stage-2 training of the projection"),
-    "cache-features": ("minigpt4.features", "pre-compute the frozen vision features of a data set"),
-    "make-data": ("minigpt4.data.make", "generate the offline training and evaluation sets"),
+    "train": ("minigpt4.train.loop", "stage-1 / stage-2 training of the projection"),
+    "cache-features": ("minigpt4.train.features", "pre-compute the frozen vision features of a data set"),
+    "make-data": ("minigpt4.commands.make_data", "generate the offline training and evaluation sets"),
     "eval": ("minigpt4.eval.run", "caption / VQA / POPE metrics on a data set"),
-    "bench": ("minigpt4.bench", "speed benchmarks (inference; `bench train` for training)"),
+    "bench": ("minigpt4.eval.bench", "speed benchmarks (inference; `bench train` for training)"),
     "curate": ("minigpt4.curate", "stage-2 data curation: generate, refine, filter, review, export"),
     "serve": ("minigpt4.serve", "OpenAI-compatible HTTP API"),
 }

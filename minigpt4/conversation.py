@@ -9,8 +9,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-IMAGE_PLACEHOLDER = "<ImageHere>"
-IMAGE_TURN = "<Img><ImageHere></Img>"
+from minigpt4.model import IMAGE_PLACEHOLDER
+
+IMAGE_TURN = f"<Img>{IMAGE_PLACEHOLDER}</Img>"
 MINIGPT4_SYSTEM = (
     "Give the following image: <Img>ImageContent</Img>. "
     "You will be able to see the image once I provide it to you. Please answer my questions."

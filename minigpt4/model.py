@@ -13,8 +13,7 @@ import torch
 from PIL import Image
 from torch import nn
 
-from minigpt4.conversation import IMAGE_PLACEHOLDER
-
+IMAGE_PLACEHOLDER = "<ImageHere>"  # where a prompt's image embeddings are spliced in
 IMAGE_TOKEN_ID = -200
 IGNORE_INDEX = -100
 

@@ -18,6 +18,7 @@ from transformers import Blip2QFormerConfig, Blip2QFormerModel, Blip2VisionConfi
 
 from minigpt4.config import VisionConfig
 from minigpt4.errors import ConfigError
+from minigpt4.weights import load_blip2_weights, read_blip2_config
 
 log = logging.getLogger(__name__)
 
@@ -131,8 +132,6 @@ def blip2_configs(cfg: VisionConfig) -> tuple[Blip2VisionConfig, Blip2QFormerCon
         vision_kwargs = dict(cfg.random_init.get("vision", {}))
         qformer_kwargs = dict(cfg.random_init.get("qformer", {}))
     elif cfg.pretrained is not None:
-        from minigpt4.weights import read_blip2_config  # noqa: PLC0415 (weights imports this module)
-
         vision_kwargs, qformer_kwargs = read_blip2_config(cfg.pretrained)
     else:
         vision_kwargs, qformer_kwargs = dict(EVA_VIT_G), dict(QFORMER_BASE)
@@ -147,8 +146,6 @@ def blip2_configs(cfg: VisionConfig) -> tuple[Blip2VisionConfig, Blip2QFormerCon
 def build_vision(cfg: VisionConfig, device: torch.device) -> nn.Module:
     """Build (and load, when weights are named) the frozen vision side of a config."""
     if cfg.kind in ("blip2", "blip2_patches"):
-        from minigpt4.weights import load_blip2_weights  # noqa: PLC0415
-
         vision_config, qformer_config = blip2_configs(cfg)
         module = Blip2Vision(vision_config, qformer_config, cfg.num_query_tokens, cfg.image_size)
         load_blip2_weights(module, cfg)

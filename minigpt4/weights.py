@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import re
 from collections.abc import Mapping
 from pathlib import Path
@@ -21,6 +20,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from minigpt4.config import VisionConfig, resolve_path
+from minigpt4.files import write_atomic
 
 log = logging.getLogger(__name__)
 
@@ -262,9 +262,8 @@ def save_trainable(model: nn.Module, path: str | Path, metadata: Mapping[str, An
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in model.trainable_state_dict().items()}
-    tmp = path.with_name(path.name + ".tmp")
-    save_file(tensors, str(tmp), metadata={"minigpt4": json.dumps(dict(metadata or {}))})
-    os.replace(tmp, path)
+    meta = {"minigpt4": json.dumps(dict(metadata or {}))}
+    write_atomic(path, lambda tmp: save_file(tensors, str(tmp), metadata=meta))
     return path
 
 

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from minigpt4 import bench
 from minigpt4.chat import load_chat
+from minigpt4.eval import bench
 
 REQUIRED = (
     "encode_ms",
@@ -93,9 +93,9 @@ def test_bench_rejects_bad_settings(capsys: pytest.CaptureFixture[str]) -> None:
 
 def test_bench_train_goes_to_the_training_bench(monkeypatch: pytest.MonkeyPatch) -> None:
     seen = []
-    fake = types.ModuleType("minigpt4.train_bench")
+    fake = types.ModuleType("minigpt4.train.bench")
     fake.main = lambda argv: seen.append(argv) or 0
-    monkeypatch.setitem(sys.modules, "minigpt4.train_bench", fake)
+    monkeypatch.setitem(sys.modules, "minigpt4.train.bench", fake)
     assert bench.main(["train", "--steps", "3"]) == 0
     assert seen == [["--steps", "3"]]
 

@@ -14,7 +14,7 @@ from minigpt4.curate.records import WorkDir
 from minigpt4.curate.review import ReviewStore
 from minigpt4.data.loader import record_image, record_text
 from minigpt4.data.stage2 import read_annotations
-from minigpt4.train import main as train_main
+from minigpt4.train.loop import main as train_main
 
 
 class StandInLLM:

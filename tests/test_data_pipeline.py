@@ -16,13 +16,14 @@ import webdataset as wds
 
 from minigpt4.conversation import get_template
 from minigpt4.data import scenes
+from minigpt4.data.config import source_shards
 from minigpt4.data.labels import TextBuilder, pad_batch, supervised_tokens
 from minigpt4.data.loader import BatchPlan, build_loader
-from minigpt4.data.make import jpeg_bytes
 from minigpt4.data.stage1 import ShardSource, shard_stream, tar_reader
 from minigpt4.errors import ConfigError
+from minigpt4.images import jpeg_bytes
 from minigpt4.model import IGNORE_INDEX, IMAGE_TOKEN_ID
-from minigpt4.train_config import check_batch_layout, source_shards
+from minigpt4.train.config import check_batch_layout
 
 pytest_plugins = ["train_helpers"]  # fixtures: tiny_data, tiny_config, tiny_model, one_thread
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -97,7 +98,7 @@ def test_a_stream_reads_only_its_shards_and_mixes_sources_by_ratio(tiny_data):
 
 
 def source_shards_of(folder: Path) -> list[str]:
-    from minigpt4.train_config import SourceConfig
+    from minigpt4.data.config import SourceConfig
 
     return source_shards(SourceConfig("x", str(folder)))
 

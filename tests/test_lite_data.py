@@ -101,7 +101,7 @@ def test_stage2_feature_cache_holds_scenes_and_class_examples(tmp_path):
     from minigpt4.data.feature_cache import FeatureCache, vision_fingerprint
     from minigpt4.data.loader import example_maker
     from minigpt4.lite.vision import EfficientNetLiteVision
-    from minigpt4.train_config import load_train_config
+    from minigpt4.train.config import load_train_config
 
     folder = tmp_path / "cc_sbu_align"
     data.write_stage2(folder, random.Random(5), n=3, n_classes=6)

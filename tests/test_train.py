@@ -13,16 +13,16 @@ import torch
 from accelerate import Accelerator
 from safetensors.torch import load_file
 
-from minigpt4 import checkpoint
 from minigpt4.build import build_model
 from minigpt4.chat import load_chat
 from minigpt4.config import PROJECT_ROOT as ROOT
 from minigpt4.config import from_dict, read_yaml
 from minigpt4.data import scenes
-from minigpt4.features import cache_features
 from minigpt4.model import MiniGPT4
-from minigpt4.train import FINAL_WEIGHTS, METRICS, TrainingError, forward_backward, lr_at, train
-from minigpt4.train_config import RunConfig, TrainConfig
+from minigpt4.train import checkpoints
+from minigpt4.train.config import RunConfig, TrainConfig
+from minigpt4.train.features import cache_features
+from minigpt4.train.loop import FINAL_WEIGHTS, METRICS, TrainingError, forward_backward, lr_at, train
 
 pytest_plugins = ["train_helpers"]  # fixtures: tiny_data, tiny_config, tiny_model, one_thread
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -59,7 +59,7 @@ def test_stage1_loss_falls_and_the_weights_load_into_the_chat_engine(tiny_config
     lines = [json.loads(line) for line in (tmp_path / "run" / METRICS).read_text().splitlines()]
     assert [m["step"] for m in lines] == list(range(1, 21))
     assert all(m["samples_per_s"] > 0 and m["lr"] > 0 for m in lines)
-    assert [s for s, _ in checkpoint.list_checkpoints(tmp_path / "run")] == [10, 20]
+    assert [s for s, _ in checkpoints.list_checkpoints(tmp_path / "run")] == [10, 20]
 
     weights = tmp_path / "run" / FINAL_WEIGHTS
     assert result.weights == weights
@@ -96,7 +96,7 @@ def test_a_stopped_run_resumes_at_its_step_and_ends_with_the_same_weights(tiny_c
     cfg = tiny_config(1, tmp_path / "split", *SHORT)
     first = train(cfg, stop_after=3)
     assert first.step == 3 and first.weights is None
-    assert first.checkpoint == checkpoint.step_dir(tmp_path / "split", 3)
+    assert first.checkpoint == checkpoints.step_dir(tmp_path / "split", 3)
     with pytest.raises(TrainingError, match="--resume auto"):
         train(cfg)
     rest = train(cfg, resume="auto")
@@ -152,9 +152,9 @@ def test_a_nan_loss_stops_the_run_naming_the_step_and_leaves_finite_checkpoints(
     monkeypatch.setattr(MiniGPT4, "forward", nan_on_third_step)
     with pytest.raises(TrainingError, match=r"step 3: the loss is nan"):
         train(tiny_config(1, tmp_path / "run", *SHORT, "run.save_every=1"))
-    saved = checkpoint.list_checkpoints(tmp_path / "run")
+    saved = checkpoints.list_checkpoints(tmp_path / "run")
     assert [s for s, _ in saved] == [1, 2], "nothing after the last good step"
-    assert all(torch.isfinite(t).all() for t in _weights(saved[-1][1] / checkpoint.WEIGHTS).values())
+    assert all(torch.isfinite(t).all() for t in _weights(saved[-1][1] / checkpoints.WEIGHTS).values())
 
 
 def test_an_update_that_blows_the_weights_up_stops_the_run(tiny_config, tmp_path):
@@ -164,9 +164,9 @@ def test_an_update_that_blows_the_weights_up_stops_the_run(tiny_config, tmp_path
     )
     with pytest.raises(TrainingError, match=r"step 2: the update made the weights NaN or inf"):
         train(cfg)
-    saved = checkpoint.list_checkpoints(tmp_path / "run")
+    saved = checkpoints.list_checkpoints(tmp_path / "run")
     assert [s for s, _ in saved] == [1]
-    assert all(torch.isfinite(t).all() for t in _weights(saved[0][1] / checkpoint.WEIGHTS).values())
+    assert all(torch.isfinite(t).all() for t in _weights(saved[0][1] / checkpoints.WEIGHTS).values())
 
 
 def test_weights_with_nan_are_never_written(tiny_model, tmp_path):
@@ -174,8 +174,8 @@ def test_weights_with_nan_are_never_written(tiny_model, tmp_path):
         saved = tiny_model.llama_proj.bias[0].item()
         tiny_model.llama_proj.bias[0] = float("nan")
     try:
-        with pytest.raises(checkpoint.CheckpointError, match="llama_proj.bias"):
-            checkpoint.save_checkpoint(tmp_path / "step-000001", tiny_model, {"step": 1}, {})
+        with pytest.raises(checkpoints.CheckpointError, match="llama_proj.bias"):
+            checkpoints.save_checkpoint(tmp_path / "step-000001", tiny_model, {"step": 1}, {})
     finally:
         with torch.no_grad():
             tiny_model.llama_proj.bias[0] = saved
@@ -248,7 +248,7 @@ def test_paper_configs_hold_the_papers_settings(variant):
 
 
 def test_the_command_reports_bad_input_without_a_traceback(tiny_data, tmp_path, capsys):
-    from minigpt4 import train as train_module
+    from minigpt4.train import loop as train_module
 
     sources = f"data.sources=[{{name: a, path: '{tiny_data}/stage1/shapes'}}]"
     args = [

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from minigpt4 import train_bench
+from minigpt4.train import bench as train_bench
 
 pytest_plugins = ["train_helpers"]  # fixtures: tiny_data, tiny_config, one_thread
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -14,7 +14,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 def test_bench_train_reports_the_three_speeds_and_their_ratios(tiny_config, tmp_path, capsys, monkeypatch):
     cfg = tiny_config(1, tmp_path / "run")
-    monkeypatch.setattr(train_bench, "load_train_config", lambda path, overrides: cfg)
+    monkeypatch.setattr(train_bench, "prepare_training", lambda path, overrides: cfg)
     assert (
         train_bench.main(
             ["--cfg-path", "tiny_stage1", "--steps", "2", "--warmup", "1", "--rounds", "2", "--json"]

@@ -14,8 +14,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from minigpt4 import checkpoint
-from minigpt4.train import FINAL_WEIGHTS, train
+from minigpt4.train import checkpoints
+from minigpt4.train.loop import FINAL_WEIGHTS, train
 
 pytest_plugins = ["train_helpers"]  # fixtures: tiny_data, tiny_config, one_thread
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]
@@ -111,13 +111,13 @@ def test_a_killed_run_resumes_at_its_last_checkpoint_and_ends_as_if_never_stoppe
     proc = subprocess.Popen(cmd, cwd=ROOT, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         deadline = time.monotonic() + 240
-        while not checkpoint.step_dir(killed, 2).exists():
+        while not checkpoints.step_dir(killed, 2).exists():
             assert proc.poll() is None and time.monotonic() < deadline, "the run ended before step 2"
             time.sleep(0.05)
         proc.send_signal(signal.SIGKILL)
     finally:
         proc.wait(timeout=60)
-    stopped_at = checkpoint.list_checkpoints(killed)[-1][0]
+    stopped_at = checkpoints.list_checkpoints(killed)[-1][0]
     assert 2 <= stopped_at < 16, stopped_at
 
     resumed = train(tiny_config(1, killed, *SHORT, *steps), resume="auto")

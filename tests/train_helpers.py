@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from minigpt4.data import make
-from minigpt4.train_config import TrainConfig, load_train_config
+from minigpt4.commands import make_data
+from minigpt4.train.config import TrainConfig, load_train_config
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -21,7 +21,7 @@ ROOT = Path(__file__).resolve().parent.parent
 def tiny_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The `make-data train` sets, smaller: 4 + 2 shards of 16 scenes, 24 stage-2 pairs."""
     out = tmp_path_factory.mktemp("tiny_data")
-    make.main(["train", "--out", str(out), "--shards", "4", "--per-shard", "16", "--stage2", "24"])
+    make_data.main(["train", "--out", str(out), "--shards", "4", "--per-shard", "16", "--stage2", "24"])
     return out
 
 

@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import shutil
 from pathlib import Path
 
@@ -21,6 +20,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from minigpt4.curate.records import CurateError, WorkDir, latest_by_id, read_jsonl
+from minigpt4.files import write_atomic, write_text_atomic
 
 log = logging.getLogger(__name__)
 
@@ -50,17 +50,18 @@ def approved_captions(work: WorkDir, include_undecided: bool = False) -> list[di
 
 def write_jpeg(source: Path, target: Path) -> None:
     """`source` as a JPEG at `target`, never leaving a partial file behind."""
-    tmp = target.with_name(target.name + ".tmp")
-    try:
+
+    def write(tmp: Path) -> None:
         with Image.open(source) as image:
             if image.format == "JPEG":
                 shutil.copyfile(source, tmp)
             else:
                 image.convert("RGB").save(tmp, "JPEG", quality=95)
+
+    try:
+        write_atomic(target, write)
     except OSError as e:
-        tmp.unlink(missing_ok=True)
         raise CurateError(f"cannot export {source}: {e}") from e
-    os.replace(tmp, target)
 
 
 def export(work: WorkDir, out: Path, include_undecided: bool = False) -> list[dict[str, str]]:
@@ -78,9 +79,9 @@ def export(work: WorkDir, out: Path, include_undecided: bool = False) -> list[di
         if not target.exists():
             write_jpeg(Path(record["image"]), target)
     annotations = [{"image_id": r["image_id"], "caption": r["caption"]} for r in chosen]
-    tmp = out / "filter_cap.json.tmp"
-    tmp.write_text(json.dumps({"annotations": annotations}, ensure_ascii=False, indent=1), encoding="utf-8")
-    os.replace(tmp, out / "filter_cap.json")
+    write_text_atomic(
+        out / "filter_cap.json", json.dumps({"annotations": annotations}, ensure_ascii=False, indent=1)
+    )
     extra = {p.stem for p in image_dir.glob("*.jpg")} - {r["image_id"] for r in annotations}
     if extra:
         log.info(

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -24,6 +23,7 @@ from minigpt4.curate.records import CurateError, JsonlWriter, WorkDir, count_wor
 from minigpt4.curate.sources import SourceImage, iter_source
 from minigpt4.errors import InputError
 from minigpt4.eval.answer import BatchAnswerer
+from minigpt4.files import write_bytes_atomic
 from minigpt4.images import load_image
 
 log = logging.getLogger(__name__)
@@ -178,10 +178,7 @@ def _write_once(path: Path, data: bytes) -> None:
     """Unpack a shard image; written under a temporary name first so a kill never leaves half a file."""
     if path.exists():
         return
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
+    write_bytes_atomic(path, data)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

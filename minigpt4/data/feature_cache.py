@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -27,6 +26,7 @@ import torch
 
 from minigpt4.config import ModelConfig
 from minigpt4.errors import ConfigError
+from minigpt4.files import write_atomic, write_text_atomic
 
 INDEX = "index.json"
 CACHED_TEXT = "__text__"  # the caption of a record read from the cache (None: it was unreadable)
@@ -45,13 +45,13 @@ def part_name(index: int) -> str:
 def write_part(root: Path, index: int, features: np.ndarray, keys: list[str], records: list[list]) -> None:
     """Write one part atomically: the array first, then its key list (which marks it complete)."""
     name = part_name(index)
-    tmp = root / f".{name}.npy.tmp"
-    with open(tmp, "wb") as fh:
-        np.save(fh, features)
-    os.replace(tmp, root / f"{name}.npy")
-    tmp = root / f".{name}.json.tmp"
-    tmp.write_text(json.dumps({"keys": keys, "records": records}))
-    os.replace(tmp, root / f"{name}.json")
+
+    def write_array(tmp: Path) -> None:
+        with open(tmp, "wb") as fh:
+            np.save(fh, features)
+
+    write_atomic(root / f"{name}.npy", write_array)
+    write_text_atomic(root / f"{name}.json", json.dumps({"keys": keys, "records": records}))
 
 
 def part_done(root: Path, index: int) -> bool:
@@ -71,9 +71,7 @@ def cache_index(cfg: ModelConfig, vision: Any, dtype: str, parts: int, records: 
 
 
 def write_index(root: Path, index: dict[str, Any]) -> None:
-    tmp = root / f".{INDEX}.tmp"
-    tmp.write_text(json.dumps(index, indent=1))
-    os.replace(tmp, root / INDEX)
+    write_text_atomic(root / INDEX, json.dumps(index, indent=1))
 
 
 class FeatureCache:

@@ -14,8 +14,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from minigpt4.conversation import IMAGE_PLACEHOLDER, Template
-from minigpt4.model import IGNORE_INDEX
+from minigpt4.conversation import Template
+from minigpt4.model import IGNORE_INDEX, IMAGE_PLACEHOLDER
 
 STAGE1_END = "\n"
 

@@ -31,12 +31,12 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from minigpt4.config import ModelConfig, resolve_path
 from minigpt4.conversation import get_template
 from minigpt4.data import stage1, stage2
+from minigpt4.data.config import DataConfig, source_shards
 from minigpt4.data.feature_cache import CACHED_TEXT, FeatureCache, vision_fingerprint
 from minigpt4.data.labels import TextBuilder, pad_batch
 from minigpt4.data.stage1 import CorruptSample
 from minigpt4.errors import ImageError
 from minigpt4.images import load_image
-from minigpt4.train_config import DataConfig, source_shards
 
 log = logging.getLogger(__name__)
 

@@ -1,54 +1,40 @@
-"""`python -m minigpt4 make-data <set>`: generate the offline data sets from synthetic scenes.
+"""The tiny training sets, in the layouts of the real data, from synthetic scenes.
 
-`make-data train` writes what the tiny training configs read, in the layouts of the real data:
   <out>/stage1/shapes/shard-0000N.tar      webdataset shards of jpg + json {"caption": …}
   <out>/stage1/shapes_txt/shard-0000N.tar  webdataset shards of jpg + txt (a second source to mix)
   <out>/cc_sbu_align/filter_cap.json       {"annotations": [{"image_id", "caption"}]} + image/<id>.jpg
-`make-data eval` writes the offline eval set (see minigpt4/eval/evalset.py) to data/eval/.
-`make-data lite` writes the lite bridge's training data (see minigpt4/lite/data.py).
 Every file is written to a temporary name and renamed, so an interrupted run leaves no half file.
+`python -m minigpt4 make-data train` (minigpt4/commands/make_data.py) writes them.
 """
 
 from __future__ import annotations
 
-import argparse
-import io
 import json
 import logging
-import os
 import random
-import sys
 from collections.abc import Callable
 from pathlib import Path
 
 import webdataset as wds
-from PIL import Image
 from tqdm import tqdm
 
 from minigpt4.data import scenes
-from minigpt4.eval.evalset import write_eval_set
+from minigpt4.files import write_atomic, write_bytes_atomic, write_text_atomic
+from minigpt4.images import jpeg_bytes
 
 log = logging.getLogger(__name__)
 
-JPEG_QUALITY = 92
-
-
-def jpeg_bytes(image: Image.Image) -> bytes:
-    buf = io.BytesIO()
-    image.save(buf, format="JPEG", quality=JPEG_QUALITY)
-    return buf.getvalue()
-
-
-def write_atomic(path: Path, write: Callable[[Path], None]) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    write(tmp)
-    os.replace(tmp, path)
-
 
 def write_shards(
-    out_dir: Path, rng: random.Random, n_shards: int, per_shard: int, size: int, text_ext: str
+    out_dir: Path,
+    rng: random.Random,
+    n_shards: int,
+    per_shard: int,
+    size: int = 224,
+    text_ext: str = "json",
+    caption: Callable[[scenes.Scene], str] = scenes.caption,
 ) -> list[Path]:
-    """Scenes as webdataset shards; the caption goes in `json` ({"caption": …}) or plain `txt`."""
+    """Scenes as webdataset shards; `caption(scene)` goes in `json` ({"caption": …}) or plain `txt`."""
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = []
     for shard in tqdm(range(n_shards), desc=f"shards {out_dir.name}", unit="shard"):
@@ -58,7 +44,7 @@ def write_shards(
             with wds.TarWriter(str(tmp)) as sink:
                 for i in range(per_shard):
                     scene = scenes.render_scene(rng, size=size)
-                    text = scenes.caption(scene)
+                    text = caption(scene)
                     payload = json.dumps({"caption": text}) if text_ext == "json" else text
                     sink.write(
                         {"__key__": f"{shard:05d}{i:04d}", "jpg": jpeg_bytes(scene.image), text_ext: payload}
@@ -77,61 +63,8 @@ def write_cc_sbu_align(out_dir: Path, rng: random.Random, n: int, size: int) -> 
     for i in tqdm(range(n), desc="cc_sbu_align", unit="image"):
         scene = scenes.render_scene(rng, size=size)
         image_id = f"{i:05d}"
-        data = jpeg_bytes(scene.image)
-        write_atomic(image_dir / f"{image_id}.jpg", lambda tmp, data=data: tmp.write_bytes(data))
+        write_bytes_atomic(image_dir / f"{image_id}.jpg", jpeg_bytes(scene.image))
         annotations.append({"image_id": image_id, "caption": scenes.describe(scene)})
     path = out_dir / "filter_cap.json"
-    text = json.dumps({"annotations": annotations}, indent=1)
-    write_atomic(path, lambda tmp: tmp.write_text(text))
+    write_text_atomic(path, json.dumps({"annotations": annotations}, indent=1))
     return path
-
-
-def make_train(args: argparse.Namespace) -> int:
-    out = Path(args.out)
-    rng = random.Random(args.seed)
-    write_shards(out / "stage1" / "shapes", rng, args.shards, args.per_shard, args.size, "json")
-    write_shards(out / "stage1" / "shapes_txt", rng, 2, args.per_shard, args.size, "txt")
-    write_cc_sbu_align(out / "cc_sbu_align", rng, args.stage2, args.size)
-    print(f"wrote the training sets under {out}")
-    return 0
-
-
-def make_eval(args: argparse.Namespace) -> int:
-    try:
-        counts = write_eval_set(
-            Path(args.out), n_scenes=args.scenes, seed=args.seed, photos=not args.no_photos
-        )
-    except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    print(f"wrote the eval set under {args.out}: " + ", ".join(f"{n} {kind}" for kind, n in counts.items()))
-    return 0
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m minigpt4 make-data", description=__doc__.split("\n")[0])
-    sets = parser.add_subparsers(dest="set", required=True, metavar="SET")
-    train = sets.add_parser("train", help="tiny stage-1 shards and a stage-2 cc_sbu_align folder")
-    train.add_argument("--out", default="data/tiny", help="output folder (default: data/tiny)")
-    train.add_argument("--seed", type=int, default=0)
-    train.add_argument("--shards", type=int, default=4, help="shards of the main stage-1 source")
-    train.add_argument("--per-shard", type=int, default=32, help="samples per stage-1 shard")
-    train.add_argument("--stage2", type=int, default=48, help="stage-2 image/description pairs")
-    train.add_argument("--size", type=int, default=224, help="image side in pixels")
-    train.set_defaults(run=make_train)
-    evalset = sets.add_parser("eval", help="caption, VQA and POPE files over rendered scenes and real photos")
-    evalset.add_argument("--out", default="data/eval", help="output folder (default: data/eval)")
-    evalset.add_argument("--seed", type=int, default=0)
-    evalset.add_argument("--scenes", type=int, default=24, help="rendered scenes (default: 24)")
-    evalset.add_argument("--no-photos", action="store_true", help="leave out scikit-image's photos")
-    evalset.set_defaults(run=make_eval)
-    from minigpt4.lite.data import add_parser as add_lite_parser  # noqa: PLC0415 (it imports this module)
-
-    add_lite_parser(sets)
-    return parser
-
-
-def main(argv: list[str] | None = None) -> int:
-    """Generate an offline data set; see `make-data --help`."""
-    args = build_parser().parse_args(argv)
-    return args.run(args)

@@ -18,37 +18,15 @@ from dataclasses import dataclass
 
 from PIL import Image, ImageDraw
 
-SHAPES: tuple[str, ...] = ("circle", "square", "triangle", "star", "diamond", "cross")
+from minigpt4.lite.vocabulary import COLOURS, POSITIONS
 
-COLOURS: dict[str, tuple[int, int, int]] = {
-    "red": (220, 30, 30),
-    "green": (30, 160, 60),
-    "blue": (40, 70, 220),
-    "yellow": (240, 210, 30),
-    "purple": (140, 50, 170),
-    "orange": (245, 130, 20),
-    "black": (20, 20, 20),
-    "white": (250, 250, 250),
-}
+SHAPES: tuple[str, ...] = ("circle", "square", "triangle", "star", "diamond", "cross")
 
 BACKGROUNDS: dict[str, tuple[int, int, int]] = {
     "gray": (128, 128, 128),
     "beige": (215, 200, 165),
     "light blue": (170, 200, 230),
 }
-
-# Reading order: row by row, left to right. Index i is at row i // 3, column i % 3.
-POSITIONS: tuple[str, ...] = (
-    "top left",
-    "top center",
-    "top right",
-    "middle left",
-    "center",
-    "middle right",
-    "bottom left",
-    "bottom center",
-    "bottom right",
-)
 
 MAX_OBJECTS = len(POSITIONS)
 _NUMBER_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")

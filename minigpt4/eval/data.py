@@ -15,10 +15,11 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from minigpt4.files import write_text_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -52,14 +53,6 @@ class POPESample:
     question: str
     label: str
     category: str
-
-
-def write_text_atomic(path: Path, text: str) -> None:
-    """Write `text` whole or not at all: a temporary file beside `path`, renamed into place."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
 
 
 def write_json(path: Path, data: Any) -> None:

@@ -21,8 +21,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from minigpt4.data import scenes
-from minigpt4.eval.data import write_json, write_text_atomic
+from minigpt4.eval.data import write_json
 from minigpt4.eval.photos import PHOTOS
+from minigpt4.files import write_text_atomic
 
 CAPTIONS_FILE = "captions.json"
 VQA_QUESTIONS_FILE = "vqa_questions.json"

@@ -2,6 +2,7 @@
 
 * `vision`: the frozen EfficientNet-Lite0 read out as class tokens + spatial tokens.
 * `gguf_llm`: the LLM's GGUF file converted once into a cache folder, for fast later starts.
+* `vocabulary`: the colour words and places the vision readout names (the scene generator draws with them).
 * `packages`: finding the PyPI packages that ship the pretrained files; errors that say what to install.
 * `data`: `python -m minigpt4 make-data lite`, the offline training data of the bridge.
 """

@@ -31,7 +31,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import webdataset as wds
 from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import save_file
@@ -41,8 +40,9 @@ from transformers import AutoTokenizer
 from minigpt4.config import LLMConfig, ModelConfig, from_dict, read_yaml, resolve_path
 from minigpt4.data import scenes
 from minigpt4.data.feature_cache import cache_index, write_index, write_part
-from minigpt4.data.make import jpeg_bytes, write_atomic
-from minigpt4.features import frozen_vision
+from minigpt4.data.make import write_shards
+from minigpt4.files import write_atomic, write_bytes_atomic, write_text_atomic
+from minigpt4.images import jpeg_bytes
 from minigpt4.lite.gguf_llm import converted_dir
 from minigpt4.lite.packages import require, resolve_package_path
 from minigpt4.lite.vision import (
@@ -56,6 +56,7 @@ from minigpt4.lite.vision import (
     initial_bridge,
     write_class_tokens,
 )
+from minigpt4.train.features import frozen_vision
 
 DESCRIBE_INSTRUCTIONS = (
     "Describe this image.",
@@ -113,19 +114,8 @@ def stage2_example(scene: scenes.Scene, rng: random.Random) -> tuple[str, str]:
 
 
 def write_stage1(out_dir: Path, rng: random.Random, n_shards: int, per_shard: int) -> None:
-    out_dir.mkdir(parents=True, exist_ok=True)
-    for shard in tqdm(range(n_shards), desc="stage 1 shards", unit="shard"):
-
-        def write(tmp: Path, shard: int = shard) -> None:
-            with wds.TarWriter(str(tmp)) as sink:
-                for i in range(per_shard):
-                    scene = scenes.render_scene(rng)
-                    caption = json.dumps({"caption": positional_caption(scene)})
-                    sink.write(
-                        {"__key__": f"{shard:05d}{i:04d}", "jpg": jpeg_bytes(scene.image), "json": caption}
-                    )
-
-        write_atomic(out_dir / f"shard-{shard:05d}.tar", write)
+    """Stage-1 shards whose captions say where each shape is (`positional_caption`)."""
+    write_shards(out_dir, rng, n_shards, per_shard, caption=positional_caption)
 
 
 def class_example(c: int, rng: random.Random) -> tuple[str, str]:
@@ -158,8 +148,7 @@ def write_stage2(out_dir: Path, rng: random.Random, n: int, n_classes: int = 0) 
     for i in tqdm(range(n), desc="stage 2 scenes", unit="image"):
         scene = scenes.render_scene(rng)
         image_id = f"{i:05d}"
-        data = jpeg_bytes(scene.image)
-        write_atomic(image_dir / f"{image_id}.jpg", lambda tmp, data=data: tmp.write_bytes(data))
+        write_bytes_atomic(image_dir / f"{image_id}.jpg", jpeg_bytes(scene.image))
         instruction, answer = stage2_example(scene, rng)
         annotations.append({"image_id": image_id, "instruction": instruction, "caption": answer})
     if n_classes:
@@ -178,8 +167,7 @@ def write_stage2(out_dir: Path, rng: random.Random, n: int, n_classes: int = 0) 
             }
         )
     rng.shuffle(annotations)
-    text = json.dumps({"annotations": annotations}, indent=1)
-    write_atomic(out_dir / "filter_cap.json", lambda tmp: tmp.write_text(text))
+    write_text_atomic(out_dir / "filter_cap.json", json.dumps({"annotations": annotations}, indent=1))
 
 
 def write_stage2_features(stage2_dir: Path, out: Path, cfg_path: str, batch_size: int = 32) -> None:

@@ -29,8 +29,8 @@ from PIL import Image
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
-from minigpt4.data.scenes import COLOURS, POSITIONS
 from minigpt4.lite.packages import require
+from minigpt4.lite.vocabulary import COLOUR_WORDS, POSITIONS
 
 N_CLASSES = 1000
 N_CLASS_TOKENS = 3
@@ -136,17 +136,13 @@ def _to_tensor(image: Image.Image) -> torch.Tensor:
     return torch.from_numpy(np.array(image)).permute(2, 0, 1).float() / 127.5 - 1
 
 
-# The colour word each RGB bin starts as (its centre's nearest named colour, see `initial_bridge`).
-_COLOUR_WORDS = COLOURS | {"gray": (128, 128, 128), "cyan": (40, 200, 220), "pink": (240, 130, 200)}
-
-
 def bin_colour_words() -> list[str]:
     """The nearest colour word to the centre of each of the COLOUR_BINS RGB bins, in bin order."""
 
     def nearest(centre: tuple[int, ...]) -> str:
         return min(
-            _COLOUR_WORDS,
-            key=lambda w: sum((x - y) ** 2 for x, y in zip(centre, _COLOUR_WORDS[w], strict=True)),
+            COLOUR_WORDS,
+            key=lambda w: sum((x - y) ** 2 for x, y in zip(centre, COLOUR_WORDS[w], strict=True)),
         )
 
     return [nearest(centre) for centre in itertools.product((0, 128, 255), repeat=3)]

@@ -1,24 +1,20 @@
-"""Training configuration: one flat YAML per stage, loaded into typed dataclasses.
+"""The `data:` section of a train config: which sources to read, in which format, and how.
 
-A train YAML holds a complete `model:` section (the same schema as the eval presets), a `data:`
-section (what to read and how to turn it into token sequences) and a `run:` section (batch,
-schedule, checkpoints, logging). Unknown keys, wrong types and missing data files are errors
-that name the key and the file.
+It lives with the datasets (the loader reads it); the training config embeds it. Unknown keys,
+wrong types and missing data files are errors that name the key and the file.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from webdataset.shardlists import expand_urls
 
-from minigpt4.config import ModelConfig, check_model_files, from_dict, read_yaml, resolve_path
+from minigpt4.config import resolve_path
 from minigpt4.errors import ConfigError
 
 FORMATS = ("webdataset", "cc_sbu_align")
-MIXED_PRECISION = ("auto", "no", "fp16", "bf16")
 
 
 @dataclass
@@ -70,82 +66,6 @@ class DataConfig:
             raise ConfigError(f"data.num_workers must be ≥ 0, got {self.num_workers}")
 
 
-@dataclass
-class RunConfig:
-    """Batch, the schedule of DESIGN §4 (linear warmup, then cosine), checkpoints and logging."""
-
-    output_dir: str
-    batch_size: int  # per process, per micro-batch
-    max_epoch: int
-    iters_per_epoch: int  # optimizer steps per epoch
-    init_lr: float
-    min_lr: float
-    warmup_lr: float
-    warmup_steps: int
-    grad_accum_steps: int = 1
-    weight_decay: float = 0.05
-    max_grad_norm: float | None = 1.0
-    mixed_precision: str = "auto"  # auto: fp16 on CUDA, none on the CPU
-    seed: int = 42
-    save_every: int = 0  # steps between checkpoints; 0: only at the end
-    keep_checkpoints: int = 2
-    log_every: int = 1
-    tensorboard: bool = False
-    deterministic: bool = False
-
-    def __post_init__(self) -> None:
-        for key in ("batch_size", "max_epoch", "iters_per_epoch", "grad_accum_steps", "log_every"):
-            if getattr(self, key) < 1:
-                raise ConfigError(f"run.{key} must be ≥ 1, got {getattr(self, key)}")
-        for key in ("warmup_steps", "save_every"):
-            if getattr(self, key) < 0:
-                raise ConfigError(f"run.{key} must be ≥ 0, got {getattr(self, key)}")
-        if self.keep_checkpoints < 1:
-            raise ConfigError(f"run.keep_checkpoints must be ≥ 1, got {self.keep_checkpoints}")
-        if not 0 <= self.min_lr <= self.init_lr or self.warmup_lr < 0:
-            raise ConfigError(
-                f"run: need 0 ≤ min_lr ≤ init_lr and warmup_lr ≥ 0; got min_lr={self.min_lr}, "
-                f"init_lr={self.init_lr}, warmup_lr={self.warmup_lr}"
-            )
-        if self.mixed_precision not in MIXED_PRECISION:
-            raise ConfigError(
-                f"run.mixed_precision must be one of {', '.join(MIXED_PRECISION)}; got {self.mixed_precision!r}"
-            )
-
-    @property
-    def total_steps(self) -> int:
-        return self.max_epoch * self.iters_per_epoch
-
-
-@dataclass
-class TrainConfig:
-    name: str
-    model: ModelConfig
-    data: DataConfig
-    run: RunConfig
-
-
-def load_train_config(path: str | Path, overrides: Sequence[str] = ()) -> TrainConfig:
-    """Load a train YAML (a path, or a name in train_configs/) with `key.sub=value` overrides."""
-    path = _resolve_train_config(path)
-    data = read_yaml(path, overrides)
-    data.setdefault("name", path.stem)
-    cfg = from_dict(TrainConfig, data, where=str(path))
-    check_model_files(cfg.model, where=str(path))
-    check_data_files(cfg.data, where=str(path))
-    return cfg
-
-
-def _resolve_train_config(name: str | Path) -> Path:
-    candidates = [resolve_path(name)]
-    if not str(name).endswith((".yaml", ".yml")):
-        candidates.append(resolve_path(Path("train_configs") / f"{name}.yaml"))
-    for candidate in candidates:
-        if candidate.is_file():
-            return candidate
-    raise ConfigError(f"no train config {str(name)!r}: not a file, and not a name in train_configs/")
-
-
 def source_shards(source: SourceConfig) -> list[str]:
     """The shard files of a webdataset source: a brace pattern, or every .tar in a folder (sorted)."""
     folder = resolve_path(source.path)
@@ -180,14 +100,3 @@ def check_data_files(cfg: DataConfig, where: str) -> None:
             )
     if cfg.prompts_file is not None and not resolve_path(cfg.prompts_file).is_file():
         raise ConfigError(f"{where}: data.prompts_file: {cfg.prompts_file!r} not found")
-
-
-def check_batch_layout(cfg: TrainConfig, world_size: int) -> int:
-    """The size of a global micro-batch (all processes), checked against the data streams."""
-    global_micro = cfg.run.batch_size * world_size
-    if global_micro % cfg.data.streams:
-        raise ConfigError(
-            f"run.batch_size × processes = {global_micro} must be a multiple of "
-            f"data.streams = {cfg.data.streams} (each stream gives an equal share of a batch)"
-        )
-    return global_micro

@@ -15,7 +15,6 @@ import hashlib
 import json
 import logging
 import math
-import os
 import sys
 import time
 from collections.abc import Iterator
@@ -29,14 +28,19 @@ from accelerate import Accelerator
 from accelerate.utils import gather_object, set_seed
 from tqdm import tqdm
 
-from minigpt4 import checkpoint
 from minigpt4.build import build_model
-from minigpt4.checkpoint import CheckpointError
 from minigpt4.data.labels import supervised_tokens
 from minigpt4.data.loader import BatchPlan, build_loader, process_shards
 from minigpt4.errors import ConfigError
 from minigpt4.model import MiniGPT4
-from minigpt4.train_config import RunConfig, TrainConfig, check_batch_layout, load_train_config
+from minigpt4.train import checkpoints
+from minigpt4.train.checkpoints import CheckpointError
+from minigpt4.train.config import (
+    RunConfig,
+    TrainConfig,
+    check_batch_layout,
+    prepare_training,
+)
 from minigpt4.weights import WeightsError, load_trainable, save_trainable
 
 log = logging.getLogger(__name__)
@@ -111,17 +115,17 @@ def train(
     model.train()
     progress = _Progress()
     resume_from = _resume_path(output_dir, resume)
-    state = checkpoint.load_state(resume_from) if resume_from else None
+    state = checkpoints.load_state(resume_from) if resume_from else None
     if state is not None:
         _check_compatible(state, global_batch, global_micro, resume_from)
-        load_trainable(model, resume_from / checkpoint.WEIGHTS)
+        load_trainable(model, resume_from / checkpoints.WEIGHTS)
         progress = _Progress(state["step"], state["samples"], state["corrupt"])
     optimizer = build_optimizer(model, run)
     if state is not None:
         optimizer.load_state_dict(state["optimizer"])
     set_seed(run.seed + rank)
     if state is not None and len(state["rng"]) == world:
-        checkpoint.set_rng_state(state["rng"][rank])
+        checkpoints.set_rng_state(state["rng"][rank])
     elif state is not None:
         log.warning(
             "the checkpoint has the RNG states of %d processes, not %d: fresh ones", len(state["rng"]), world
@@ -300,8 +304,8 @@ def _save(
     global_micro: int,
     cfg: TrainConfig,
 ) -> Path:
-    path = checkpoint.step_dir(cfg.run.output_dir, progress.step)
-    rng = gather_object([checkpoint.rng_state()])
+    path = checkpoints.step_dir(cfg.run.output_dir, progress.step)
+    rng = gather_object([checkpoints.rng_state()])
     if accelerator.is_main_process:
         state = {
             "step": progress.step,
@@ -313,21 +317,21 @@ def _save(
             "rng": rng,
             "config": json.dumps(dataclasses.asdict(cfg)),
         }
-        checkpoint.save_checkpoint(path, model, state, {"config": cfg.name, "step": progress.step})
-        checkpoint.prune_checkpoints(cfg.run.output_dir, cfg.run.keep_checkpoints)
+        checkpoints.save_checkpoint(path, model, state, {"config": cfg.name, "step": progress.step})
+        checkpoints.prune_checkpoints(cfg.run.output_dir, cfg.run.keep_checkpoints)
     accelerator.wait_for_everyone()
     return path
 
 
 def _resume_path(output_dir: Path, resume: str | None) -> Path | None:
     if resume == "auto":
-        latest = checkpoint.latest_checkpoint(output_dir)
+        latest = checkpoints.latest_checkpoint(output_dir)
         if latest is None:
             log.info("--resume auto: no checkpoint in %s yet, starting from step 0", output_dir)
         return latest
     if resume:
         return Path(resume)
-    latest = checkpoint.latest_checkpoint(output_dir)
+    latest = checkpoints.latest_checkpoint(output_dir)
     if latest is not None:
         raise TrainingError(
             f"{output_dir} already holds checkpoints (latest: {latest.name}); pass --resume auto to "
@@ -401,11 +405,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Train from the command line; see `train --help`."""
     args = build_parser().parse_args(argv)
-    # Batches are a few short texts, tokenized in data workers or between steps: the tokenizer's
-    # thread pool only adds overhead (and HF warns when workers fork after it started).
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     try:
-        cfg = load_train_config(args.cfg_path, args.overrides)
+        cfg = prepare_training(args.cfg_path, args.overrides)
         result = train(cfg, resume=args.resume, stop_after=args.stop_after, cpu=args.cpu)
     except (ConfigError, TrainingError, CheckpointError, WeightsError) as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -25,11 +25,12 @@ from tqdm import tqdm
 from minigpt4.build import pick_device
 from minigpt4.config import ModelConfig, resolve_path
 from minigpt4.data import stage2
+from minigpt4.data.config import DataConfig, source_shards
 from minigpt4.data.feature_cache import cache_index, part_done, write_index, write_part
 from minigpt4.data.loader import record_image, record_key
 from minigpt4.data.stage1 import CorruptSample, sample_caption
 from minigpt4.errors import ConfigError
-from minigpt4.train_config import DataConfig, load_train_config, source_shards
+from minigpt4.train.config import load_train_config
 from minigpt4.vision import build_vision
 
 log = logging.getLogger(__name__)

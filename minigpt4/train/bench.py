@@ -17,7 +17,6 @@ import dataclasses
 import itertools
 import json
 import logging
-import os
 import resource
 import sys
 import tempfile
@@ -29,11 +28,12 @@ from typing import Any
 import torch
 
 from minigpt4.build import build_model
+from minigpt4.data.config import DataConfig
 from minigpt4.data.loader import BatchPlan, build_loader
 from minigpt4.errors import ConfigError
-from minigpt4.features import cache_features
-from minigpt4.train import build_optimizer, make_accelerator, train_step
-from minigpt4.train_config import DataConfig, TrainConfig, check_batch_layout, load_train_config
+from minigpt4.train.config import TrainConfig, check_batch_layout, prepare_training
+from minigpt4.train.features import cache_features
+from minigpt4.train.loop import build_optimizer, make_accelerator, train_step
 
 log = logging.getLogger(__name__)
 
@@ -180,13 +180,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Benchmark training speed; `argv` are the arguments after `bench train`."""
     args = build_parser().parse_args(argv)
-    # Batches are a few short texts, tokenized in data workers or between steps: the tokenizer's
-    # thread pool only adds overhead (and HF warns when workers fork after it started).
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     if args.threads:
         torch.set_num_threads(args.threads)
     try:
-        cfg = load_train_config(args.cfg_path, args.overrides)
+        cfg = prepare_training(args.cfg_path, args.overrides)
         features = Path(args.features) if args.features else None
         report = bench_train(cfg, args.steps, args.warmup, args.rounds, features)
     except ConfigError as exc:

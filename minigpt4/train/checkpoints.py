@@ -23,6 +23,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from minigpt4.files import temporary_name
 from minigpt4.weights import save_trainable
 
 log = logging.getLogger(__name__)
@@ -63,7 +64,7 @@ def save_checkpoint(path: Path, model: nn.Module, state: dict[str, Any], metadat
     for name, tensor in model.trainable_state_dict().items():
         if not torch.isfinite(tensor).all():
             raise CheckpointError(f"refusing to write {path}: the weight {name} holds NaN or inf")
-    tmp = path.with_name(f".{path.name}.tmp")
+    tmp = temporary_name(path)
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     save_trainable(model, tmp / WEIGHTS, metadata)

@@ -1,7 +1,7 @@
 """`python -m minigpt4 bench`: inference speed of a preset, measured side by side in one run.
 
     python -m minigpt4 bench --cfg-path minigpt4_tiny_random [--json]
-    python -m minigpt4 bench train …        # training speed (minigpt4.train_bench)
+    python -m minigpt4 bench train …        # training speed (minigpt4.train.bench)
 
 Each figure is the fastest of `--repeats` runs (other processes can only add time, so the minimum
 is the steadiest estimate of what the code costs on a shared machine). Answers are greedy and
@@ -346,7 +346,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run the inference bench (or, with `train` first, the training bench)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["train"]:
-        train_bench = importlib.import_module("minigpt4.train_bench")
+        train_bench = importlib.import_module("minigpt4.train.bench")
         return int(train_bench.main(argv[1:]) or 0)
     args = build_parser().parse_args(argv)
     for name in ("turns", "answer_tokens", "repeats"):

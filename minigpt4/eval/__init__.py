@@ -1,0 +1,1 @@
+"""Evaluation: eval sets, metrics, the eval runner, and the inference speed bench."""

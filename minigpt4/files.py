@@ -1,0 +1,39 @@
+"""Atomic file writes: a temporary name beside the target, then one rename.
+
+An interrupted run (Ctrl-C, a killed job, a full disk) leaves either the old file or the new
+one, never half of one; readers that look for the final name never see a partial file.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+
+def temporary_name(path: Path) -> Path:
+    """The hidden name a file (or folder) is written under before it is renamed to `path`."""
+    return path.with_name(f".{path.name}.tmp")
+
+
+def write_atomic(path: Path, write: Callable[[Path], None]) -> None:
+    """Call `write(tmp)` to fill a temporary file, then rename it to `path` (its folder is made)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = temporary_name(path)
+    try:
+        write(tmp)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    os.replace(tmp, path)
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write `text` (UTF-8) whole or not at all."""
+    write_atomic(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+
+
+def write_bytes_atomic(path: Path, data: bytes) -> None:
+    """Write `data` whole or not at all."""
+    write_atomic(path, lambda tmp: tmp.write_bytes(data))
