@@ -9,6 +9,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
 from minigpt4.config import LLMConfig, ModelConfig, resolve_path
+from minigpt4.decode.runtime import DecodeRuntime, TorchRuntime
 from minigpt4.decode_weights import add_half_decode_weights
 from minigpt4.errors import ConfigError
 from minigpt4.lite.gguf_llm import converted_dir
@@ -100,6 +101,19 @@ def load_llm(cfg: LLMConfig, tokenizer, device: torch.device, seed: int = 0) -> 
     return llm.eval()
 
 
+def build_runtime(cfg: ModelConfig, model: MiniGPT4) -> DecodeRuntime:
+    """Where a preset's answers are decoded: `model.llm.runtime` (llama_cpp only on the CPU)."""
+    llm = cfg.llm
+    if llm.runtime == "llama_cpp" and model.device.type == "cpu" and cfg.lora is None:
+        from minigpt4.decode.llama_cpp import LlamaCppRuntime  # noqa: PLC0415 (an optional dependency)
+
+        folder = Path(_source(resolve_package_path(llm.pretrained, "model.llm.pretrained")))
+        return LlamaCppRuntime(folder / llm.gguf_file, cfg.max_context_tokens, llm.max_sequences)
+    if llm.runtime == "llama_cpp":
+        log.info("model.llm.runtime: llama_cpp is for the CPU without LoRA; decoding with transformers")
+    return TorchRuntime(model.llm, llm.max_sequences)
+
+
 def build_model(cfg: ModelConfig, device: str | torch.device | None = None) -> MiniGPT4:
     """Everything a model config names, loaded and frozen; only the projection (+LoRA) trains."""
     device = pick_device(str(device) if device is not None else None)
@@ -107,7 +121,7 @@ def build_model(cfg: ModelConfig, device: str | torch.device | None = None) -> M
     torch.manual_seed(cfg.seed)
     vision = build_vision(cfg.vision, device)
     llm = load_llm(cfg.llm, tokenizer, device, seed=cfg.seed)
-    if cfg.llm.decode_dtype is not None:
+    if cfg.llm.decode_dtype is not None and cfg.llm.runtime != "llama_cpp":
         if device.type == "cpu":
             add_half_decode_weights(llm, cfg.llm.decode_dtype)
         else:

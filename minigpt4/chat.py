@@ -1,9 +1,10 @@
 """The chat engine: one shared model, one `ChatSession` per user, no UI code.
 
 A session holds its conversation, its images' embeddings (each image is encoded once, at
-upload) and, with `kv_reuse`, the LLM's key/values for everything said so far, so the next turn
-prefills only what is new. Several sessions may generate at once on the shared model: nothing
-in the model is mutated by a session.
+upload) and, with `kv_reuse`, a sequence of the decode runtime holding the LLM's key/values for
+everything said so far, so the next turn prefills only what is new. Several sessions may ask at
+once: the batcher (`minigpt4/decode/batcher.py`) decodes all their answers together, one batched
+step per token, over one shared runtime; nothing in the model is mutated by a session.
 """
 
 from __future__ import annotations
@@ -18,13 +19,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import DynamicCache
 
-from minigpt4.build import build_model
+from minigpt4.build import build_model, build_runtime
 from minigpt4.config import GenerationConfig, load_eval_config
 from minigpt4.conversation import Conversation, Template, get_template
+from minigpt4.decode.batcher import Batcher, Request
+from minigpt4.decode.runtime import DecodeRuntime, Sequence, TorchRuntime
 from minigpt4.errors import ImageError, MessageError
-from minigpt4.generation import GenerationParams, StreamText, decode_tokens
+from minigpt4.generation import GenerationParams, StreamText
 from minigpt4.images import ImageSource, load_image
 from minigpt4.model import IMAGE_TOKEN_ID, MiniGPT4
 
@@ -34,14 +36,14 @@ _image_ids = itertools.count()
 
 
 class ChatSession:
-    """One user's conversation: messages, image embeddings and the reusable KV cache."""
+    """One user's conversation: messages, image embeddings and its runtime sequence (the KV cache)."""
 
     def __init__(self, template: Template) -> None:
         self.conversation = Conversation(template)
         self.images: list[torch.Tensor] = []
         self.image_ids: list[int] = []
-        self.cache: DynamicCache | None = None
-        self.cache_atoms: list[Any] = []
+        self.sequence: Sequence | None = None  # the runtime's key/values of `cache_atoms`
+        self.cache_atoms: list[Any] = []  # what each cached position is: a token id or (image id, k)
         self.generator = torch.Generator().manual_seed(random.randrange(2**31))
         self.busy = threading.Lock()
         self.last_prefill_tokens = 0  # positions the last answer had to prefill (KV reuse saves the rest)
@@ -62,7 +64,12 @@ class ChatSession:
         self.conversation.messages.clear()
         self.images.clear()
         self.image_ids.clear()
-        self.cache, self.cache_atoms = None, []
+        self.sequence, self.cache_atoms = None, []
+
+    @property
+    def cached_positions(self) -> int:
+        """Positions whose key/values this session keeps for its next turn."""
+        return len(self.cache_atoms) if self.sequence is not None else 0
 
 
 class Chat:
@@ -79,8 +86,11 @@ class Chat:
         max_message_chars: int = 20_000,
         preset_name: str = "",
         kv_reuse: bool = True,
+        runtime: DecodeRuntime | None = None,
     ) -> None:
         self.model = model
+        self.runtime = runtime or TorchRuntime(model.llm)
+        self.batcher = Batcher(self.runtime)
         self.tokenizer = model.tokenizer
         self.template = template
         self.defaults = GenerationParams(**asdict(generation or GenerationConfig()))
@@ -222,33 +232,34 @@ class Chat:
         stream = StreamText(
             self.tokenizer, self.stop_strings + list(params.stop), self.template.strip_prefixes
         )
-        llm = self.model.llm
         session.last_prompt_tokens = len(ids)
         session.last_answer_tokens, session.last_finish_reason = 0, "length"
         if params.num_beams > 1:
-            session.cache, session.cache_atoms = None, []
+            session.sequence, session.cache_atoms = None, []
             session.last_prefill_tokens = len(atoms)
             yield from self._beam_search(session, embeds, params, stream)
             session.conversation.add_assistant(stream.sent)
             return
-        prefix = _common_prefix(session.cache_atoms, atoms) if self.kv_reuse and session.cache else 0
-        prefix = min(prefix, len(atoms) - 1)  # at least one position to get the next-token logits
-        cache = session.cache if prefix else DynamicCache()
-        if cache.get_seq_length() > prefix:
-            cache.crop(prefix - cache.get_seq_length())  # a negative count: drop that many from the end
-        session.cache, session.cache_atoms = None, []  # invalid until this answer is complete
-        session.last_prefill_tokens = len(atoms) - prefix
-        out = llm(inputs_embeds=embeds[:, prefix:], cache=cache, use_cache=True)
-        fed = list(atoms)
+        if session.sequence is None:
+            session.sequence = self.runtime.new_sequence()
+        request = Request(
+            sequence=session.sequence,
+            cached=session.cache_atoms,
+            embeds=embeds[0],
+            atoms=atoms,
+            params=params,
+            stop_ids=self.stop_ids,
+            generator=session.generator,
+            reuse=self.kv_reuse,
+        )
+        session.cache_atoms = []  # invalid until this answer is complete
+        self.batcher.submit(request)
         try:
-            for token in decode_tokens(
-                llm, out.logits[0, -1], cache, params, self.stop_ids, session.generator
-            ):
+            for token in request.results():
                 session.last_answer_tokens += 1
                 if token in self.stop_ids:
                     session.last_finish_reason = "stop"
                     break
-                fed.append(token)
                 piece = stream.add(token)
                 if piece:
                     yield piece
@@ -260,9 +271,11 @@ class Chat:
                 if piece:
                     yield piece
         finally:
+            request.cancel()
+            session.last_prefill_tokens = request.prefilled
             session.conversation.add_assistant(stream.sent)
             if self.kv_reuse:
-                session.cache, session.cache_atoms = cache, fed
+                session.cache_atoms = request.fed
 
     def _beam_search(
         self, session: ChatSession, embeds: torch.Tensor, params: GenerationParams, stream: StreamText
@@ -289,15 +302,6 @@ class Chat:
             yield text
 
 
-def _common_prefix(a: list[Any], b: list[Any]) -> int:
-    n = 0
-    for x, y in zip(a, b, strict=False):
-        if x != y:
-            break
-        n += 1
-    return n
-
-
 def load_chat(
     preset: str | Path | None = None, device: str | None = None, overrides: list[str] | tuple[str, ...] = ()
 ) -> Chat:
@@ -313,4 +317,5 @@ def load_chat(
         max_image_bytes=cfg.max_image_bytes,
         max_message_chars=cfg.max_message_chars,
         preset_name=cfg.name,
+        runtime=build_runtime(cfg.model, model),
     )

@@ -48,6 +48,9 @@ class VisionConfig:
             raise ConfigError(f"model.vision.num_query_tokens must be positive, got {self.num_query_tokens}")
 
 
+RUNTIMES = ("transformers", "llama_cpp")
+
+
 @dataclass
 class LLMConfig:
     """The frozen language model."""
@@ -60,8 +63,20 @@ class LLMConfig:
     # CPU only: one-token decode steps read float16 | bfloat16 copies of the weights (about 2× faster)
     decode_dtype: str | None = None
     random_init: dict[str, Any] | None = None  # LlamaConfig keys for a random tiny LLM
+    # Where answers are decoded: transformers (any device), or llama_cpp (the GGUF file on the CPU,
+    # through llama-cpp-python: quantised weights, several answers in one step).
+    runtime: str = "transformers"
+    max_sequences: int = 8  # answers decoded together at most (more wait for a free place)
 
     def __post_init__(self) -> None:
+        if self.runtime not in RUNTIMES:
+            raise ConfigError(f"model.llm.runtime must be one of {', '.join(RUNTIMES)}; got {self.runtime!r}")
+        if self.runtime == "llama_cpp" and not (self.pretrained and self.gguf_file):
+            raise ConfigError(
+                "model.llm.runtime: llama_cpp reads a GGUF file: set model.llm.pretrained and gguf_file"
+            )
+        if self.max_sequences < 1:
+            raise ConfigError(f"model.llm.max_sequences must be ≥ 1, got {self.max_sequences}")
         if self.decode_dtype not in (None, "float16", "bfloat16"):
             raise ConfigError(
                 f"model.llm.decode_dtype must be float16, bfloat16 or null; got {self.decode_dtype!r}"

@@ -61,9 +61,10 @@ def test_bench_turns_use_and_skip_the_kv_cache(own_chat) -> None:
     reused, full = runner.session(), runner.session()
     _, context = runner.turn(reused, "What is it?", kv_reuse=True)
     runner.turn(full, "What is it?", kv_reuse=False)
-    assert reused.cache is not None and full.cache is None
-    # Stops are off, so the answer is exactly `answer_tokens` long, whatever the model says.
-    assert reused.cache.get_seq_length() == context + 5
+    assert reused.cached_positions and not full.cached_positions
+    # Stops are off, so the answer is exactly `answer_tokens` long, whatever the model says; the
+    # last of its 5 tokens is never fed (no logits are needed after it).
+    assert reused.cached_positions == reused.sequence.length == context + 4
 
 
 def test_report_names_each_goal(result: dict) -> None:

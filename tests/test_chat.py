@@ -108,7 +108,7 @@ def test_beam_search_answers(tiny_chat, photo):
     session = _start(tiny_chat, photo)
     answer = tiny_chat.answer(session, num_beams=2, **GREEDY)
     assert answer and session.history[-1] == ("assistant", answer)
-    assert session.cache is None
+    assert session.sequence is None
 
 
 def test_message_errors_leave_the_conversation_as_it_was(tiny_chat, photo):
@@ -137,7 +137,7 @@ def test_reset_clears_everything(tiny_chat, photo):
     session = _start(tiny_chat, photo)
     tiny_chat.answer(session, **GREEDY)
     tiny_chat.reset(session)
-    assert session.history == [] and session.n_images == 0 and session.cache is None
+    assert session.history == [] and session.n_images == 0 and session.sequence is None
 
 
 def test_long_history_drops_oldest_exchanges_but_keeps_the_image(tiny_chat, photo):

@@ -1,0 +1,9 @@
+"""Decoding runtimes: where the LLM's prompt is prefilled and its tokens are decoded.
+
+* `runtime.py`: the interface (`DecodeRuntime`: sequences, prefill, one batched step) and the
+  transformers runtime (each sequence a `DynamicCache`; GPUs, training presets, tiny tests).
+* `llama_cpp.py`: the same interface over llama.cpp (`llama-cpp-python`), reading the LLM's GGUF
+  file: quantised weights and fused kernels, the fast path on a CPU.
+* `batcher.py`: continuous batching: one thread decodes the active answers of every session
+  together, one batched step per token; answers join after their prefill and leave when they stop.
+"""

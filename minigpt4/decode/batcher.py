@@ -1,0 +1,201 @@
+"""Continuous batching: one thread decodes the active answers of every session together.
+
+Each answer is a `Request`: its prompt (embeddings and the identity of each position), its own
+sampling settings, stop ids and random generator. The batcher thread prefills a request when it
+joins (reusing the key/values its sequence already holds for the same leading positions), then runs
+one batched step per token for all requests still decoding; a request leaves when it emits a stop
+id, reaches its token budget, or its reader cancels it. Tokens reach the reader through a queue, so
+stop strings, streaming and cancellation stay with the reader (`Chat`).
+
+Choosing a token is the same as in `generation.decode_tokens`: the same logits processors over the
+answer's own tokens, then argmax or a draw from the request's generator.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from minigpt4.decode.runtime import DecodeRuntime, Sequence
+from minigpt4.generation import GenerationParams, logits_processors
+
+log = logging.getLogger(__name__)
+
+_END = object()
+
+
+@dataclass
+class Request:
+    """One answer to decode. `atoms[i]` says what position i is (a token id, or an image vector)."""
+
+    sequence: Sequence
+    cached: list[Any]  # the atoms `sequence` holds now (from earlier turns)
+    embeds: torch.Tensor  # (positions, hidden): the whole prompt
+    atoms: list[Any]
+    params: GenerationParams
+    stop_ids: set[int]
+    generator: torch.Generator | None = None
+    reuse: bool = True
+    # Filled in by the batcher:
+    fed: list[Any] = field(default_factory=list)  # the atoms the sequence holds when it is done
+    prefilled: int = 0  # positions prefilled (the rest came from the cache)
+    tokens: queue.Queue = field(default_factory=queue.Queue)
+    cancelled: threading.Event = field(default_factory=threading.Event)
+    done: threading.Event = field(default_factory=threading.Event)
+    _generated: list[int] = field(default_factory=list)
+    _pending: int | None = None  # the token chosen last, to feed at the next step
+
+    def results(self) -> Iterator[int]:
+        """The answer's token ids as they come (a stop id last, if one was chosen)."""
+        try:
+            while True:
+                item = self.tokens.get()
+                if item is _END:
+                    return
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+        finally:
+            self.cancel()
+
+    def cancel(self) -> None:
+        """Stop decoding (a reader that went away); returns once the batcher has let go of it."""
+        self.cancelled.set()
+        self.done.wait()
+
+
+class Batcher:
+    """Owns a `DecodeRuntime`; `submit` hands it a request, its thread does the rest."""
+
+    def __init__(self, runtime: DecodeRuntime) -> None:
+        self.runtime = runtime
+        self._incoming: queue.Queue[Request] = queue.Queue()
+        self._waiting: list[Request] = []
+        self._active: list[Request] = []
+        self._thread: threading.Thread | None = None
+        self._lock = threading.Lock()
+        self.steps = 0  # batched steps run (with how many rows each: `rows`)
+        self.rows = 0
+
+    def submit(self, request: Request) -> Request:
+        with self._lock:
+            if self._thread is None or not self._thread.is_alive():
+                self._thread = threading.Thread(target=self._run, name="decode-batcher", daemon=True)
+                self._thread.start()
+        self._incoming.put(request)
+        return request
+
+    @property
+    def active(self) -> int:
+        return len(self._active)
+
+    # --- the batcher's thread --------------------------------------------------------------------
+
+    def _run(self) -> None:
+        while True:
+            block = not self._active and not self._waiting
+            try:
+                self._waiting.append(self._incoming.get(block=block, timeout=None if block else 0))
+                while True:
+                    self._waiting.append(self._incoming.get_nowait())
+            except queue.Empty:
+                pass
+            self._admit()
+            if self._active:
+                self._step()
+
+    def _admit(self) -> None:
+        still_waiting = []
+        for request in self._waiting:
+            if request.cancelled.is_set():
+                self._finish(request)
+            elif len(self._active) < self.runtime.max_sequences:
+                self._prefill(request)
+            else:
+                still_waiting.append(request)
+        self._waiting = still_waiting
+
+    def _prefill(self, request: Request) -> None:
+        seq = request.sequence
+        keep = _common_prefix(request.cached, request.atoms) if request.reuse else 0
+        keep = min(keep, seq.length, len(request.atoms) - 1)  # at least one position for the logits
+        seq.active = True
+        try:
+            logits = self.runtime.prefill(seq, request.embeds[keep:], keep)
+        except Exception as e:  # noqa: BLE001 (handed to the reader, who raises it)
+            log.exception("prefill failed")
+            request.fed = []
+            self._finish(request, e)
+            return
+        request.prefilled = len(request.atoms) - keep
+        request.fed = list(request.atoms)
+        self._choose(request, logits)
+        if request._pending is not None:
+            self._active.append(request)
+
+    def _step(self) -> None:
+        for request in [r for r in self._active if r.cancelled.is_set()]:
+            self._active.remove(request)
+            self._finish(request)
+        if not self._active:
+            return
+        batch = list(self._active)
+        try:
+            logits = self.runtime.step([r.sequence for r in batch], [r._pending for r in batch])
+        except Exception as e:  # noqa: BLE001
+            log.exception("decode step failed")
+            for request in batch:
+                self._active.remove(request)
+                request.fed = []  # the cache's state is unknown: the next turn prefills everything
+                self.runtime.release(request.sequence)
+                self._finish(request, e)
+            return
+        self.steps += 1
+        self.rows += len(batch)
+        for request, row in zip(batch, logits, strict=True):
+            request.fed.append(request._pending)
+            self._choose(request, row)
+            if request._pending is None:
+                self._active.remove(request)
+
+    def _choose(self, request: Request, logits: torch.Tensor) -> None:
+        """Pick the next token; send it; keep it to feed unless the answer ends with it."""
+        params = request.params
+        generated = torch.tensor([request._generated], dtype=torch.long)
+        scores = logits_processors(params)(generated, logits.float().unsqueeze(0)).squeeze(0)
+        if params.do_sample:
+            token = int(
+                torch.multinomial(torch.softmax(scores, dim=-1).cpu(), 1, generator=request.generator)
+            )
+        else:
+            token = int(torch.argmax(scores))
+        request._generated.append(token)
+        request.tokens.put(token)
+        last = token in request.stop_ids or len(request._generated) >= params.max_new_tokens
+        if last or request.cancelled.is_set():
+            request._pending = None
+            self._finish(request)
+        else:
+            request._pending = token
+
+    def _finish(self, request: Request, error: BaseException | None = None) -> None:
+        request.sequence.active = False
+        if error is not None:
+            request.tokens.put(error)
+        request.tokens.put(_END)
+        request.done.set()
+
+
+def _common_prefix(a: list[Any], b: list[Any]) -> int:
+    n = 0
+    for x, y in zip(a, b, strict=False):
+        if x != y:
+            break
+        n += 1
+    return n
