@@ -13,7 +13,7 @@ import itertools
 import logging
 import random
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
@@ -22,7 +22,7 @@ import torch
 
 from minigpt4.build import build_model, build_runtime
 from minigpt4.config import GenerationConfig, load_eval_config
-from minigpt4.conversation import Conversation, Template, get_template
+from minigpt4.conversation import IMAGE_TURN, Conversation, Message, Template, _exchange_starts, get_template
 from minigpt4.decode.batcher import Batcher, Request
 from minigpt4.decode.runtime import DecodeRuntime, Sequence, TorchRuntime
 from minigpt4.errors import ImageError, MessageError
@@ -50,6 +50,7 @@ class ChatSession:
         self.last_prompt_tokens = 0  # positions of the last answer's whole prompt, images included
         self.last_answer_tokens = 0  # tokens the last answer generated (a stop token counted)
         self.last_finish_reason = ""  # "stop" (stop token or string) or "length" (max_new_tokens)
+        self.token_counts: dict[tuple[str, str], int] = {}  # tokens per message text (fitting the context)
 
     @property
     def history(self) -> list[tuple[str, str]]:
@@ -65,6 +66,7 @@ class ChatSession:
         self.images.clear()
         self.image_ids.clear()
         self.sequence, self.cache_atoms = None, []
+        self.token_counts.clear()
 
     @property
     def cached_positions(self) -> int:
@@ -191,15 +193,29 @@ class Chat:
         exchanges move to the oldest kept turn) and the latest exchange. If even that leaves less
         room than `max_new_tokens`, the answer gets the room there is; with no room at all,
         `MessageError`. The session's history itself keeps everything.
+
+        The cost does not grow with the square of the history: each message is tokenised once
+        (its count is kept on the session) to estimate how many exchanges to leave out, then
+        the prompt is tokenised for that estimate and its neighbours only, to find exactly the
+        fewest exchanges to leave out.
         """
         conversation = session.conversation
-        ids: list[int] = []
-        for drop in range(conversation.n_droppable() + 1):
-            ids = self.model.tokenize_prompt(conversation.render(self.tokenizer, drop), session.n_images)
-            if len(ids) + max_new_tokens <= self.max_context_tokens:
-                if drop:
-                    log.info("context full: left out the %d oldest exchange(s)", drop)
-                return ids, max_new_tokens
+        limit = self.max_context_tokens - max_new_tokens
+        prompts: dict[int, list[int]] = {}
+
+        def prompt(drop: int) -> list[int]:
+            if drop not in prompts:
+                text = conversation.render(self.tokenizer, drop)
+                prompts[drop] = self.model.tokenize_prompt(text, session.n_images)
+            return prompts[drop]
+
+        most = conversation.n_droppable()
+        ids = prompt(most)
+        if len(ids) <= limit:
+            drop = self._fewest_drops(session, most, limit, prompt) if most else 0
+            if drop:
+                log.info("context full: left out the %d oldest exchange(s)", drop)
+            return prompt(drop), max_new_tokens
         room = self.max_context_tokens - len(ids)
         if room >= 1:
             log.info("context full: the answer may have %d tokens instead of %d", room, max_new_tokens)
@@ -208,6 +224,70 @@ class Chat:
             f"the conversation needs {len(ids):,} tokens, but the context holds {self.max_context_tokens:,}: "
             "send a shorter message or restart"
         )
+
+    def _fewest_drops(
+        self, session: ChatSession, most: int, limit: int, prompt: Callable[[int], list[int]]
+    ) -> int:
+        """The fewest oldest exchanges to leave out for the prompt to hold at most `limit` tokens.
+
+        Leaving out `most` is known to fit. The per-message counts give an estimate; the real
+        prompt is then tokenised around it, galloping and bisecting, so the answer is exact
+        (a prompt only shrinks as exchanges are left out) after a few tokenisations.
+        """
+        messages = session.conversation.messages
+        cuts = [
+            0,
+            *_exchange_starts(messages)[1:],
+            len(messages),
+        ]  # exchange k is messages[cuts[k]:cuts[k+1]]
+        estimate = len(prompt(most))
+        guess = most
+        while guess > 0:  # only the exchanges that may fit are counted
+            size = sum(self._message_tokens(session, m) for m in messages[cuts[guess - 1] : cuts[guess]])
+            if estimate + size > limit:
+                break
+            guess -= 1
+            estimate += size
+
+        def fits(drop: int) -> bool:
+            return len(prompt(drop)) <= limit
+
+        # Bracket the answer: `low` does not fit (-1: nothing below 0), `high` fits.
+        step = 1
+        if fits(guess):
+            low, high = -1, guess
+            while high > 0:
+                probe = max(high - step, 0)
+                if not fits(probe):
+                    low = probe
+                    break
+                high, step = probe, step * 2
+        else:
+            low, high = guess, most
+            while low + step < most:
+                if fits(low + step):
+                    high = low + step
+                    break
+                low, step = low + step, step * 2
+        while high - low > 1:
+            middle = (low + high) // 2
+            if fits(middle):
+                high = middle
+            else:
+                low = middle
+        return high
+
+    def _message_tokens(self, session: ChatSession, message: Message) -> int:
+        """About how many prompt tokens a message takes, its images aside (kept per text on the session)."""
+        key = (message.role, message.text)
+        count = session.token_counts.get(key)
+        if count is None:
+            template = self.template
+            prefix = template.user_prefix if message.role == "user" else template.assistant_prefix
+            piece = prefix + message.text.replace(IMAGE_TURN, "") + template.sep
+            count = len(self.tokenizer(piece, add_special_tokens=False).input_ids)
+            session.token_counts[key] = count
+        return count
 
     def _atoms(self, session: ChatSession, ids: list[int]) -> list[Any]:
         """Identity of each position: a token id, or (image id, k) for the k-th vector of an image."""

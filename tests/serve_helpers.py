@@ -3,6 +3,7 @@ or hold back what the server asks of the engine."""
 
 from __future__ import annotations
 
+import http.server
 import io
 import threading
 import time
@@ -112,3 +113,99 @@ class EndlessChat(ChatProxy):
                 time.sleep(0.01)
         finally:
             self.closed.set()
+
+
+class FailingChat(ChatProxy):
+    """Raises an unexpected error (not an InputError) whenever a user message holds `trigger`."""
+
+    def __init__(self, chat: Any, trigger: str = "boom") -> None:
+        super().__init__(chat)
+        self.trigger = trigger
+
+    def ask(self, session: Any, text: str) -> None:
+        if self.trigger in text:
+            raise RuntimeError("an engine bug: internal detail that must not reach the client")
+        self.chat.ask(session, text)
+
+
+class HeldReplayChat(ChatProxy):
+    """Holds the first replayed user message until `gate` is set, and counts the messages asked."""
+
+    def __init__(self, chat: Any) -> None:
+        super().__init__(chat)
+        self.gate = threading.Event()
+        self.asked = 0
+
+    def ask(self, session: Any, text: str) -> None:
+        self.asked += 1
+        if self.asked == 1:
+            self.gate.wait(timeout=30)
+        self.chat.ask(session, text)
+
+
+class ImageServer:
+    """A small HTTP server on 127.0.0.1 for image URLs, in a thread:
+
+    - `/drip`: a PNG-typed body sent one byte every `drip_interval_s`, `drip_bytes` bytes at most
+      (so it stops by itself); `dripping` is set while a client is being dripped to, and
+      `hung_up` once a client closed the connection in the middle;
+    - `/redirect`: a 302 to `/red.png`;
+    - `/red.png`: a small PNG.
+    """
+
+    def __init__(self, drip_interval_s: float = 0.1, drip_bytes: int = 300) -> None:
+        self.drip_interval_s = drip_interval_s
+        self.drip_bytes = drip_bytes
+        self.dripping = threading.Event()
+        self.hung_up = threading.Event()
+        self.image = png_bytes((200, 30, 30))
+        owner = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def log_message(self, *_args: Any) -> None:
+                pass
+
+            def do_GET(self) -> None:
+                if self.path == "/redirect":
+                    self.send_response(302)
+                    self.send_header("Location", "/red.png")
+                    self.send_header("Content-Length", "0")
+                    self.end_headers()
+                elif self.path == "/red.png":
+                    self.send_response(200)
+                    self.send_header("Content-Type", "image/png")
+                    self.send_header("Content-Length", str(len(owner.image)))
+                    self.end_headers()
+                    self.wfile.write(owner.image)
+                elif self.path == "/drip":
+                    owner._drip(self)
+                else:
+                    self.send_error(404)
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self.server.server_port}"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+
+    def _drip(self, handler: http.server.BaseHTTPRequestHandler) -> None:
+        handler.send_response(200)
+        handler.send_header("Content-Type", "image/png")
+        handler.end_headers()
+        self.dripping.set()
+        try:
+            for _ in range(self.drip_bytes):
+                handler.wfile.write(b"\x89")
+                handler.wfile.flush()
+                time.sleep(self.drip_interval_s)
+        except OSError:  # the client hung up
+            self.hung_up.set()
+        finally:
+            self.dripping.clear()
+
+    def __enter__(self) -> ImageServer:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self.server.shutdown()
+        self.server.server_close()

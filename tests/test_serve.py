@@ -183,11 +183,11 @@ def test_too_long_message_is_400(client: OpenAI, model: str, tiny_chat: Any) -> 
         ([], {}, "messages"),
         ([{"role": "user", "content": "Hi"}], {"n": 2}, "only n=1"),
         ([{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}], {}, "last message"),
-        ([{"role": "tool", "content": "42", "tool_call_id": "x"}], {}, "messages.0.role"),
+        ([{"role": "tool", "content": "42", "tool_call_id": "x"}], {}, "messages[0].role"),
         (
             [{"role": "user", "content": [{"type": "input_audio", "input_audio": {}}]}],
             {},
-            "messages.0.content",
+            "part 0 has type 'input_audio'",
         ),
     ],
 )

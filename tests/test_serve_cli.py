@@ -26,6 +26,14 @@ def test_an_unset_key_variable_is_refused_before_loading(capsys: pytest.CaptureF
     assert "MINIGPT4_UNSET_KEY" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("flag", ["--max-messages", "--max-text-chars", "--max-images", "--image-timeout"])
+def test_request_limits_must_be_positive(flag: str, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as caught:
+        main(["--cfg-path", "minigpt4_tiny_random", flag, "0"])
+    assert caught.value.code == 2
+    assert f"{flag} must be positive" in capsys.readouterr().err
+
+
 @pytest.mark.slow
 def test_serve_command_answers_with_the_key_and_refuses_without(tiny_cfg_path: Path) -> None:
     env = {**os.environ, "MINIGPT4_TEST_KEY": "s3cret"}

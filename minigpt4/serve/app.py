@@ -3,6 +3,10 @@
 Each request is stateless: its messages are replayed into a fresh Chat session on the worker
 thread, then the answer is generated there, piece by piece, and sent back as one JSON body or as
 server-sent events. The event loop only parses, fetches images and waits.
+
+A request's size is bounded (`RequestLimits`) before it takes a place in the queue; it holds that
+place while its images are fetched. A client that goes away stops its request in every phase:
+fetching, waiting, replaying the history, generating.
 """
 
 from __future__ import annotations
@@ -28,7 +32,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from minigpt4.chat import Chat, ChatSession
 from minigpt4.errors import InputError
 from minigpt4.generation import GenerationParams
-from minigpt4.serve.messages import ImagePolicy, Turn, fetch_images, replay, to_turns
+from minigpt4.serve.messages import ImagePolicy, RequestLimits, Turn, fetch_images, replay, to_turns
 from minigpt4.serve.protocol import (
     APIError,
     AssistantMessage,
@@ -69,6 +73,8 @@ def create_app(
     local_image_dir: Path | None = None,
     allow_http_images: bool = False,
     max_request_bytes: int | None = None,
+    limits: RequestLimits | None = None,
+    image_fetch_timeout_s: float = 10.0,
 ) -> FastAPI:
     """An app serving `chat` as the model named `chat.preset_name`.
 
@@ -76,13 +82,15 @@ def create_app(
     request needs `Authorization: Bearer <api_key>`. Images come as data: URLs; file paths under
     `local_image_dir` and http(s) URLs only when enabled. Images are capped at `max_image_bytes`
     (default: the preset's limit) and request bodies at `max_request_bytes` (default: four images
-    at the byte limit, base64-encoded).
+    at the byte limit, base64-encoded); `limits` bound the messages, text and images of a request.
+    An http(s) image must arrive within `image_fetch_timeout_s` in all; redirects are refused.
     """
     max_image_bytes = max_image_bytes or chat.max_image_bytes
     model_name = chat.preset_name
     started = now()
     scheduler = Scheduler(max_waiting=max_queue)
-    images = ImagePolicy(max_image_bytes, local_image_dir, allow_http_images)
+    images = ImagePolicy(max_image_bytes, local_image_dir, allow_http_images, image_fetch_timeout_s)
+    limits = limits or RequestLimits()
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
@@ -111,10 +119,10 @@ def create_app(
     async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
         _check_model(body.model, model_name)
         params = _generation_params(chat.defaults, body)
+        limits.check(body.messages)
         turns = to_turns(body.messages)
-        await asyncio.to_thread(fetch_images, turns, images)
         try:
-            job = scheduler.submit(partial(_generate, chat, turns, params))
+            job = scheduler.admit()  # fetching images takes a place in the queue too
         except Overloaded as e:
             raise APIError(
                 429,
@@ -123,6 +131,12 @@ def create_app(
                 code="rate_limit_exceeded",
                 headers={"Retry-After": str(e.retry_after_s)},
             ) from e
+        try:
+            if not await _unless_gone(fetch_images(turns, images), request):
+                return Response(status_code=499)  # the client has gone; nobody reads this
+            scheduler.start(job, partial(_generate, chat, turns, params))
+        finally:
+            scheduler.withdraw(job)  # only if it never started
         # The first event comes after the prompt is encoded, so bad input still gets a 4xx status.
         first = await _next_event(job, request)
         if first is None:
@@ -202,6 +216,21 @@ async def _whole_answer(job: Job, first: str | Finished, meta: _Meta, request: R
     return Response(completion.model_dump_json(), media_type="application/json")
 
 
+async def _unless_gone(work: Awaitable[None], request: Request) -> bool:
+    """Await `work` (its errors propagate); False, with `work` cancelled, once the client has gone."""
+    task = asyncio.ensure_future(work)
+    try:
+        while True:
+            done, _ = await asyncio.wait({task}, timeout=DISCONNECT_POLL_S)
+            if done:
+                task.result()
+                return True
+            if await request.is_disconnected():
+                return False
+    finally:
+        task.cancel()
+
+
 async def _next_event(job: Job, request: Request) -> object | None:
     """The job's next event, or None (and the job cancelled) once the client has gone away."""
     while not await request.is_disconnected():
@@ -216,7 +245,8 @@ async def _next_event(job: Job, request: Request) -> object | None:
 def _generate(chat: Chat, turns: Sequence[Turn], params: GenerationParams, job: Job) -> None:
     """On the worker thread: replay the conversation and stream the answer into the job's events."""
     session = chat.new_session()
-    replay(chat, session, turns)
+    if not replay(chat, session, turns, cancelled=lambda: job.cancelled):
+        return  # the client has gone
     pieces = chat.stream_answer(session, params)
     try:
         for piece in pieces:
@@ -268,14 +298,20 @@ def _check_model(requested: str, served: str) -> None:
 
 
 def _bearer_check(api_key: str) -> Callable[[Request], Awaitable[None]]:
-    """A dependency that lets a request through only with `Authorization: Bearer <api_key>`."""
-    expected = f"Bearer {api_key}".encode()
+    """A dependency that lets a request through only with `Authorization: Bearer <api_key>`.
+
+    The scheme is case-insensitive, as HTTP says (`bearer` and `BEARER` work too).
+    """
+    expected = api_key.encode()
 
     async def check(request: Request) -> None:
         given = request.headers.get("authorization")
         if given is None:
             raise _unauthorized("no API key given; send the header 'Authorization: Bearer <key>'")
-        if not secrets.compare_digest(given.encode(), expected):
+        scheme, _, key = given.strip().partition(" ")
+        if scheme.lower() != "bearer":
+            raise _unauthorized("the Authorization header must read 'Bearer <key>'")
+        if not secrets.compare_digest(key.strip().encode(), expected):
             raise _unauthorized("the API key is not valid")
 
     return check
@@ -317,17 +353,37 @@ def _add_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def invalid_request(_request: Request, error: RequestValidationError) -> JSONResponse:
-        first = error.errors()[0]
-        where = ".".join(str(part) for part in first["loc"] if part != "body")
-        message = first["msg"].removeprefix("Value error, ")
-        return _error_response(
-            APIError(400, f"{where}: {message}" if where else message, param=where or None)
-        )
+        return _error_response(_validation_error(error))
 
     @app.exception_handler(HTTPException)
     async def http_error(_request: Request, error: HTTPException) -> JSONResponse:
         kind = "not_found_error" if error.status_code == 404 else "invalid_request_error"
         return _error_response(APIError(error.status_code, str(error.detail), type=kind))
+
+
+_UNION_BRANCHES = {"str", "int", "float", "bool", "list", "dict", "function-after", "function-before"}
+
+
+def _validation_error(error: RequestValidationError) -> APIError:
+    """A 400 naming the first problem of a request: where it is (`messages[0].content`) and what."""
+    first = error.errors()[0]
+    if first["type"] == "json_invalid":
+        position = first["loc"][-1]
+        doc = error.body
+        if isinstance(doc, str) and isinstance(position, int):  # the offset is in characters
+            position = len(doc[:position].encode("utf-8", "surrogatepass"))
+        reason = first.get("ctx", {}).get("error", "")
+        return APIError(400, f"invalid JSON at byte {position}: {reason}", code="invalid_json")
+    where = ""
+    for part in first["loc"][1:] if first["loc"][:1] == ("body",) else first["loc"]:
+        if isinstance(part, int):
+            where += f"[{part}]"
+        elif part not in _UNION_BRANCHES and "[" not in str(part):  # pydantic's labels of union branches
+            where += f".{part}" if where else str(part)
+    message = first["msg"].removeprefix("Value error, ")
+    if not where:
+        return APIError(400, f"the request body: {message}")
+    return APIError(400, f"{where}: {message}", param=where)
 
 
 class BodyLimit:

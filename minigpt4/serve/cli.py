@@ -12,6 +12,7 @@ import uvicorn
 
 from minigpt4.commands.common import add_model_args, chat_from_args
 from minigpt4.serve.app import create_app
+from minigpt4.serve.messages import RequestLimits
 
 logger = logging.getLogger(__name__)
 
@@ -49,6 +50,29 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--max-request-mb", type=float, help="largest request body (default: 4 images at the limit)"
     )
+    limits = RequestLimits()
+    parser.add_argument(
+        "--max-messages",
+        type=int,
+        default=limits.max_messages,
+        help="most messages per request (%(default)s)",
+    )
+    parser.add_argument(
+        "--max-text-chars",
+        type=int,
+        default=limits.max_text_chars,
+        help="most characters of text in all the messages of a request (%(default)s)",
+    )
+    parser.add_argument(
+        "--max-images", type=int, default=limits.max_images, help="most images per request (%(default)s)"
+    )
+    parser.add_argument(
+        "--image-timeout",
+        type=float,
+        default=10.0,
+        metavar="S",
+        help="seconds an http(s) image may take to download, in all (%(default)s)",
+    )
     return parser
 
 
@@ -61,6 +85,9 @@ def main(argv: list[str] | None = None) -> int:
         api_key = os.environ.get(args.api_key_env)
         if not api_key:
             parser.error(f"--api-key-env {args.api_key_env}: that environment variable is empty or unset")
+    for flag in ("max_messages", "max_text_chars", "max_images", "image_timeout"):
+        if getattr(args, flag) <= 0:
+            parser.error(f"--{flag.replace('_', '-')} must be positive, got {getattr(args, flag)}")
     if args.image_dir is not None and not args.image_dir.is_dir():
         parser.error(f"--image-dir {args.image_dir}: not a folder")
     if api_key is None and not _is_loopback(args.host):
@@ -74,6 +101,8 @@ def main(argv: list[str] | None = None) -> int:
         local_image_dir=args.image_dir,
         allow_http_images=args.allow_http_images,
         max_request_bytes=int(args.max_request_mb * 2**20) if args.max_request_mb else None,
+        limits=RequestLimits(args.max_messages, args.max_text_chars, args.max_images),
+        image_fetch_timeout_s=args.image_timeout,
     )
     uvicorn.run(app, host=args.host, port=args.port, log_level="info")
     return 0

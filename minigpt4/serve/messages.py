@@ -2,16 +2,19 @@
 
 MiniGPT-4's templates carry their own system prompt, so system (and developer) messages are folded
 into the next user message. Consecutive messages of one role are joined into one turn, since the
-templates alternate user and assistant. Images are fetched before the request joins the queue, so
-the model's worker never waits on a network or a disk.
+templates alternate user and assistant. Images are fetched before the request starts on the
+model's worker (it holds a place in the queue meanwhile), so the worker never waits on a network
+or a disk. An http(s) image has one deadline for its whole download, and redirects are not
+followed (a redirect could point into the server's own network).
 """
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 import re
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,7 +37,43 @@ class ImagePolicy:
     max_bytes: int
     local_dir: Path | None = None  # file:// URLs and paths are allowed only under this folder
     allow_http: bool = False
-    http_timeout_s: float = 10.0
+    http_timeout_s: float = 10.0  # for the whole download of one image, not per read
+
+
+@dataclass(frozen=True)
+class RequestLimits:
+    """How much one request may ask of the server, checked before it joins the queue."""
+
+    max_messages: int = 256
+    max_text_chars: int = 200_000  # all the text of all the messages together
+    max_images: int = 8
+
+    def check(self, messages: Sequence[ChatMessage]) -> None:
+        """Raise `MessageError` (a 400) when the messages ask for more than these limits allow."""
+        if len(messages) > self.max_messages:
+            raise MessageError(
+                f"the request has {len(messages):,} messages; this server takes at most "
+                f"{self.max_messages:,} per request: send fewer (older turns can be left out)"
+            )
+        chars = images = 0
+        for message in messages:
+            parts = [message.content] if isinstance(message.content, str) else message.content
+            for part in parts:
+                if isinstance(part, str):
+                    chars += len(part)
+                elif isinstance(part, ImagePart):
+                    images += 1
+                else:
+                    chars += len(part.text)
+        if chars > self.max_text_chars:
+            raise MessageError(
+                f"the messages hold {chars:,} characters of text; this server takes at most "
+                f"{self.max_text_chars:,} per request"
+            )
+        if images > self.max_images:
+            raise MessageError(
+                f"the messages hold {images} images; this server takes at most {self.max_images} per request"
+            )
 
 
 @dataclass
@@ -101,17 +140,31 @@ def _located(where: str) -> Iterator[None]:
         raise type(e)(f"{where}: {e}") from e
 
 
-def fetch_images(turns: Sequence[Turn], policy: ImagePolicy) -> None:
-    """Read the bytes of every image of the turns (blocking: run it off the event loop)."""
+async def fetch_images(turns: Sequence[Turn], policy: ImagePolicy) -> None:
+    """Read the bytes of every image of the turns; cancelling the task stops the download."""
     for turn in turns:
         for image in turn.images:
             with _located(image.where):
-                image.data = read_image_url(image.url, policy)
+                image.data = await fetch_image(image.url, policy)
 
 
-def replay(chat: Chat, session: ChatSession, turns: Sequence[Turn]) -> None:
-    """Feed the turns into a fresh session: each user turn's images, then its text; earlier answers."""
+async def fetch_image(url: str, policy: ImagePolicy) -> bytes:
+    """The bytes an image URL names: http(s) downloads on the event loop, the rest on a thread."""
+    if urlparse(url).scheme in ("http", "https") and policy.allow_http:
+        return await _read_http(url, policy)
+    return await asyncio.to_thread(read_image_url, url, policy)
+
+
+def replay(
+    chat: Chat, session: ChatSession, turns: Sequence[Turn], cancelled: Callable[[], bool] = lambda: False
+) -> bool:
+    """Feed the turns into a fresh session: each user turn's images, then its text; earlier answers.
+
+    Stops early, returning False, once `cancelled()` says the answer is no longer wanted.
+    """
     for turn in turns:
+        if cancelled():
+            return False
         if turn.role == "assistant":
             with _located(turn.where):
                 chat.add_answer(session, turn.text)
@@ -121,6 +174,7 @@ def replay(chat: Chat, session: ChatSession, turns: Sequence[Turn]) -> None:
                 chat.upload_image(session, image.data)
         with _located(turn.where):
             chat.ask(session, turn.text)
+    return not cancelled()
 
 
 def read_image_url(url: str, policy: ImagePolicy) -> bytes:
@@ -131,7 +185,7 @@ def read_image_url(url: str, policy: ImagePolicy) -> bytes:
     if scheme in ("http", "https"):
         if not policy.allow_http:
             raise ImageError("http(s) image URLs are disabled on this server; send the image as a data: URL")
-        return _read_http(url, policy)
+        raise ImageError("http(s) image URLs are fetched by fetch_image, not read here")
     if scheme in ("", "file"):
         if policy.local_dir is None:
             raise ImageError("local image paths are disabled on this server; send the image as a data: URL")
@@ -174,17 +228,34 @@ def _read_local(path: str, policy: ImagePolicy) -> bytes:
     return file.read_bytes()
 
 
-def _read_http(url: str, policy: ImagePolicy) -> bytes:
+async def _read_http(url: str, policy: ImagePolicy) -> bytes:
+    """Download an image with one deadline for the whole download; redirects are refused."""
     chunks: list[bytes] = []
     size = 0
+    deadline_s = policy.http_timeout_s
     try:
-        with httpx.stream("GET", url, timeout=policy.http_timeout_s, follow_redirects=True) as response:
+        async with (
+            asyncio.timeout(deadline_s),
+            httpx.AsyncClient(timeout=deadline_s) as client,
+            client.stream("GET", url, follow_redirects=False) as response,
+        ):
+            if response.is_redirect:
+                where = response.headers.get("location", "elsewhere")
+                raise ImageError(
+                    f"could not fetch {url}: it redirects (HTTP {response.status_code}) to {where}, "
+                    "and this server does not follow redirects; give the image's final URL"
+                )
             response.raise_for_status()
-            for chunk in response.iter_bytes():
+            declared = response.headers.get("content-length", "")
+            if declared.isdigit() and int(declared) > policy.max_bytes:
+                raise _too_big(policy.max_bytes)
+            async for chunk in response.aiter_bytes():
                 size += len(chunk)
                 if size > policy.max_bytes:
                     raise _too_big(policy.max_bytes)
                 chunks.append(chunk)
+    except (TimeoutError, httpx.TimeoutException) as e:
+        raise ImageError(f"could not fetch {url}: the download took over {deadline_s:g} s") from e
     except httpx.HTTPError as e:
         raise ImageError(f"could not fetch {url}: {e}") from e
     return b"".join(chunks)

@@ -13,7 +13,7 @@ import time
 import uuid
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 FinishReason = Literal["stop", "length"]
 
@@ -63,9 +63,43 @@ class ImagePart(BaseModel):
 ContentPart = Annotated[TextPart | ImagePart, Field(discriminator="type")]
 
 
+PART_TYPES = ("text", "image_url")
+
+
 class ChatMessage(BaseModel):
     role: Literal["system", "developer", "user", "assistant"]
     content: str | list[ContentPart]
+
+    @field_validator("content", mode="before")
+    @classmethod
+    def _check_parts(cls, content: object) -> object:
+        """Name the part that is wrong and what is accepted (pydantic's union errors do not)."""
+        if isinstance(content, str):
+            return content
+        if not isinstance(content, list):
+            raise ValueError(f"must be a string or a list of content parts, not {_json_type(content)}")
+        accepted = " or ".join(repr(kind) for kind in PART_TYPES)
+        for j, part in enumerate(content):
+            if not isinstance(part, dict):
+                raise ValueError(
+                    f"part {j} must be an object with a type ({accepted}), not {_json_type(part)}"
+                )
+            kind = part.get("type")
+            if kind not in PART_TYPES:
+                raise ValueError(
+                    f"part {j} has type {kind!r}, which this server does not accept; accepted types: {accepted}"
+                )
+            if kind == "text" and not isinstance(part.get("text"), str):
+                raise ValueError(f"part {j} (type 'text') needs a string field 'text'")
+            url = part.get("image_url")
+            if kind == "image_url" and not (isinstance(url, dict) and isinstance(url.get("url"), str)):
+                raise ValueError(f"part {j} (type 'image_url') needs 'image_url': {{'url': '<data: URL>'}}")
+        return content
+
+
+def _json_type(value: object) -> str:
+    names = {type(None): "null", bool: "a boolean", int: "a number", float: "a number", dict: "an object"}
+    return names.get(type(value), "a string" if isinstance(value, str) else "a list")
 
 
 class StreamOptions(BaseModel):

@@ -1,8 +1,9 @@
 """One model, many requests: a single worker thread behind a bounded queue.
 
 The model is shared, so its work runs one job at a time on one thread, and the event loop only
-waits. At most `max_waiting` jobs wait behind the running one; `submit` refuses more with
-`Overloaded`, which the app answers with 429 and a Retry-After estimated from recent job times.
+waits. At most `max_waiting` jobs wait behind the running one; `admit` (or `submit`) refuses more
+with `Overloaded`, which the app answers with 429 and a Retry-After estimated from recent job
+times. A request holds its place from admission on, also while it is still fetching its images.
 A job sends its results back as events; cancelling it (client gone) removes it from the queue, or
 tells the running job to stop at its next step.
 """
@@ -44,6 +45,7 @@ class Job:
         self._events: asyncio.Queue[Any] = asyncio.Queue()
         self._cancelled = threading.Event()
         self.future: Future[None] | None = None
+        self.withdrawn = False
 
     @property
     def cancelled(self) -> bool:
@@ -71,26 +73,57 @@ class Scheduler:
         self.capacity = 1 + max_waiting
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="minigpt4-serve")
         self._lock = threading.Lock()
-        self._admitted = 0
+        self._admitted = 0  # preparing + queued + running
+        self._preparing = 0  # admitted, work not started yet (fetching images)
         self._running = 0
         self._mean_job_s = 1.0  # a moving average; only Retry-After uses it
 
     def status(self) -> dict[str, int]:
+        """Jobs running, waiting for the worker, and admitted but still fetching their images."""
         with self._lock:
-            return {"running": self._running, "waiting": self._admitted - self._running}
+            waiting = self._admitted - self._running - self._preparing
+            return {"running": self._running, "waiting": waiting, "fetching": self._preparing}
 
     def retry_after_s(self) -> int:
         return max(1, math.ceil(self._mean_job_s))
 
-    def submit(self, work: Callable[[Job], None]) -> Job:
-        """Queue `work`; raises Overloaded when the queue is full. Call from the event loop."""
+    def admit(self) -> Job:
+        """A place in the queue for work that `start` gives later; raises Overloaded when full.
+
+        Call from the event loop, then `start` the job or `withdraw` it (the request ended first).
+        """
         with self._lock:
             if self._admitted >= self.capacity:
                 raise Overloaded(self.retry_after_s())
             self._admitted += 1
-        job = Job(asyncio.get_running_loop())
-        job.future = self._executor.submit(self._run, work, job)
+            self._preparing += 1
+        return Job(asyncio.get_running_loop())
+
+    def start(self, job: Job, work: Callable[[Job], None]) -> None:
+        """Queue an admitted job's work for the worker thread."""
+        with self._lock:
+            self._preparing -= 1
+        try:
+            job.future = self._executor.submit(self._run, work, job)
+        except RuntimeError:  # shutting down
+            job.withdrawn = True
+            with self._lock:
+                self._admitted -= 1
+            raise
         job.future.add_done_callback(self._release)
+
+    def withdraw(self, job: Job) -> None:
+        """Give back the place of an admitted job that will not start (no-op once started)."""
+        if job.future is None and not job.withdrawn:
+            job.withdrawn = True
+            with self._lock:
+                self._preparing -= 1
+                self._admitted -= 1
+
+    def submit(self, work: Callable[[Job], None]) -> Job:
+        """Queue `work`; raises Overloaded when the queue is full. Call from the event loop."""
+        job = self.admit()
+        self.start(job, work)
         return job
 
     def shutdown(self) -> None:
