@@ -327,7 +327,7 @@ def format_report(result: dict[str, Any]) -> str:
     """The human-readable table of a `run_bench` result."""
     lines = [
         f"MiniGPT-4 inference bench: preset {result['preset']} on {result['device']} "
-        f"({result['threads']} threads), fastest of {result['repeats']} runs",
+        f"({result['threads']} torch threads), fastest of {result['repeats']} runs",
         f"image encode                 {result['encode_ms']:9.1f} ms",
         "",
         f"time to first token, {len(result['ttft_ms'])}-turn conversation, {result['answer_tokens']}-token answers",
@@ -342,15 +342,13 @@ def format_report(result: dict[str, Any]) -> str:
         f"decode, {result['decode_tokens']} new tokens after a {result['decode_prompt_tokens']}-position prompt",
         f"  chat engine, image in context  {result['decode_tok_s']:9.1f} tok/s",
         f"  plain generate, text prompt    {result['plain_decode_tok_s']:9.1f} tok/s",
-    ]
-    if "decode_tok_s_float32_weights" in result:
-        lines.append(f"  chat engine, float32 weights  {result['decode_tok_s_float32_weights']:9.1f} tok/s")
-        lines.append(f"  limit, float32 weights         {result['limit_tok_s_float32_weights']:9.1f} tok/s")
-    lines += [
-        f"  bandwidth limit                {result['limit_tok_s']:9.1f} tok/s  "
-        f"(one pass over {result['decode_weights_mb']:.0f} MB of decode weights, {result['limit_gb_s']:.1f} GB/s)",
+        f"  bandwidth limit                {result['limit_tok_s']:9.1f} tok/s  (one pass over the "
+        f"{result['decode_weights_mb']:.0f} MB of weights a step reads: {result['limit_gb_s']:.1f} GB/s)",
         f"  bandwidth_fraction             {result['bandwidth_fraction']:9.2f}  (chat engine / limit)",
     ]
+    if "decode_tok_s_float32_weights" in result:
+        lines.append(f"  chat engine, float32 weights   {result['decode_tok_s_float32_weights']:9.1f} tok/s")
+        lines.append(f"  limit, float32 weights         {result['limit_tok_s_float32_weights']:9.1f} tok/s")
     lines += ["", f"peak RSS                     {result['peak_rss_mb']:9.0f} MB"]
     if "peak_gpu_mb" in result:
         lines.append(f"peak GPU memory              {result['peak_gpu_mb']:9.0f} MB")
