@@ -246,15 +246,16 @@ class InferenceBench:
         def rate(kind: str) -> float:
             return (n_tokens - 1) / max(fastest[f"{kind}_n"] - fastest[f"{kind}_1"], 1e-9)
 
+        limit_tok_s = 1 / fastest["limit"]
         result = {
             "decode_tok_s": rate("chat"),
             "plain_decode_tok_s": rate("plain"),
             "decode_ratio": rate("chat") / rate("plain"),
             "decode_prompt_tokens": prompt_len,
-            "limit_tok_s": 1 / fastest["limit"],
-            "bandwidth_fraction": rate("chat") / (1 / fastest["limit"]),
+            "limit_tok_s": limit_tok_s,
+            "bandwidth_fraction": rate("chat") / limit_tok_s,
             "decode_weights_mb": weights.bytes / 2**20,
-            "limit_gb_s": weights.bytes / fastest["limit"] / 1e9,
+            "limit_gb_s": weights.bytes * limit_tok_s / 1e9,
         }
         if weights_fp32 is not None:
             result["decode_tok_s_float32_weights"] = rate("fp32")
