@@ -59,6 +59,35 @@ def add_half_decode_weights(model: nn.Module, dtype: str) -> int:
     return count
 
 
+def decode_weight_tensors(model: object) -> list[torch.Tensor]:
+    """The weight tensors one decode step streams from memory: what bounds its tokens per second.
+
+    An object with its own `decode_weight_tensors()` method (another LLM runtime, e.g. a quantised
+    one that returns its raw uint8 weight buffers) answers for itself. For a torch module: the
+    half-precision decode copy of each HalfDecodeLinear (its float32 weight inside `float32_decode`),
+    else the weight of each nn.Linear (lm_head included), each tensor once (tied weights are one). Left out: the embedding table (a step reads
+    one row of it), norms and biases (vectors, a tiny share of the bytes).
+    """
+    provider = getattr(model, "decode_weight_tensors", None)
+    if callable(provider):
+        return list(provider())
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"cannot tell which weights a {type(model).__name__} reads per decode step")
+    tensors: list[torch.Tensor] = []
+    seen: set[int] = set()
+    for module in model.modules():
+        if isinstance(module, HalfDecodeLinear) and _enabled:
+            weight = module.weight_half
+        elif isinstance(module, nn.Linear):
+            weight = module.weight
+        else:
+            continue
+        if weight.data_ptr() not in seen:
+            seen.add(weight.data_ptr())
+            tensors.append(weight.detach())
+    return tensors
+
+
 def has_half_decode_weights(model: nn.Module) -> bool:
     return any(isinstance(m, HalfDecodeLinear) for m in model.modules())
 

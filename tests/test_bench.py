@@ -9,9 +9,12 @@ import types
 from pathlib import Path
 
 import pytest
+import torch
 
 from minigpt4.chat import load_chat
+from minigpt4.decode_weights import add_half_decode_weights, decode_weight_tensors, float32_decode
 from minigpt4.eval import bench
+from minigpt4.eval.bandwidth import WeightStream
 
 REQUIRED = (
     "encode_ms",
@@ -23,6 +26,8 @@ REQUIRED = (
     "ttft_turn10_over_turn1",
     "reuse_speedup_turn10",
     "peak_rss_mb",
+    "limit_tok_s",
+    "bandwidth_fraction",
 )
 
 
@@ -53,6 +58,11 @@ def test_bench_reports_every_figure_per_turn(result: dict) -> None:
     assert result["ttft_turn10_over_turn1"] == pytest.approx(result["ttft_ms"][-1] / result["ttft_ms"][0])
     assert result["decode_prompt_tokens"] == result["context_tokens"][0]
     assert result["peak_rss_mb"] > 50
+    assert result["limit_tok_s"] > 0
+    assert result["bandwidth_fraction"] == pytest.approx(result["decode_tok_s"] / result["limit_tok_s"])
+    assert result["limit_gb_s"] == pytest.approx(
+        result["decode_weights_mb"] * 2**20 * result["limit_tok_s"] / 1e9
+    )
     assert result["preset"] == "minigpt4_tiny_random" and result["device"] == "cpu"
 
 
@@ -126,3 +136,124 @@ def test_lite_targets_are_judged_in_the_report(result: dict) -> None:
     assert re.search(r"encode_ms +40\.0 +\(≤ 50: met\)", report)
     assert re.search(r"decode_tok_s +25\.0 +\(≥ 20: met\)", report)
     assert "ttft_first_ms" in report
+
+
+def _tiny_llama() -> torch.nn.Module:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        vocab_size=40,
+        hidden_size=16,
+        intermediate_size=24,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        tie_word_embeddings=True,
+    )
+    torch.manual_seed(0)
+    return LlamaForCausalLM(config).eval()
+
+
+def _names(model: torch.nn.Module, tensors: list[torch.Tensor], attr: str) -> list[tuple[str, tuple]]:
+    by_storage = {getattr(m, attr).data_ptr(): n for n, m in model.named_modules() if hasattr(m, attr)}
+    return [(by_storage[t.data_ptr()], tuple(t.shape)) for t in tensors]
+
+
+LLAMA_DECODE_WEIGHTS = [
+    (f"model.layers.{i}.{name}", shape)
+    for i in range(2)
+    for name, shape in (
+        ("self_attn.q_proj", (16, 16)),
+        ("self_attn.k_proj", (8, 16)),
+        ("self_attn.v_proj", (8, 16)),
+        ("self_attn.o_proj", (16, 16)),
+        ("mlp.gate_proj", (24, 16)),
+        ("mlp.up_proj", (24, 16)),
+        ("mlp.down_proj", (16, 24)),
+    )
+] + [("lm_head", (40, 16))]
+
+
+def test_decode_weight_tensors_are_the_linear_weights_or_their_half_copies() -> None:
+    llm = _tiny_llama()
+    # lm_head is tied to the embedding table: it is read once per step, as a matrix, and listed once.
+    tensors = decode_weight_tensors(llm)
+    assert _names(llm, tensors, "weight") == LLAMA_DECODE_WEIGHTS
+    assert all(t.dtype == torch.float32 for t in tensors)
+
+    add_half_decode_weights(llm, "float16")
+    half = decode_weight_tensors(llm)
+    assert _names(llm, half, "weight_half") == LLAMA_DECODE_WEIGHTS
+    assert all(t.dtype == torch.float16 for t in half)
+    with float32_decode():  # the half copies switched off: a step reads the float32 weights again
+        assert _names(llm, decode_weight_tensors(llm), "weight") == LLAMA_DECODE_WEIGHTS
+
+
+def test_another_runtime_names_its_own_decode_weights() -> None:
+    class QuantisedRuntime:
+        def __init__(self) -> None:
+            self.blocks = [torch.full((1000,), 7, dtype=torch.uint8), torch.zeros(24, dtype=torch.uint8)]
+
+        def decode_weight_tensors(self) -> list[torch.Tensor]:
+            return self.blocks
+
+    runtime = QuantisedRuntime()
+    tensors = decode_weight_tensors(runtime)
+    assert len(tensors) == 2 and all(a is b for a, b in zip(tensors, runtime.blocks, strict=True))
+    with pytest.raises(TypeError, match="cannot tell which weights"):
+        decode_weight_tensors(object())
+
+
+def test_weight_stream_reads_matrices_and_raw_byte_buffers() -> None:
+    tensors = [
+        torch.zeros(1000, dtype=torch.uint8),
+        torch.ones(8, 16, dtype=torch.float16),
+        torch.ones(4, 16, dtype=torch.float32),
+        torch.zeros(0, dtype=torch.uint8),
+    ]
+    stream = WeightStream(tensors)
+    assert stream.bytes == 1000 + 8 * 16 * 2 + 4 * 16 * 4
+    assert len(stream.tensors) == 3  # the empty buffer is left out
+    stream.one_pass()
+    assert stream.seconds_per_pass(2) > 0
+    with pytest.raises(ValueError, match="no weight tensors"):
+        WeightStream([])
+
+
+def test_limit_streams_the_chats_own_decode_weights(result: dict, own_chat) -> None:
+    weights = decode_weight_tensors(own_chat.model.llm)
+    assert result["decode_weights_mb"] == pytest.approx(
+        sum(t.numel() * t.element_size() for t in weights) / 2**20
+    )
+    report = bench.format_report(result)
+    assert re.search(rf"bandwidth limit +{result['limit_tok_s']:.1f} tok/s", report)
+    assert re.search(rf"bandwidth_fraction +{result['bandwidth_fraction']:.2f} +\(≥ 0.6: ", report)
+
+
+def test_turn_without_reuse_can_follow_another_conversations_answer(own_chat) -> None:
+    runner = bench.InferenceBench(own_chat, bench.default_image(), answer_tokens=8)
+    full = runner.session()
+    runner.turn(full, "What is it?", kv_reuse=False, answer="A given answer.")
+    assert full.conversation.messages[-1].text == "A given answer."
+    # It stopped at its first piece instead of decoding all 8 tokens.
+    assert 1 <= full.last_answer_tokens < 8
+
+
+def test_defaults_are_one_thread_one_repeat_and_are_printed_first(
+    own_chat, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    defaults = bench.build_parser().parse_args([])
+    assert (defaults.threads, defaults.repeats, defaults.turns) == (1, 1, 10)
+    monkeypatch.setattr(bench, "chat_from_args", lambda args: own_chat)
+    threads = torch.get_num_threads()
+    try:
+        args = ["--json", "--turns", "1", "--no-start", "--answer-tokens", "2", "--decode-tokens", "2"]
+        assert bench.main(args) == 0
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(threads)
+    captured = capsys.readouterr()
+    assert captured.err.index("bench settings: --threads 1 --repeats 1 --turns 1") < captured.err.index(
+        "decode runs"
+    )
+    assert json.loads(captured.out)["threads"] == 1

@@ -1,0 +1,59 @@
+"""The memory-bandwidth limit of decoding: one pass over exactly the weights a decode step reads.
+
+Decoding one token multiplies one row by every weight matrix, so no decode step can be faster than
+streaming those bytes from memory once. `WeightStream` does only that: a matrix–vector product with
+each floating-point weight matrix (in its own dtype, so the same kernels as the decode step) and a
+cheap memory-bound reduction over any other buffer (a quantised runtime's raw uint8 weights). Its
+passes per second, measured on the same threads and under the same load as the decode, are the
+tokens per second a decode step would reach with zero overhead.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+
+
+def _is_matrix(tensor: torch.Tensor) -> bool:
+    return tensor.is_floating_point() and tensor.dim() == 2
+
+
+class WeightStream:
+    """Streams a list of weight tensors once per `one_pass` (see the module docstring)."""
+
+    def __init__(self, tensors: Sequence[torch.Tensor]) -> None:
+        if not tensors:
+            raise ValueError("no weight tensors to stream: the model reads none per decode step?")
+        self.tensors = [t.detach() for t in tensors if t.numel()]
+        self.bytes = sum(t.numel() * t.element_size() for t in self.tensors)
+        self._vectors = {
+            (t.shape[1], t.dtype, t.device): torch.ones(1, t.shape[1], dtype=t.dtype, device=t.device)
+            for t in self.tensors
+            if _is_matrix(t)
+        }
+        self._cuda = any(t.device.type == "cuda" for t in self.tensors)
+
+    @torch.no_grad()
+    def one_pass(self) -> None:
+        """Read every tensor once."""
+        for t in self.tensors:
+            if _is_matrix(t):
+                F.linear(self._vectors[(t.shape[1], t.dtype, t.device)], t)
+            else:
+                t.max()
+
+    def seconds_per_pass(self, passes: int) -> float:
+        """Mean wall time of `passes` passes in a row (like the n−1 steps of a decode measurement)."""
+        self._sync()
+        start = time.perf_counter()
+        for _ in range(passes):
+            self.one_pass()
+        self._sync()
+        return (time.perf_counter() - start) / passes
+
+    def _sync(self) -> None:
+        if self._cuda:
+            torch.cuda.synchronize()
