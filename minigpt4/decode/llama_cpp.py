@@ -210,8 +210,17 @@ class LlamaCppRuntime:
 
     # --- for the bench ----------------------------------------------------------------------------
 
-    def decode_weight_bytes(self) -> list[np.ndarray]:
-        """The GGUF's tensors as byte arrays (memory-mapped): what one decode step streams."""
+    def decode_weight_tensors(self) -> list[torch.Tensor]:
+        """The GGUF's weight matrices as raw bytes (copied into memory): what one decode step streams.
+
+        Every tensor but the token embedding table, of which a step reads one row (with tied
+        embeddings the table is also the output layer: then it is read whole and counted).
+        """
         from gguf import GGUFReader  # noqa: PLC0415
 
-        return [np.asarray(t.data).view(np.uint8).reshape(-1) for t in GGUFReader(self.path).tensors]
+        tensors = GGUFReader(self.path).tensors
+        names = {t.name for t in tensors}
+        read = [t for t in tensors if t.name != "token_embd.weight" or "output.weight" not in names]
+        return [
+            torch.from_numpy(np.array(t.data).view(np.uint8).reshape(-1)) for t in read if len(t.shape) > 1
+        ]

@@ -14,6 +14,8 @@ from typing import Protocol
 import torch
 from transformers import DynamicCache
 
+from minigpt4.decode_weights import decode_weight_tensors
+
 
 class Sequence(Protocol):
     """A runtime's handle of one sequence's cached positions."""
@@ -77,6 +79,10 @@ class TorchRuntime:
             seq.cache.crop(keep - seq.length)  # a negative count: drop that many from the end
         out = self.llm(inputs_embeds=embeds.unsqueeze(0), cache=seq.cache, use_cache=True)
         return out.logits[0, -1]
+
+    def decode_weight_tensors(self) -> list[torch.Tensor]:
+        """The weights one decode step reads (for the bench's bandwidth limit)."""
+        return decode_weight_tensors(self.llm)
 
     @torch.no_grad()
     def step(self, seqs: list[TorchSequence], tokens: list[int]) -> torch.Tensor:

@@ -223,9 +223,9 @@ class InferenceBench:
         if tokenizer.bos_token_id is not None:
             text_ids[0, 0] = tokenizer.bos_token_id
         half = has_half_decode_weights(self.chat.model.llm)
-        weights = WeightStream(decode_weight_tensors(self.chat.model.llm))
+        weights = WeightStream(decode_weight_tensors(self.chat.runtime))
         with float32_decode():
-            weights_fp32 = WeightStream(decode_weight_tensors(self.chat.model.llm)) if half else None
+            weights_fp32 = WeightStream(decode_weight_tensors(self.chat.runtime)) if half else None
         times: dict[str, list[float]] = {
             k: []
             for k in ("chat_n", "chat_1", "plain_n", "plain_1", "fp32_n", "fp32_1", "limit", "fp32_limit")
