@@ -22,10 +22,18 @@ import torch
 
 from minigpt4.build import build_model, build_runtime
 from minigpt4.config import GenerationConfig, load_eval_config
-from minigpt4.conversation import IMAGE_TURN, Conversation, Message, Template, _exchange_starts, get_template
+from minigpt4.conversation import (
+    IMAGE_TURN,
+    Conversation,
+    Message,
+    Template,
+    _exchange_starts,
+    clean_text,
+    get_template,
+)
 from minigpt4.decode.batcher import Batcher, Request
 from minigpt4.decode.runtime import DecodeRuntime, Sequence, TorchRuntime
-from minigpt4.errors import ImageError, MessageError
+from minigpt4.errors import ImageError, InputError, MessageError
 from minigpt4.generation import GenerationParams, StreamText
 from minigpt4.images import ImageSource, load_image
 from minigpt4.model import IMAGE_TOKEN_ID, MiniGPT4
@@ -54,8 +62,12 @@ class ChatSession:
 
     @property
     def history(self) -> list[tuple[str, str]]:
-        """(role, text) of every turn, as rendered into the prompt ("user" / "assistant")."""
-        return [(m.role, m.text) for m in self.conversation.messages]
+        """(role, text) of every turn ("user" / "assistant"): its images as `<Img><ImageHere></Img>`,
+        then its text as said (the prompt holds it escaped: see minigpt4/conversation.py)."""
+        return [
+            (m.role, " ".join(filter(None, [IMAGE_TURN * m.images, m.text])))
+            for m in self.conversation.messages
+        ]
 
     @property
     def n_images(self) -> int:
@@ -136,10 +148,15 @@ class Chat:
         session.conversation.add_image()
 
     def ask(self, session: ChatSession, text: str) -> None:
-        """Add the user's message. Raises `MessageError` if it is empty or cannot fit the context."""
+        """Add the user's message. Raises `MessageError` if it is empty or cannot fit the context.
+
+        The text is cleaned (`clean_text`: lone surrogates, control characters) and is only ever
+        text: template markers and special tokens in it are escaped when the prompt is rendered.
+        On any error the conversation is left as it was.
+        """
         if not isinstance(text, str):
             raise MessageError(f"the message must be text, not {type(text).__name__}")
-        text = text.strip()
+        text = clean_text(text).strip()
         if not text:
             raise MessageError("the message is empty")
         if len(text) > self.max_message_chars:
@@ -149,16 +166,22 @@ class Chat:
         if session.busy.locked():
             raise MessageError("an answer is still being generated in this conversation")
         before = [replace(m) for m in session.conversation.messages]
-        session.conversation.add_user(text)
         try:
+            session.conversation.add_user(text)
             self._fit_context(session, 1)
-        except MessageError:
+        except InputError:
             session.conversation.messages[:] = before
             raise
+        except Exception as exc:  # a tokenizer failure must not leave a message that breaks every ask
+            session.conversation.messages[:] = before
+            log.exception("the message could not be tokenized")
+            raise MessageError(f"the message could not be tokenized ({type(exc).__name__}: {exc})") from exc
 
     def add_answer(self, session: ChatSession, text: str) -> None:
-        """Record an assistant turn that was said earlier (replaying a history)."""
-        session.conversation.add_assistant(text.strip())
+        """Record an assistant turn that was said earlier (replaying a history); cleaned like `ask`."""
+        if not isinstance(text, str):
+            raise MessageError(f"the answer must be text, not {type(text).__name__}")
+        session.conversation.add_assistant(clean_text(text).strip())
 
     # --- answers --------------------------------------------------------------------------------
 
@@ -284,7 +307,7 @@ class Chat:
         if count is None:
             template = self.template
             prefix = template.user_prefix if message.role == "user" else template.assistant_prefix
-            piece = prefix + message.text.replace(IMAGE_TURN, "") + template.sep
+            piece = prefix + message.text + template.sep
             count = len(self.tokenizer(piece, add_special_tokens=False).input_ids)
             session.token_counts[key] = count
         return count

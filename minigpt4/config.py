@@ -44,8 +44,15 @@ class VisionConfig:
     dtype: str = "auto"  # "auto": fp16 on GPU, fp32 on CPU
 
     def __post_init__(self) -> None:
-        if self.num_query_tokens <= 0:
-            raise ConfigError(f"model.vision.num_query_tokens must be positive, got {self.num_query_tokens}")
+        _check_positive(self, "model.vision", ("num_query_tokens", "image_size"))
+        if self.random_init is not None:
+            unknown = sorted(set(self.random_init) - {"vision", "qformer"})
+            if unknown:
+                raise ConfigError(f"model.vision.random_init: unknown key {unknown} (known: vision, qformer)")
+            for part, config_class in (("vision", "Blip2VisionConfig"), ("qformer", "Blip2QFormerConfig")):
+                _check_hf_keys(
+                    f"model.vision.random_init.{part}", self.random_init.get(part) or {}, config_class
+                )
 
 
 RUNTIMES = ("transformers", "llama_cpp")
@@ -81,6 +88,8 @@ class LLMConfig:
             raise ConfigError(
                 f"model.llm.decode_dtype must be float16, bfloat16 or null; got {self.decode_dtype!r}"
             )
+        if self.random_init is not None:
+            _check_hf_keys("model.llm.random_init", self.random_init, "LlamaConfig")
 
 
 @dataclass
@@ -113,6 +122,7 @@ class ModelConfig:
             raise ConfigError(
                 f"model.template must be one of vicuna0, llama2, chat_template; got {self.template!r}"
             )
+        _check_positive(self, "model", ("max_context_tokens",))
 
 
 @dataclass
@@ -147,6 +157,34 @@ class EvalConfig:
     max_image_pixels: int = 40_000_000
     max_image_bytes: int = 20_000_000
     max_message_chars: int = 20_000
+
+    def __post_init__(self) -> None:
+        _check_positive(self, "", ("max_image_pixels", "max_image_bytes", "max_message_chars"))
+
+
+def _check_positive(cfg: Any, section: str, keys: Sequence[str]) -> None:
+    """Limits and sizes must be ≥ 1: zero or a negative number is a typo, never a setting."""
+    for key in keys:
+        value = getattr(cfg, key)
+        if value < 1:
+            raise ConfigError(
+                f"{section + '.' if section else ''}{key} must be a positive number, got {value}"
+            )
+
+
+def _check_hf_keys(where: str, values: dict[str, Any], config_class: str) -> None:
+    """Keys of a `random_init` mapping must be arguments of the transformers config class they build."""
+    import inspect  # noqa: PLC0415
+
+    import transformers  # noqa: PLC0415 (only presets with random_init pay for the import)
+
+    cls = getattr(transformers, config_class)
+    known = (set(cls().to_dict()) | set(inspect.signature(cls.__init__).parameters)) - {"self", "kwargs"}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        names = ", ".join(f"{where}.{k}" for k in unknown)
+        shown = ", ".join(sorted(k for k in known if not k.startswith("_")))
+        raise ConfigError(f"unknown key {names}: not an argument of {config_class} (known: {shown})")
 
 
 def resolve_path(path: str | Path) -> Path:

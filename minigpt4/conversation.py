@@ -3,10 +3,21 @@
 `vicuna0` and `llama2` reproduce the original MiniGPT-4 demo's rendering byte for byte;
 `chat_template` uses the tokenizer's own chat template (modern instruct models). Images appear
 in user turns as `<Img><ImageHere></Img>`; `<ImageHere>` is where their embeddings go.
+
+Images are structure, not text: a message counts its images, and only rendering writes their
+`<ImageHere>` slots. Text people send (user, assistant and system turns) is plain text: any
+template marker in it (`<ImageHere>`, `<Img>`, `###`, `[INST]`, `<|im_start|>`, the tokenizer's
+special tokens such as `</s>` …) is broken with a zero-width space after its first character
+(`escape_text`), so it can neither add, remove or shift an image slot, nor end a turn, nor become
+a special token id. `clean_text` makes text safe to tokenize at all (lone surrogates, controls).
 """
 
 from __future__ import annotations
 
+import functools
+import re
+import unicodedata
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from minigpt4.model import IMAGE_PLACEHOLDER
@@ -18,10 +29,62 @@ MINIGPT4_SYSTEM = (
 )
 
 
+# Inserted after the first character of a template marker found in text people sent: invisible
+# when shown, and the marker is no longer the string the template or the tokenizer looks for.
+MARKER_BREAK = "\u200b"  # ZERO WIDTH SPACE
+# Markers of every template, whichever is in use: a vicuna0 chat must not parse `[INST]` either.
+TEMPLATE_MARKERS = (
+    IMAGE_PLACEHOLDER, "<Img>", "</Img>", "###", "[INST]", "[/INST]", "<<SYS>>", "<</SYS>>", "<s>", "</s>",
+)  # fmt: skip
+_CHAT_MARKER = r"<\|[^<>|\s]{1,40}\|>"  # chat-template markers: <|im_start|>, <|eot_id|>, …
+
+
+def clean_text(text: str) -> str:
+    """`text` made safe to tokenize: lone UTF-16 surrogates become U+FFFD, `\\r\\n` and `\\r` become
+    `\\n`, other control characters (NUL, escape, …) except newline and tab are removed."""
+    # A valid surrogate pair (from JSON "\\ud83d\\ude00") becomes its character; a lone one U+FFFD.
+    text = text.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
+    text = text.replace("\r\n", "\n").replace("\r", "\n")
+    return "".join(c for c in text if c in "\n\t" or unicodedata.category(c) != "Cc")
+
+
+def escape_text(text: str, special_tokens: Iterable[str] = ()) -> str:
+    """`text` with every template marker and special token broken by `MARKER_BREAK` (see the module doc)."""
+    pattern = _marker_pattern(tuple(sorted(set(special_tokens))))
+    while True:  # breaking `####` once leaves `###`: repeat until no marker is left
+        escaped = pattern.sub(lambda m: m.group(0)[0] + MARKER_BREAK + m.group(0)[1:], text)
+        if escaped == text:
+            return text
+        text = escaped
+
+
+@functools.lru_cache(maxsize=16)
+def _marker_pattern(special_tokens: tuple[str, ...]) -> re.Pattern[str]:
+    markers = {*TEMPLATE_MARKERS, *(t for t in special_tokens if len(t) > 1 and not t.isspace())}
+    alternatives = [re.escape(m) for m in sorted(markers, key=len, reverse=True)] + [_CHAT_MARKER]
+    return re.compile("|".join(alternatives))
+
+
+def special_tokens_of(tokenizer) -> tuple[str, ...]:
+    """Every string the tokenizer turns into a special token id."""
+    tokens = set(getattr(tokenizer, "all_special_tokens", ()))
+    tokens |= {t.content for t in getattr(tokenizer, "added_tokens_decoder", {}).values() if t.special}
+    return tuple(sorted(tokens))
+
+
 @dataclass
 class Message:
+    """One turn. `images` counts the images at its start; `text` is what was said, as sent."""
+
     role: str  # "user" | "assistant"
     text: str
+    images: int = 0
+
+    def render(self, special_tokens: Iterable[str] = ()) -> str:
+        """The turn's content in a prompt: an image slot per image, then the escaped text."""
+        text = escape_text(self.text, special_tokens)
+        slots = IMAGE_TURN * self.images
+        return f"{slots} {text}" if slots and text else slots or text
 
 
 @dataclass(frozen=True)
@@ -40,9 +103,10 @@ class Template:
 
     def render(self, messages: list[Message], tokenizer) -> str:
         """The prompt for `messages`, ending where the assistant's next answer begins."""
+        special = special_tokens_of(tokenizer)
         if self.name == "chat_template":
             return tokenizer.apply_chat_template(
-                [{"role": m.role, "content": m.text} for m in _merge_roles(messages)],
+                [{"role": role, "content": content} for role, content in _merge_roles(messages, special)],
                 tokenize=False,
                 add_generation_prompt=True,
             )
@@ -50,7 +114,7 @@ class Template:
         out = self.system + self.sep
         for m in messages:
             prefix = self.user_prefix if m.role == "user" else self.assistant_prefix
-            out += prefix + m.text + self.sep
+            out += prefix + m.render(special) + self.sep
         return out + self.assistant_prefix
 
     def stop_strings(self, tokenizer) -> list[str]:
@@ -69,10 +133,9 @@ class Template:
 
     def training_prompt(self, instruction: str, tokenizer) -> str:
         """The stage-2 prompt for one image and one instruction, ready for the answer."""
-        question = f"{IMAGE_TURN} {instruction}"
         if self.name == "chat_template":
-            return self.render([Message("user", question)], tokenizer)
-        return self.training_format.format(question)
+            return self.render([Message("user", instruction, images=1)], tokenizer)
+        return self.training_format.format(f"{IMAGE_TURN} {instruction}")
 
     def answer_end(self, tokenizer) -> str:
         """What ends an answer in training data: `###` for Vicuna v0, the EOS text otherwise."""
@@ -83,14 +146,15 @@ class Template:
         return tokenizer.eos_token
 
 
-def _merge_roles(messages: list[Message]) -> list[Message]:
+def _merge_roles(messages: list[Message], special_tokens: Iterable[str]) -> list[tuple[str, str]]:
     """Chat templates want alternating roles: consecutive turns of one role are joined."""
-    merged: list[Message] = []
+    merged: list[tuple[str, str]] = []
     for m in messages:
-        if merged and merged[-1].role == m.role:
-            merged[-1] = Message(m.role, f"{merged[-1].text} {m.text}")
+        content = m.render(special_tokens)
+        if merged and merged[-1][0] == m.role:
+            merged[-1] = (m.role, f"{merged[-1][1]} {content}")
         else:
-            merged.append(Message(m.role, m.text))
+            merged.append((m.role, content))
     return merged
 
 
@@ -135,13 +199,13 @@ class Conversation:
 
     def add_image(self) -> None:
         """An uploaded image opens a user turn of its own (the original's `upload_img`)."""
-        self.messages.append(Message("user", IMAGE_TURN))
+        self.messages.append(Message("user", "", images=1))
 
     def add_user(self, text: str) -> None:
         """A question joins the image turn it follows, as in the original; otherwise it opens a turn."""
         last = self.messages[-1] if self.messages else None
-        if last is not None and last.role == "user" and last.text.endswith("</Img>"):
-            last.text = f"{last.text} {text}"
+        if last is not None and last.role == "user" and last.images and not last.text:
+            last.text = text
         else:
             self.messages.append(Message("user", text))
 
@@ -159,11 +223,11 @@ class Conversation:
         if drop_exchanges <= 0:
             return list(self.messages)
         cut = _exchange_starts(self.messages)[drop_exchanges]
-        images = sum(m.text.count(IMAGE_PLACEHOLDER) for m in self.messages[:cut] if m.role == "user")
-        kept = [Message(m.role, m.text) for m in self.messages[cut:]]
+        images = sum(m.images for m in self.messages[:cut])
+        kept = [Message(m.role, m.text, m.images) for m in self.messages[cut:]]
         if images:
             first_user = next(m for m in kept if m.role == "user")
-            first_user.text = IMAGE_TURN * images + " " + first_user.text
+            first_user.images += images
         return kept
 
     def n_droppable(self) -> int:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import re
 import warnings
 from pathlib import Path
 
@@ -14,13 +15,18 @@ from minigpt4.errors import ImageError
 ImageSource = Image.Image | str | Path | bytes
 
 DEFAULT_MAX_PIXELS = 40_000_000
+# Longer side : shorter side. A 39,000,000×1 strip passes any pixel limit but resizing it to the
+# vision model's square input costs gigabytes and seconds; the widest panoramas people take are
+# about 10:1, scanned receipts about 1:20.
+MAX_ASPECT_RATIO = 50
 
 
 def load_image(src: ImageSource, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
     """Open `src` (a PIL image, a path or the file's bytes) as an RGB image.
 
-    The pixel count is checked from the header, before any pixel is decoded, so a small file that
-    claims 20000×20000 pixels is refused without using the memory. CMYK, 16-bit, palette and
+    The pixel count and the aspect ratio (at most `MAX_ASPECT_RATIO`:1) are checked from the header,
+    before any pixel is decoded, so a small file that claims 20000×20000 pixels is refused without
+    using the memory. CMYK, 16-bit, palette and
     transparent images are converted to RGB (transparency over white); an animated image gives its
     first frame; EXIF rotation is applied.
     """
@@ -48,7 +54,10 @@ def load_image(src: ImageSource, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.
     except ImageError:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-        raise ImageError(f"the image has too many pixels ({exc})") from exc
+        # PIL refuses before we see the size; its message names its own limit, not ours.
+        found = re.search(r"\((\d+) pixels\)", str(exc))
+        count = f" ({int(found.group(1)):,})" if found else ""
+        raise ImageError(f"the image has too many pixels{count}; the limit is {max_pixels:,}") from exc
     except UnidentifiedImageError as exc:
         raise ImageError("the file is not an image that can be read (unknown or corrupt format)") from exc
     except (OSError, SyntaxError, ValueError, EOFError) as exc:
@@ -63,6 +72,11 @@ def _check_size(size: tuple[int, int], max_pixels: int) -> None:
     if width * height > max_pixels:
         raise ImageError(
             f"the image has too many pixels: {width}×{height} = {width * height:,}; the limit is {max_pixels:,}"
+        )
+    if max(width, height) > MAX_ASPECT_RATIO * min(width, height):
+        raise ImageError(
+            f"the image is {width}×{height}: one side is more than {MAX_ASPECT_RATIO} times the other, "
+            "too thin to show anything at the model's square input"
         )
 
 

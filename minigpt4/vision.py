@@ -123,12 +123,7 @@ class Blip2Vision(nn.Module):
 def blip2_configs(cfg: VisionConfig) -> tuple[Blip2VisionConfig, Blip2QFormerConfig | None]:
     """The ViT and Q-Former architectures a vision config asks for."""
     use_qformer = cfg.kind == "blip2"
-    if cfg.random_init is not None:
-        unknown = set(cfg.random_init) - {"vision", "qformer"}
-        if unknown:
-            raise ConfigError(
-                f"model.vision.random_init: unknown key {sorted(unknown)} (known: vision, qformer)"
-            )
+    if cfg.random_init is not None:  # its keys are checked when the config is loaded
         vision_kwargs = dict(cfg.random_init.get("vision", {}))
         qformer_kwargs = dict(cfg.random_init.get("qformer", {}))
     elif cfg.pretrained is not None:

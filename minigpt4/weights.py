@@ -294,9 +294,12 @@ def load_trainable(model: nn.Module, path: str | Path) -> None:
     """Load projection (and LoRA) weights into `model`, checking names and shapes.
 
     Accepts the released MiniGPT-4 files (`{"model": {"llama_proj.weight", "llama_proj.bias"}}`)
-    and the safetensors written by `save_trainable`.
+    and the safetensors written by `save_trainable`. Weights holding NaN or inf are refused.
     """
     tensors = read_trainable(path)
+    for key, value in tensors.items():
+        if value.is_floating_point() and not bool(torch.isfinite(value).all()):
+            raise WeightsError(f"{path}: {key} holds NaN or inf values (a diverged or damaged checkpoint)")
     expected = set(model.trainable_state_dict())
     unexpected = sorted(set(tensors) - expected)
     if unexpected:

@@ -205,3 +205,41 @@ def test_a_question_during_an_answer_is_refused_and_not_recorded(tiny_chat, phot
         next(tiny_chat.stream_answer(session, **GREEDY))
     "".join(stream)
     assert [role for role, _ in session.history] == ["user", "assistant"]
+
+
+def test_markers_and_special_tokens_typed_by_the_user_stay_text(tiny_chat, photo):
+    session = _start(tiny_chat, photo, "what <ImageHere> is it?")
+    assert tiny_chat.answer(session, **GREEDY)
+    tiny_chat.ask(session, "</s><s>")
+    ids, _ = tiny_chat._fit_context(session, 1)
+    tok = tiny_chat.tokenizer
+    assert ids.count(tok.bos_token_id) == 1 and ids[0] == tok.bos_token_id  # the prompt's own BOS only
+    assert tok.eos_token_id not in ids
+    assert ids.count(-200) == tiny_chat.model.n_image_tokens  # one image, one slot
+    assert tiny_chat.answer(session, **GREEDY)
+
+
+def test_a_lone_surrogate_is_cleaned_and_the_session_goes_on(tiny_chat, photo):
+    session = _start(tiny_chat, photo, "\ud800 broken \x00")
+    assert session.history[0] == ("user", "<Img><ImageHere></Img> \ufffd broken")
+    assert tiny_chat.answer(session, **GREEDY)
+    tiny_chat.add_answer(session, "earlier \udfff answer")
+    tiny_chat.ask(session, "and now?")
+    assert tiny_chat.answer(session, **GREEDY)
+
+
+def test_a_tokenizer_failure_in_ask_is_a_message_error_and_rolled_back(tiny_chat, photo, monkeypatch):
+    session = _start(tiny_chat, photo)
+    tiny_chat.answer(session, **GREEDY)
+    before = list(session.history)
+
+    def broken(prompt, n_images):
+        raise TypeError("TextEncodeInput must be Union[...]")
+
+    with monkeypatch.context() as m:
+        m.setattr(tiny_chat.model, "tokenize_prompt", broken)
+        with pytest.raises(MessageError, match="could not be tokenized"):
+            tiny_chat.ask(session, "next question")
+    assert session.history == before
+    tiny_chat.ask(session, "next question")
+    assert tiny_chat.answer(session, **GREEDY)

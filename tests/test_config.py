@@ -70,3 +70,32 @@ def test_overrides_are_typed_and_checked(tiny_cfg_path):
 def test_bad_template_is_named(tiny_cfg_path):
     with pytest.raises(ConfigError, match="model.template must be one of"):
         load_eval_config(tiny_cfg_path, ["model.template=alpaca"])
+
+
+@pytest.mark.parametrize(
+    ("override", "key"),
+    [
+        ("model.llm.random_init.hidden_sise=64", "model.llm.random_init.hidden_sise"),
+        ("model.vision.random_init.vision.hidden_sise=32", "model.vision.random_init.vision.hidden_sise"),
+        ("model.vision.random_init.qformer.layers=2", "model.vision.random_init.qformer.layers"),
+    ],
+)
+def test_unknown_random_init_keys_are_named(tiny_cfg_path, override, key):
+    with pytest.raises(ConfigError, match=rf"unknown key {key}: not an argument of"):
+        load_eval_config(tiny_cfg_path, [override])
+
+
+@pytest.mark.parametrize(
+    "override",
+    [
+        "model.max_context_tokens=0",
+        "max_image_pixels=-1",
+        "max_image_bytes=0",
+        "max_message_chars=-5",
+        "model.vision.image_size=0",
+    ],
+)
+def test_non_positive_limits_are_refused_at_load(tiny_cfg_path, override):
+    key, _, value = override.partition("=")
+    with pytest.raises(ConfigError, match=rf"{key} must be a positive number, got {value}"):
+        load_eval_config(tiny_cfg_path, [override])

@@ -61,6 +61,23 @@ def test_image_over_our_limit_names_its_size():
         load_image(_png_header_only(5000, 5000), max_pixels=1_000_000)
 
 
+def test_image_over_twice_pils_limit_reports_our_limit():
+    # 20000×20000 = 400M pixels: PIL itself refuses it (over 2 × its 178,956,970) before we see the size.
+    with pytest.raises(ImageError, match=r"too many pixels \(400,000,000\); the limit is 40,000,000") as err:
+        load_image(_png_header_only(20000, 20000), max_pixels=40_000_000)
+    assert "178956970" not in str(err.value) and "178,956,970" not in str(err.value)
+
+
+@pytest.mark.parametrize("size", [(39_000_000, 1), (1, 100_000), (5001, 100)])
+def test_extreme_aspect_ratios_are_refused_before_decoding(size):
+    with pytest.raises(ImageError, match=rf"{size[0]}×{size[1]}: one side is more than 50 times the other"):
+        load_image(_png_header_only(*size), max_pixels=40_000_000)
+
+
+def test_a_long_but_reasonable_image_is_accepted():
+    assert load_image(_png_bytes(Image.new("RGB", (1000, 20), (1, 2, 3)))).size == (1000, 20)
+
+
 def test_missing_path_is_refused(tmp_path):
     with pytest.raises(ImageError, match="not found"):
         load_image(tmp_path / "nope.jpg")

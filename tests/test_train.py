@@ -106,6 +106,25 @@ def test_a_stopped_run_resumes_at_its_step_and_ends_with_the_same_weights(tiny_c
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_a_truncated_newest_checkpoint_is_named_and_auto_resume_falls_back(tiny_config, tmp_path, caplog):
+    whole = train(tiny_config(1, tmp_path / "whole", *SHORT))
+    cfg = tiny_config(1, tmp_path / "split", *SHORT)
+    train(cfg, stop_after=3)  # checkpoints at steps 2 and 3
+    state = checkpoints.step_dir(tmp_path / "split", 3) / checkpoints.STATE
+    state.write_bytes(state.read_bytes()[: state.stat().st_size // 2])
+    with pytest.raises(checkpoints.CheckpointError, match=rf"{state}.*truncated or damaged"):
+        train(cfg, resume=str(state.parent))
+    with caplog.at_level("WARNING"):
+        rest = train(cfg, resume="auto")
+    assert any("step-000003" in r.getMessage() and "damaged" in r.getMessage() for r in caplog.records)
+    assert rest.step == 6 and len(rest.losses) == 4  # steps 3–6 again, from step 2
+    a, b = _weights(whole.weights), _weights(rest.weights)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    # metrics.jsonl holds each step once: the replayed steps replaced the lines of the lost ones
+    steps = [json.loads(line)["step"] for line in (tmp_path / "split" / METRICS).read_text().splitlines()]
+    assert steps == [1, 2, 3, 4, 5, 6]
+
+
 def test_cached_features_train_exactly_like_images_and_never_read_the_tars(tiny_data, tiny_config, tmp_path):
     data = tmp_path / "data"
     shutil.copytree(tiny_data / "stage1", data / "stage1")

@@ -208,6 +208,25 @@ def test_projection_of_the_wrong_size_names_key_and_shapes(tiny_model, tmp_path)
         load_trainable(tiny_model, tmp_path / "7b.pth")
 
 
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+@pytest.mark.parametrize("suffix", [".pth", ".safetensors"])
+def test_projection_holding_nan_or_inf_is_refused_at_load(tiny_model, tmp_path, bad, suffix):
+    from safetensors.torch import save_file
+
+    before = tiny_model.llama_proj.weight.detach().clone()
+    weight = torch.randn_like(tiny_model.llama_proj.weight)
+    weight[3, 5] = bad
+    tensors = {"llama_proj.weight": weight, "llama_proj.bias": torch.zeros_like(tiny_model.llama_proj.bias)}
+    path = tmp_path / f"proj{suffix}"
+    if suffix == ".pth":
+        torch.save({"model": tensors}, path)
+    else:
+        save_file(tensors, str(path))
+    with pytest.raises(WeightsError, match=rf"proj{suffix}: llama_proj.weight holds NaN or inf"):
+        load_trainable(tiny_model, path)
+    assert torch.equal(tiny_model.llama_proj.weight, before)  # nothing was copied in
+
+
 def test_save_trainable_writes_only_the_projection_and_round_trips(tiny_model, tmp_path):
     path = save_trainable(tiny_model, tmp_path / "proj.safetensors", {"step": 3})
     from safetensors import safe_open

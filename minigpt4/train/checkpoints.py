@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors.torch import load_file
 from torch import nn
 
 from minigpt4.files import temporary_name
@@ -30,6 +31,7 @@ log = logging.getLogger(__name__)
 
 WEIGHTS = "trainable.safetensors"
 STATE = "state.pt"
+STATE_KEYS = frozenset({"step", "samples", "corrupt", "global_batch", "optimizer", "rng"})
 _STEP_DIR = re.compile(r"^step-(\d+)$")
 
 
@@ -77,11 +79,36 @@ def save_checkpoint(path: Path, model: nn.Module, state: dict[str, Any], metadat
 
 
 def load_state(path: str | Path) -> dict[str, Any]:
-    """The state of a checkpoint folder (tensors and plain values only: `weights_only`)."""
-    file = Path(path) / STATE
-    if not file.is_file() or not (Path(path) / WEIGHTS).is_file():
+    """The state of a checkpoint folder (tensors and plain values only: `weights_only`).
+
+    Both files are read in full first: a truncated or damaged one is a `CheckpointError` naming it.
+    """
+    file, weights = Path(path) / STATE, Path(path) / WEIGHTS
+    if not file.is_file() or not weights.is_file():
         raise CheckpointError(f"{path} is not a checkpoint folder ({WEIGHTS} + {STATE})")
-    return torch.load(file, map_location="cpu", weights_only=True)
+    try:
+        load_file(str(weights))
+    except Exception as exc:  # safetensors raises its own error types for truncated files
+        raise CheckpointError(f"{weights} cannot be read, it is truncated or damaged ({exc})") from exc
+    try:
+        state = torch.load(file, map_location="cpu", weights_only=True)
+    except Exception as exc:  # EOFError, RuntimeError, UnpicklingError …: all mean a damaged file
+        raise CheckpointError(f"{file} cannot be read, it is truncated or damaged ({exc})") from exc
+    missing = sorted(STATE_KEYS - set(state) if isinstance(state, dict) else STATE_KEYS)
+    if missing:
+        raise CheckpointError(f"{file} is not a training state: it lacks {', '.join(missing)}")
+    return state
+
+
+def load_latest(output_dir: str | Path) -> tuple[Path, dict[str, Any]] | None:
+    """The newest checkpoint that reads completely, and its state; a damaged newer one is skipped
+    with a warning (a run killed mid-write by something that defeated the atomic rename, a full disk)."""
+    for _, path in reversed(list_checkpoints(output_dir)):
+        try:
+            return path, load_state(path)
+        except CheckpointError as exc:
+            log.warning("skipping a damaged checkpoint: %s", exc)
+    return None
 
 
 def prune_checkpoints(output_dir: str | Path, keep: int) -> None:

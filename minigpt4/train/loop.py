@@ -32,6 +32,7 @@ from minigpt4.build import build_model
 from minigpt4.data.labels import supervised_tokens
 from minigpt4.data.loader import BatchPlan, build_loader, process_shards
 from minigpt4.errors import ConfigError
+from minigpt4.files import write_text_atomic
 from minigpt4.model import MiniGPT4
 from minigpt4.train import checkpoints
 from minigpt4.train.checkpoints import CheckpointError
@@ -114,8 +115,7 @@ def train(
     model = build_model(cfg.model, device=accelerator.device)
     model.train()
     progress = _Progress()
-    resume_from = _resume_path(output_dir, resume)
-    state = checkpoints.load_state(resume_from) if resume_from else None
+    resume_from, state = _resume_from(output_dir, resume)
     if state is not None:
         _check_compatible(state, global_batch, global_micro, resume_from)
         load_trainable(model, resume_from / checkpoints.WEIGHTS)
@@ -143,7 +143,7 @@ def train(
     if state is not None:
         log.info("resuming from %s at step %d of %d", resume_from, progress.step, run.total_steps)
 
-    metrics = _Metrics(output_dir, run, enabled=accelerator.is_main_process)
+    metrics = _Metrics(output_dir, run, enabled=accelerator.is_main_process, start_step=progress.step)
     result = TrainResult(
         step=progress.step, corrupt=progress.corrupt, main_process=accelerator.is_main_process
     )
@@ -323,21 +323,25 @@ def _save(
     return path
 
 
-def _resume_path(output_dir: Path, resume: str | None) -> Path | None:
+def _resume_from(output_dir: Path, resume: str | None) -> tuple[Path | None, dict[str, Any] | None]:
+    """The checkpoint to continue from and its state: with `auto` the newest one that reads completely."""
     if resume == "auto":
-        latest = checkpoints.latest_checkpoint(output_dir)
-        if latest is None:
-            log.info("--resume auto: no checkpoint in %s yet, starting from step 0", output_dir)
-        return latest
+        found = checkpoints.load_latest(output_dir)
+        if found is None:
+            log.info("--resume auto: no readable checkpoint in %s yet, starting from step 0", output_dir)
+            return None, None
+        if found[0] != checkpoints.latest_checkpoint(output_dir):
+            log.warning("--resume auto: continuing from %s, the newest complete checkpoint", found[0])
+        return found
     if resume:
-        return Path(resume)
+        return Path(resume), checkpoints.load_state(resume)
     latest = checkpoints.latest_checkpoint(output_dir)
     if latest is not None:
         raise TrainingError(
             f"{output_dir} already holds checkpoints (latest: {latest.name}); pass --resume auto to "
             "continue that run, or set run.output_dir to a new folder"
         )
-    return None
+    return None, None
 
 
 def _check_compatible(state: dict[str, Any], global_batch: int, global_micro: int, path: Path) -> None:
@@ -355,12 +359,13 @@ def _check_compatible(state: dict[str, Any], global_batch: int, global_micro: in
 class _Metrics:
     """One JSON line per logged step in <output_dir>/metrics.jsonl, and TensorBoard when asked for."""
 
-    def __init__(self, output_dir: Path, run: RunConfig, enabled: bool) -> None:
+    def __init__(self, output_dir: Path, run: RunConfig, enabled: bool, start_step: int = 0) -> None:
         self.file = None
         self.tensorboard = None
         if not enabled:
             return
         output_dir.mkdir(parents=True, exist_ok=True)
+        _truncate_metrics(output_dir / METRICS, start_step)
         self.file = open(output_dir / METRICS, "a", encoding="utf-8")  # noqa: SIM115 (closed in close())
         if run.tensorboard:
             try:
@@ -384,6 +389,20 @@ class _Metrics:
             self.file.close()
         if self.tensorboard is not None:
             self.tensorboard.close()
+
+
+def _truncate_metrics(path: Path, step: int) -> None:
+    """Drop the lines of steps after `step`: a resumed run logs them again (they were not saved)."""
+    if not path.is_file():
+        return
+    kept = []
+    for line in path.read_text(encoding="utf-8").splitlines(keepends=True):
+        try:
+            if json.loads(line)["step"] <= step:
+                kept.append(line if line.endswith("\n") else line + "\n")
+        except (ValueError, KeyError, TypeError):
+            continue  # a line cut short when the run was killed
+    write_text_atomic(path, "".join(kept))
 
 
 def build_parser() -> argparse.ArgumentParser:
