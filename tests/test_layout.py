@@ -19,7 +19,7 @@ TOP_LEVEL_MODULES = {
     "__init__", "__main__", "build", "chat", "config", "conversation", "decode_weights", "errors", "files",
     "generation", "images", "model", "vision", "weights",
 }  # fmt: skip
-TOP_LEVEL_FOLDERS = {"assets", "commands", "curate", "data", "eval", "lite", "serve", "train"}
+TOP_LEVEL_FOLDERS = {"assets", "commands", "curate", "data", "decode", "eval", "lite", "serve", "train"}
 
 
 def module_name(path: Path) -> str:
