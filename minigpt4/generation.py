@@ -1,13 +1,13 @@
-"""Token-by-token decoding with a reusable KV cache, and stop-string handling for streamed text.
+"""Choosing each token of an answer, and stop-string handling for streamed text.
 
-The loop is written out (rather than `generate`) so that a conversation can keep its past
-key/values between turns and prefill only what is new, and so that text can be streamed as it
-is produced. Beam search goes through `generate` (see `Chat`).
+The decode loop itself is the batcher's (`minigpt4/decode/batcher.py`), written out rather than
+`generate` so that a conversation keeps its key/values between turns, answers stream as they are
+produced, and several answers share each step. Beam search goes through `generate` (see `Chat`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import torch
@@ -41,40 +41,18 @@ def logits_processors(params: GenerationParams) -> LogitsProcessorList:
     return processors
 
 
-def decode_tokens(
-    llm: torch.nn.Module,
-    first_logits: torch.Tensor,
-    cache,
+def choose_token(
     params: GenerationParams,
-    stop_ids: set[int],
+    generated: list[int],
+    logits: torch.Tensor,
     generator: torch.Generator | None = None,
-) -> Iterator[int]:
-    """Yield sampled (or greedy) token ids until a stop id or `max_new_tokens`.
-
-    Each yielded token except a stop id is fed back into the model before the next is chosen,
-    so the cache always holds every token yielded so far (a stop id is yielded, not fed).
-    The caller may stop iterating at any time (a stop string, a closed stream).
-    """
-    processors = logits_processors(params)
-    device = first_logits.device
-    generated = torch.empty((1, 0), dtype=torch.long, device=device)
-    logits = first_logits
-    for _ in range(params.max_new_tokens):
-        scores = processors(generated, logits.float().unsqueeze(0)).squeeze(0)
-        if params.do_sample:
-            probs = torch.softmax(scores, dim=-1)
-            token = int(torch.multinomial(probs.cpu(), 1, generator=generator))
-        else:
-            token = int(torch.argmax(scores))
-        if token in stop_ids:
-            yield token
-            return
-        next_ids = torch.tensor([[token]], device=device)
-        generated = torch.cat([generated, next_ids], dim=1)
-        with torch.no_grad():
-            out = llm(input_ids=next_ids, cache=cache, use_cache=True)
-        logits = out.logits[0, -1]
-        yield token
+) -> int:
+    """The next token: the processors over the answer's own tokens so far, then argmax or a draw."""
+    past = torch.tensor([generated], dtype=torch.long, device=logits.device)
+    scores = logits_processors(params)(past, logits.float().unsqueeze(0)).squeeze(0)
+    if params.do_sample:
+        return int(torch.multinomial(torch.softmax(scores, dim=-1).cpu(), 1, generator=generator))
+    return int(torch.argmax(scores))
 
 
 class StreamText:

@@ -7,8 +7,8 @@ one batched step per token for all requests still decoding; a request leaves whe
 id, reaches its token budget, or its reader cancels it. Tokens reach the reader through a queue, so
 stop strings, streaming and cancellation stay with the reader (`Chat`).
 
-Choosing a token is the same as in `generation.decode_tokens`: the same logits processors over the
-answer's own tokens, then argmax or a draw from the request's generator.
+Each token is chosen by `generation.choose_token`: `generate`'s logits processors over the answer's
+own tokens, then argmax or a draw from the request's generator.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from typing import Any
 import torch
 
 from minigpt4.decode.runtime import DecodeRuntime, Sequence
-from minigpt4.generation import GenerationParams, logits_processors
+from minigpt4.generation import GenerationParams, choose_token
 
 log = logging.getLogger(__name__)
 
@@ -167,14 +167,7 @@ class Batcher:
     def _choose(self, request: Request, logits: torch.Tensor) -> None:
         """Pick the next token; send it; keep it to feed unless the answer ends with it."""
         params = request.params
-        generated = torch.tensor([request._generated], dtype=torch.long)
-        scores = logits_processors(params)(generated, logits.float().unsqueeze(0)).squeeze(0)
-        if params.do_sample:
-            token = int(
-                torch.multinomial(torch.softmax(scores, dim=-1).cpu(), 1, generator=request.generator)
-            )
-        else:
-            token = int(torch.argmax(scores))
+        token = choose_token(params, request._generated, logits, request.generator)
         request._generated.append(token)
         request.tokens.put(token)
         last = token in request.stop_ids or len(request._generated) >= params.max_new_tokens
