@@ -12,10 +12,9 @@ from demo.handlers import ChatHandlers
 if TYPE_CHECKING:
     from minigpt4.chat import Chat
 
-# One model serves every session. The engine lets sessions generate at once, but each one more slows
-# the others down: the events that run the model share one concurrency group of this size, and the
-# queue shows the rest their place.
-MODEL_CONCURRENCY = 2
+# One model serves every session. The engine decodes the answers of several sessions together (one
+# batched step per token): the events that run the model share one concurrency group of that size,
+# and the queue shows the rest their place.
 QUEUE_SIZE = 64
 # Sessions hold image embeddings and a KV cache: drop those idle for an hour (a closed tab's state
 # is dropped by Gradio after an hour too).
@@ -29,7 +28,7 @@ def build_demo(chat: Chat) -> gr.Blocks:
     """The app for one `Chat` engine, with its queue set up; the named API is `/upload`, `/ask`, `/reset`."""
     handlers = ChatHandlers(chat)
     defaults = chat.defaults
-    model = {"concurrency_id": "model", "concurrency_limit": MODEL_CONCURRENCY}
+    model = {"concurrency_id": "model", "concurrency_limit": chat.max_concurrent_answers}
     with gr.Blocks(title="MiniGPT-4") as demo:
         session = gr.State(None, time_to_live=SESSION_TTL_S)
         gr.Markdown(INTRO)

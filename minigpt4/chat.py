@@ -120,6 +120,11 @@ class Chat:
         self.stop_ids = set(template.stop_token_ids(self.tokenizer)) | set(eos_ids)
 
     @property
+    def max_concurrent_answers(self) -> int:
+        """Answers the engine decodes together (more wait for a place)."""
+        return self.runtime.max_sequences
+
+    @property
     def device(self) -> str:
         return str(self.model.device)
 

@@ -139,7 +139,9 @@ def test_a_slow_image_url_has_one_deadline_for_the_whole_download(tiny_chat: Any
 @pytest.mark.slow
 def test_a_request_fetching_images_holds_a_place_in_the_queue(tiny_chat: Any, model: str) -> None:
     with ImageServer(drip_interval_s=0.05, drip_bytes=200) as images:  # 10 s of dripping in all
-        app = create_app(tiny_chat, allow_http_images=True, image_fetch_timeout_s=3.0, max_queue=0)
+        app = create_app(
+            tiny_chat, allow_http_images=True, image_fetch_timeout_s=3.0, max_queue=0, max_running=1
+        )
         with running(app) as url, ThreadPoolExecutor(1) as pool:
             slow = pool.submit(
                 httpx.post, f"{url}{CHAT}", json=image_body(model, f"{images.url}/drip"), timeout=30

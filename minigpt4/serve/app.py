@@ -70,6 +70,7 @@ def create_app(
     max_image_bytes: int | None = None,
     api_key: str | None = None,
     max_queue: int = 4,
+    max_running: int | None = None,
     local_image_dir: Path | None = None,
     allow_http_images: bool = False,
     max_request_bytes: int | None = None,
@@ -78,8 +79,8 @@ def create_app(
 ) -> FastAPI:
     """An app serving `chat` as the model named `chat.preset_name`.
 
-    `max_queue` requests may wait behind the running one; more get 429. With `api_key`, every /v1
-    request needs `Authorization: Bearer <api_key>`. Images come as data: URLs; file paths under
+    Up to `max_running` requests run at once (default: as many answers as the engine decodes
+    together); `max_queue` more may wait; more get 429. With `api_key`, every /v1 request needs `Authorization: Bearer <api_key>`. Images come as data: URLs; file paths under
     `local_image_dir` and http(s) URLs only when enabled. Images are capped at `max_image_bytes`
     (default: the preset's limit) and request bodies at `max_request_bytes` (default: four images
     at the byte limit, base64-encoded); `limits` bound the messages, text and images of a request.
@@ -88,7 +89,7 @@ def create_app(
     max_image_bytes = max_image_bytes or chat.max_image_bytes
     model_name = chat.preset_name
     started = now()
-    scheduler = Scheduler(max_waiting=max_queue)
+    scheduler = Scheduler(max_waiting=max_queue, workers=max_running or chat.max_concurrent_answers)
     images = ImagePolicy(max_image_bytes, local_image_dir, allow_http_images, image_fetch_timeout_s)
     limits = limits or RequestLimits()
 

@@ -35,7 +35,10 @@ def _parser() -> argparse.ArgumentParser:
         help="require 'Authorization: Bearer <key>' where <key> is the value of this environment variable",
     )
     parser.add_argument(
-        "--max-queue", type=int, default=4, help="requests that may wait behind the running one; more get 429"
+        "--max-queue",
+        type=int,
+        default=4,
+        help="requests that may wait behind the running ones (as many as the preset decodes together); more get 429",
     )
     parser.add_argument(
         "--image-dir",

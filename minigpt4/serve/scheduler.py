@@ -1,7 +1,8 @@
-"""One model, many requests: a single worker thread behind a bounded queue.
+"""One model, many requests: a few worker threads behind a bounded queue.
 
-The model is shared, so its work runs one job at a time on one thread, and the event loop only
-waits. At most `max_waiting` jobs wait behind the running one; `admit` (or `submit`) refuses more
+The model is shared: up to `workers` jobs run at once (the chat engine's batcher decodes their
+answers together, one batched step per token), and the event loop only waits. At most
+`max_waiting` jobs wait behind the running ones; `admit` (or `submit`) refuses more
 with `Overloaded`, which the app answers with 429 and a Retry-After estimated from recent job
 times. A request holds its place from admission on, also while it is still fetching its images.
 A job sends its results back as events; cancelling it (client gone) removes it from the queue, or
@@ -65,13 +66,15 @@ class Job:
 
 
 class Scheduler:
-    """Runs `work(job)` calls one at a time on a worker thread, with at most `max_waiting` queued."""
+    """Runs `work(job)` calls on `workers` threads, with at most `max_waiting` more queued."""
 
-    def __init__(self, max_waiting: int) -> None:
+    def __init__(self, max_waiting: int, workers: int = 1) -> None:
         if max_waiting < 0:
             raise ValueError(f"max_waiting must be >= 0, got {max_waiting}")
-        self.capacity = 1 + max_waiting
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="minigpt4-serve")
+        if workers < 1:
+            raise ValueError(f"workers must be >= 1, got {workers}")
+        self.capacity = workers + max_waiting
+        self._executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="minigpt4-serve")
         self._lock = threading.Lock()
         self._admitted = 0  # preparing + queued + running
         self._preparing = 0  # admitted, work not started yet (fetching images)
