@@ -105,10 +105,13 @@ def build_runtime(cfg: ModelConfig, model: MiniGPT4) -> DecodeRuntime:
     """Where a preset's answers are decoded: `model.llm.runtime` (llama_cpp only on the CPU)."""
     llm = cfg.llm
     if llm.runtime == "llama_cpp" and model.device.type == "cpu" and cfg.lora is None:
-        from minigpt4.decode.llama_cpp import LlamaCppRuntime  # noqa: PLC0415 (an optional dependency)
+        from minigpt4.decode.llama_cpp import LlamaCppRuntime, converted_gguf  # noqa: PLC0415 (optional)
 
         folder = Path(_source(resolve_package_path(llm.pretrained, "model.llm.pretrained")))
-        return LlamaCppRuntime(folder / llm.gguf_file, cfg.max_context_tokens, llm.max_sequences)
+        path = folder / llm.gguf_file
+        if llm.runtime_weights is not None:
+            path = converted_gguf(path, llm.runtime_weights)
+        return LlamaCppRuntime(path, cfg.max_context_tokens, llm.max_sequences)
     if llm.runtime == "llama_cpp":
         log.info("model.llm.runtime: llama_cpp is for the CPU without LoRA; decoding with transformers")
     return TorchRuntime(model.llm, llm.max_sequences)

@@ -56,6 +56,7 @@ class VisionConfig:
 
 
 RUNTIMES = ("transformers", "llama_cpp")
+RUNTIME_WEIGHTS = ("f16", "q8_0", "q4_0")  # as minigpt4.decode.llama_cpp.WEIGHT_TYPES
 
 
 @dataclass
@@ -74,6 +75,8 @@ class LLMConfig:
     # through llama-cpp-python: quantised weights, several answers in one step).
     runtime: str = "transformers"
     max_sequences: int = 8  # answers decoded together at most (more wait for a free place)
+    # llama_cpp: decode from the GGUF converted once to f16 | q8_0 | q4_0 (null: as the file is)
+    runtime_weights: str | None = None
 
     def __post_init__(self) -> None:
         if self.runtime not in RUNTIMES:
@@ -81,6 +84,11 @@ class LLMConfig:
         if self.runtime == "llama_cpp" and not (self.pretrained and self.gguf_file):
             raise ConfigError(
                 "model.llm.runtime: llama_cpp reads a GGUF file: set model.llm.pretrained and gguf_file"
+            )
+        if self.runtime_weights not in (None, *RUNTIME_WEIGHTS):
+            raise ConfigError(
+                f"model.llm.runtime_weights must be one of {', '.join(RUNTIME_WEIGHTS)} or null; "
+                f"got {self.runtime_weights!r}"
             )
         if self.max_sequences < 1:
             raise ConfigError(f"model.llm.max_sequences must be ≥ 1, got {self.max_sequences}")

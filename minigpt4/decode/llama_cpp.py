@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from minigpt4.errors import ConfigError
+from minigpt4.files import write_atomic
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +51,38 @@ def _llama():
         llama_cpp.llama_log_set(_log_callback, ctypes.c_void_p(0))
         llama_cpp.llama_backend_init()
     return llama_cpp
+
+
+# GGUF weight types a file can be converted to once (cached), by llama.cpp's own quantiser
+# (the keys are `model.llm.runtime_weights`'s choices).
+WEIGHT_TYPES = {
+    "f16": "LLAMA_FTYPE_MOSTLY_F16",
+    "q8_0": "LLAMA_FTYPE_MOSTLY_Q8_0",
+    "q4_0": "LLAMA_FTYPE_MOSTLY_Q4_0",
+}
+
+
+def converted_gguf(gguf_path: Path, weights: str) -> Path:
+    """`gguf_path` with its weights converted to `weights` (a WEIGHT_TYPES key), made once and cached."""
+    from minigpt4.lite.gguf_llm import cache_entry  # noqa: PLC0415 (the lite folder owns the cache)
+
+    lib = _llama()
+    entry = cache_entry(gguf_path)
+    target = entry.with_name(f"{entry.name}-{weights}.gguf")
+    if target.is_file():
+        return target
+    log.info("LLM decode: converting %s to %s once (%s)", gguf_path.name, weights, target)
+    params = lib.llama_model_quantize_default_params()
+    params.ftype = getattr(lib, WEIGHT_TYPES[weights])
+    params.allow_requantize = True
+    params.nthread = torch.get_num_threads()
+
+    def write(tmp: Path) -> None:
+        if lib.llama_model_quantize(str(gguf_path).encode(), str(tmp).encode(), params) != 0:
+            raise ConfigError(f"llama.cpp could not convert {gguf_path} to {weights}")
+
+    write_atomic(target, write)
+    return target
 
 
 class LlamaSequence:
@@ -85,7 +118,7 @@ class LlamaCppRuntime:
         params.n_batch = params.n_ubatch = 512
         params.n_seq_max = max_sequences
         params.n_threads = params.n_threads_batch = threads
-        params.kv_unified = True
+        params.kv_unified = False  # one KV stream per sequence: its answer does not depend on the others
         params.no_perf = True
         self.ctx = lib.llama_init_from_model(self.model, params)
         if not self.ctx:

@@ -34,6 +34,7 @@ import platform
 import resource
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -263,6 +264,67 @@ class InferenceBench:
         return result
 
 
+def concurrent_answers(
+    chat: Chat, image: Image.Image, n_sessions: int, n_tokens: int, repeats: int
+) -> dict[str, Any]:
+    """Aggregate tokens/s of `n_sessions` answers decoded at once, against the same answers one by one.
+
+    Every session has the image and its own question; answers are greedy with stops off, so each is
+    `n_tokens` long. Each answer runs on its own thread, as the app and the API run them, and the
+    engine's batcher decodes them together. Solo and together runs alternate (same machine load);
+    the fastest of `repeats` counts. Each session's text together must equal its text alone.
+    """
+    bench = InferenceBench(chat, image, n_tokens)
+    questions = [QUESTIONS[i % len(QUESTIONS)] for i in range(n_sessions)]
+    bench.turn(bench.session(), QUESTIONS[0], kv_reuse=True)  # warm-up
+
+    def answer(session: ChatSession, out: list[str], i: int) -> None:
+        out[i] = "".join(chat.stream_answer(session, max_new_tokens=n_tokens, **bench.greedy))
+
+    solo_s, together_s = [], []
+    solo, together = [""] * n_sessions, [""] * n_sessions
+    for _ in tqdm(range(repeats), desc=f"{n_sessions} sessions", unit="run"):
+        sessions = [bench.session(q) for q in questions]  # image uploaded, question asked: not timed
+        start = time.perf_counter()
+        for i, session in enumerate(sessions):
+            answer(session, solo, i)
+        solo_s.append(time.perf_counter() - start)
+        sessions = [bench.session(q) for q in questions]
+        threads = [threading.Thread(target=answer, args=(s, together, i)) for i, s in enumerate(sessions)]
+        start = time.perf_counter()
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        together_s.append(time.perf_counter() - start)
+    tokens = n_sessions * n_tokens
+    one, many = tokens / min(solo_s), tokens / min(together_s)
+    return {
+        "sessions": n_sessions,
+        "session_tokens": n_tokens,
+        "single_tok_s": one,
+        "aggregate_tok_s": many,
+        "aggregate_speedup": many / one,
+        "identical_outputs": solo == together,
+        "runtime": chat.runtime.name,
+    }
+
+
+def format_sessions_report(result: dict[str, Any]) -> str:
+    """The table of a `concurrent_answers` result."""
+    return "\n".join(
+        [
+            f"{result['sessions']} sessions answering at once, {result['session_tokens']} tokens each "
+            f"(runtime {result['runtime']}, {result['threads']} threads, fastest of {result['repeats']} runs)",
+            f"  one after another     {result['single_tok_s']:8.1f} tok/s",
+            f"  together (batched)    {result['aggregate_tok_s']:8.1f} tok/s",
+            f"  aggregate_speedup     {result['aggregate_speedup']:8.2f}x  (≥ 4 for 8 sessions: "
+            f"{'met' if result['aggregate_speedup'] >= 4 else 'NOT met'})",
+            f"  identical_outputs     {result['identical_outputs']}  (each session's greedy text, alone vs together)",
+        ]
+    )
+
+
 def peak_memory_mb(device: torch.device) -> dict[str, float]:
     # ru_maxrss is in KiB on Linux, in bytes on macOS.
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / (2**20 if sys.platform == "darwin" else 2**10)
@@ -388,6 +450,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
     p.add_argument(
+        "--sessions",
+        type=int,
+        default=0,
+        help="instead: aggregate tokens/s of N sessions answering at once, against one at a time",
+    )
+    p.add_argument(
         "--no-start",
         action="store_true",
         help="skip the start-to-ready measurement (a new process per repeat)",
@@ -412,7 +480,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         train_bench = importlib.import_module("minigpt4.train.bench")
         return int(train_bench.main(argv[1:]) or 0)
     args = build_parser().parse_args(argv)
-    for name in ("turns", "answer_tokens", "repeats", "threads"):
+    for name in ("turns", "answer_tokens", "repeats", "threads", *(("sessions",) if args.sessions else ())):
         if getattr(args, name) < 1:
             print(f"error: --{name.replace('_', '-')} must be at least 1", file=sys.stderr)
             return 2
@@ -425,6 +493,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         image = load_image(args.image) if args.image else default_image()
         chat = chat_from_args(args)
+        if args.sessions:
+            result = concurrent_answers(chat, image, args.sessions, args.decode_tokens, args.repeats)
+            result |= {"threads": torch.get_num_threads(), "repeats": args.repeats, "git": git_state()}
+            print(json.dumps(result, indent=1) if args.json else format_sessions_report(result))
+            return 0
         start = (
             None
             if args.no_start
