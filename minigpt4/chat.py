@@ -385,6 +385,29 @@ class Chat:
             if self.kv_reuse:
                 session.cache_atoms = request.fed
 
+    @torch.no_grad()
+    def decode_prompts(
+        self, prompts: list[list[int]], images: torch.Tensor, params: GenerationParams
+    ) -> list[list[int]]:
+        """Token ids answering each prompt (image `i` in prompt `i`), all decoded together.
+
+        For batch evaluation: fresh sequences, nothing cached, the same token choice as `answer`.
+        """
+        requests = [
+            self.batcher.submit(
+                Request(
+                    sequence=self.runtime.new_sequence(),
+                    cached=[],
+                    embeds=self.model.embed_inputs(torch.tensor([ids]), images[i : i + 1])[0],
+                    atoms=list(ids),
+                    params=params,
+                    stop_ids=self.stop_ids,
+                )
+            )
+            for i, ids in enumerate(prompts)
+        ]
+        return [list(request.results()) for request in requests]
+
     def _beam_search(
         self, session: ChatSession, embeds: torch.Tensor, params: GenerationParams, stream: StreamText
     ) -> Iterator[str]:

@@ -99,6 +99,7 @@ class LlamaCppRuntime:
     """A GGUF model in one llama.cpp context with `max_sequences` slots of `context_tokens` each."""
 
     name = "llama_cpp"
+    batched = True
 
     def __init__(
         self, gguf_path: str | Path, context_tokens: int, max_sequences: int = 8, threads: int | None = None

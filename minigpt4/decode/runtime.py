@@ -27,6 +27,7 @@ class Sequence(Protocol):
 class DecodeRuntime(Protocol):
     name: str
     max_sequences: int  # sequences decoded in one step at most
+    batched: bool  # whether a step over several sequences costs about as much as over one
 
     def new_sequence(self) -> Sequence: ...
 
@@ -60,6 +61,7 @@ class TorchRuntime:
     """
 
     name = "transformers"
+    batched = False
 
     def __init__(self, llm: torch.nn.Module, max_sequences: int = 8) -> None:
         self.llm = llm

@@ -1,7 +1,8 @@
 """Batched greedy answers about one image each, rendered and cleaned exactly as the Chat engine does.
 
-Each question is put in the chat's template as a fresh conversation (image turn + question), the
-prompts are left-padded into one batch, and `generate` decodes them together. Answers stop and are
+Each question is put in the chat's template as a fresh conversation (image turn + question), and
+the prompts are decoded together: by the chat's own batched runtime (llama.cpp) where it has one,
+else left-padded into one batch for `generate`. Answers stop and are
 cut at the template's stop strings like the chat's, so a batch gives what `Chat.answer` would give
 one at a time with greedy decoding.
 """
@@ -61,6 +62,9 @@ class BatchAnswerer:
             raise ValueError(f"{len(images)} images for {len(prompts)} prompts")
         model, chat = self.chat.model, self.chat
         pixel_values = model.preprocess([load_image(path, chat.max_image_pixels) for path in images])
+        if chat.runtime.batched:  # the chat's own decoder (llama.cpp) decodes the whole batch together
+            answers = chat.decode_prompts(list(prompts), model.encode_images(pixel_values), self.params)
+            return [self._clean(tokens) for tokens in answers]
         width = max(map(len, prompts))
         # Left padding keeps every prompt's last token in the last column, where generation continues.
         ids = torch.tensor([[self.pad_id] * (width - len(p)) + p for p in prompts])
