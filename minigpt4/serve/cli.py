@@ -10,14 +10,14 @@ from pathlib import Path
 
 import uvicorn
 
-from minigpt4.commands.common import add_model_args, chat_from_args
+from minigpt4.commands.common import CommandParser, add_model_args, chat_from_args, check_model_args
 from minigpt4.serve.app import create_app
 
 logger = logging.getLogger(__name__)
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = CommandParser(
         prog="python -m minigpt4 serve",
         description="Serve a MiniGPT-4 preset over OpenAI's chat-completions API (POST /v1/chat/completions).",
     )
@@ -63,6 +63,13 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"--api-key-env {args.api_key_env}: that environment variable is empty or unset")
     if args.image_dir is not None and not args.image_dir.is_dir():
         parser.error(f"--image-dir {args.image_dir}: not a folder")
+    if not 0 <= args.port <= 65535:
+        parser.error(f"--port {args.port}: must be in 0..65535")
+    if args.max_queue < 0:
+        parser.error(f"--max-queue {args.max_queue}: must be ≥ 0")
+    if args.max_request_mb is not None and args.max_request_mb <= 0:
+        parser.error(f"--max-request-mb {args.max_request_mb}: must be > 0")
+    check_model_args(parser, args)
     if api_key is None and not _is_loopback(args.host):
         logger.warning("serving on %s without an API key: anyone who can reach it can use it", args.host)
 
