@@ -9,18 +9,19 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Generator, Iterator
+from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
 import gradio as gr
 
-from minigpt4.errors import InputError
+from minigpt4.errors import ConfigError, InputError
 
 if TYPE_CHECKING:
     from minigpt4.chat import Chat, ChatSession
 
 log = logging.getLogger(__name__)
 
-NO_IMAGE_YET = "Upload an image first: choose one and press “Upload & Start Chat”."
+NO_IMAGE_YET = "Upload an image first: choose one, then press “Upload & Start Chat” or send your question."
 
 # A chatbot message in Gradio's "messages" format: {"role": …, "content": …}.
 Message = dict[str, Any]
@@ -73,6 +74,20 @@ class ChatHandlers:
         noun = "image" if count == 1 else "images"
         return f"Image received ({count} {noun} in this chat). Ask a question about it.", session
 
+    def upload_pending(self, image: dict[str, Any] | None, session: ChatSession | None) -> tuple[Any, Any]:
+        """Before a message is sent: upload the image waiting in the image box, if any.
+
+        The box empties after each upload, so an image there (an example just picked, a file dropped
+        in) has not been sent yet; pressing Enter then means "about this image".
+        """
+        if image is None or not image.get("path"):
+            return gr.skip(), session
+        return self.upload(image, session)
+
+    def sampling_controls(self, do_sample: bool) -> tuple[Any, Any]:
+        """Temperature and Top p only matter when sampling: enabled with the Sample box, greyed out without."""
+        return gr.update(interactive=do_sample), gr.update(interactive=do_sample)
+
     def reset(self, session: ChatSession | None) -> tuple[str, ChatSession]:
         """`/reset`: forget the conversation and its images.
 
@@ -85,6 +100,10 @@ class ChatHandlers:
         """Ask `text` now (user errors raise here) and return the answer so far, growing piece by piece."""
         if session.n_images == 0:
             raise gr.Error(NO_IMAGE_YET, print_exception=False)
+        try:
+            replace(self.chat.defaults, **generation)  # the checks of a preset's generation section
+        except ConfigError as error:
+            raise gr.Error(str(error).removeprefix("generation."), print_exception=False) from error
         try:
             self.chat.ask(session, text)
         except InputError as error:
@@ -107,8 +126,10 @@ class ChatHandlers:
         for answer in self._start(session, message, generation):
             yield answer, session
 
-    def show_image(self, image: str, history: list[Message]) -> tuple[None, list[Message]]:
+    def show_image(self, image: str | None, history: list[Message]) -> tuple[None, list[Message]]:
         """After a successful upload: the image joins the chat and the image box empties."""
+        if image is None:
+            return None, history
         return None, [*history, {"role": "user", "content": {"path": image}}]
 
     def send(

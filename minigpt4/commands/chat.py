@@ -78,7 +78,7 @@ def main(argv: list[str]) -> int:
             continue
         if command == "/reset":
             chat.reset(session)
-            print(f"(conversation and images cleared: {NO_IMAGE})")
+            print("(conversation cleared, images too: add one with /image PATH)")
             continue
         try:
             if command == "/image":
