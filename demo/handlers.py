@@ -9,12 +9,11 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Generator, Iterator
-from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
 import gradio as gr
 
-from minigpt4.errors import ConfigError, InputError
+from minigpt4.errors import InputError
 
 if TYPE_CHECKING:
     from minigpt4.chat import Chat, ChatSession
@@ -100,10 +99,6 @@ class ChatHandlers:
         """Ask `text` now (user errors raise here) and return the answer so far, growing piece by piece."""
         if session.n_images == 0:
             raise gr.Error(NO_IMAGE_YET, print_exception=False)
-        try:
-            replace(self.chat.defaults, **generation)  # the checks of a preset's generation section
-        except ConfigError as error:
-            raise gr.Error(str(error).removeprefix("generation."), print_exception=False) from error
         try:
             self.chat.ask(session, text)
         except InputError as error:
