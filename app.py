@@ -11,7 +11,13 @@ import logging
 import os
 
 from demo import launch
-from minigpt4.commands.common import CommandParser, add_model_args, chat_from_args, check_model_args
+from minigpt4.commands.common import (
+    CommandParser,
+    add_model_args,
+    add_threads_arg,
+    chat_from_args,
+    check_model_args,
+)
 
 PRESET_ENV = "MINIGPT4_PRESET"
 
@@ -21,6 +27,7 @@ def build_parser() -> argparse.ArgumentParser:
         description=f"MiniGPT-4 web app (Gradio). With no --cfg-path: the preset ${PRESET_ENV} names, if set."
     )
     add_model_args(parser)
+    add_threads_arg(parser)
     parser.set_defaults(cfg_path=os.environ.get(PRESET_ENV) or None)
     parser.add_argument(
         "--host",

@@ -24,6 +24,7 @@ from minigpt4.commands.common import (
     CommandParser,
     add_generation_args,
     add_model_args,
+    add_threads_arg,
     chat_from_args,
     check_generation_args,
     check_model_args,
@@ -87,6 +88,7 @@ def main(argv: list[str]) -> int:
     )
     parser.add_argument("--out", type=Path, help="JSONL output (default: standard output)")
     add_model_args(parser)
+    add_threads_arg(parser)
     add_generation_args(parser)
     args = parser.parse_args(argv)
     if not args.prompt.strip():

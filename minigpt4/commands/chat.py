@@ -15,6 +15,7 @@ from minigpt4.commands.common import (
     CommandParser,
     add_generation_args,
     add_model_args,
+    add_threads_arg,
     chat_from_args,
     check_generation_args,
     check_model_args,
@@ -45,6 +46,7 @@ def main(argv: list[str]) -> int:
     )
     parser.add_argument("--image", action="append", default=[], help="an image to talk about (repeatable)")
     add_model_args(parser)
+    add_threads_arg(parser)
     add_generation_args(parser)
     args = parser.parse_args(argv)
     for image in args.image:

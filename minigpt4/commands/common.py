@@ -66,6 +66,10 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
         metavar="KEY=VALUE",
         help="override preset keys, e.g. generation.top_p=0.5",
     )
+
+
+def add_threads_arg(parser: argparse.ArgumentParser) -> None:
+    """`--threads`, applied by `chat_from_args` before the model loads."""
     parser.add_argument(
         "--threads",
         type=_ranged(int, lambda n: n >= 1, "≥ 1"),
