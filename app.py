@@ -15,7 +15,7 @@ from minigpt4.commands.common import (
     CommandParser,
     add_model_args,
     add_threads_arg,
-    chat_from_args,
+    chat_or_exit,
     check_model_args,
 )
 
@@ -50,7 +50,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     check_model_args(parser, args)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    chat = chat_from_args(args)
+    chat = chat_or_exit(args)
     launch(chat, host=args.host, port=args.port, share=args.share)
 
 

@@ -25,7 +25,7 @@ from minigpt4.commands.common import (
     add_generation_args,
     add_model_args,
     add_threads_arg,
-    chat_from_args,
+    chat_or_exit,
     check_generation_args,
     check_model_args,
     params_from_args,
@@ -112,7 +112,7 @@ def main(argv: list[str]) -> int:
         log.info("%d of %d images already in %s: skipped", len(images) - len(todo), len(images), args.out)
     if not todo:
         return 0
-    chat = chat_from_args(args)
+    chat = chat_or_exit(args)
     params = params_from_args(chat, args)
     failed = 0
     out = args.out.open("a", encoding="utf-8") if args.out else sys.stdout

@@ -16,7 +16,7 @@ from minigpt4.commands.common import (
     add_generation_args,
     add_model_args,
     add_threads_arg,
-    chat_from_args,
+    chat_or_exit,
     check_generation_args,
     check_model_args,
     fail,
@@ -55,7 +55,7 @@ def main(argv: list[str]) -> int:
     cfg = check_model_args(parser, args)
     check_generation_args(parser, args, cfg)
 
-    chat = chat_from_args(args)
+    chat = chat_or_exit(args)
     params = params_from_args(chat, args)
     session = chat.new_session()
     for image in args.image:

@@ -153,18 +153,24 @@ def check_generation_args(parser: argparse.ArgumentParser, args: argparse.Namesp
 
 
 def chat_from_args(args: argparse.Namespace) -> Chat:
-    """Load the preset's model into a Chat. Anything third-party code prints while the model is built
-    goes to stderr (stdout may carry JSONL); a checkpoint that cannot be used ends the command."""
+    """Load the preset's model into a Chat (raises `ConfigError`, `WeightsError`). Anything third-party
+    code prints while the model is built goes to stderr: stdout may carry JSONL."""
     from minigpt4.chat import load_chat  # noqa: PLC0415 (torch, transformers: only once a command runs)
-    from minigpt4.weights import WeightsError  # noqa: PLC0415
 
     if getattr(args, "threads", None):
         import torch  # noqa: PLC0415
 
         torch.set_num_threads(args.threads)
+    with contextlib.redirect_stdout(sys.stderr):
+        return load_chat(args.cfg_path, device=args.device, overrides=args.options)
+
+
+def chat_or_exit(args: argparse.Namespace) -> Chat:
+    """`chat_from_args`, where a preset or checkpoint that cannot be used ends the command with one line."""
+    from minigpt4.weights import WeightsError  # noqa: PLC0415
+
     try:
-        with contextlib.redirect_stdout(sys.stderr):
-            return load_chat(args.cfg_path, device=args.device, overrides=args.options)
+        return chat_from_args(args)
     except (ConfigError, WeightsError) as exc:
         fail(str(exc))
 

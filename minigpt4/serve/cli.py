@@ -10,7 +10,7 @@ from pathlib import Path
 
 import uvicorn
 
-from minigpt4.commands.common import CommandParser, add_model_args, chat_from_args, check_model_args
+from minigpt4.commands.common import CommandParser, add_model_args, chat_or_exit, check_model_args
 from minigpt4.serve.app import create_app
 
 logger = logging.getLogger(__name__)
@@ -73,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
     if api_key is None and not _is_loopback(args.host):
         logger.warning("serving on %s without an API key: anyone who can reach it can use it", args.host)
 
-    chat = chat_from_args(args)
+    chat = chat_or_exit(args)
     app = create_app(
         chat,
         api_key=api_key,
