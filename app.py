@@ -11,17 +11,23 @@ import logging
 import os
 
 from demo import launch
-from minigpt4.commands.common import add_model_args, chat_from_args
-from minigpt4.errors import ConfigError
+from minigpt4.commands.common import (
+    CommandParser,
+    add_model_args,
+    add_threads_arg,
+    chat_or_exit,
+    check_model_args,
+)
 
 PRESET_ENV = "MINIGPT4_PRESET"
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = CommandParser(
         description=f"MiniGPT-4 web app (Gradio). With no --cfg-path: the preset ${PRESET_ENV} names, if set."
     )
     add_model_args(parser)
+    add_threads_arg(parser)
     parser.set_defaults(cfg_path=os.environ.get(PRESET_ENV) or None)
     parser.add_argument(
         "--host",
@@ -42,11 +48,9 @@ def main(argv: list[str] | None = None) -> None:
     """Load the preset's model into a Chat engine and serve the app until interrupted."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    check_model_args(parser, args)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    try:
-        chat = chat_from_args(args)
-    except ConfigError as error:
-        parser.error(str(error))
+    chat = chat_or_exit(args)
     launch(chat, host=args.host, port=args.port, share=args.share)
 
 

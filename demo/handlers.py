@@ -20,7 +20,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-NO_IMAGE_YET = "Upload an image first: choose one and press “Upload & Start Chat”."
+NO_IMAGE_YET = "Upload an image first: choose one, then press “Upload & Start Chat” or send your question."
 
 # A chatbot message in Gradio's "messages" format: {"role": …, "content": …}.
 Message = dict[str, Any]
@@ -73,6 +73,20 @@ class ChatHandlers:
         noun = "image" if count == 1 else "images"
         return f"Image received ({count} {noun} in this chat). Ask a question about it.", session
 
+    def upload_pending(self, image: dict[str, Any] | None, session: ChatSession | None) -> tuple[Any, Any]:
+        """Before a message is sent: upload the image waiting in the image box, if any.
+
+        The box empties after each upload, so an image there (an example just picked, a file dropped
+        in) has not been sent yet; pressing Enter then means "about this image".
+        """
+        if image is None or not image.get("path"):
+            return gr.skip(), session
+        return self.upload(image, session)
+
+    def sampling_controls(self, do_sample: bool) -> tuple[Any, Any]:
+        """Temperature and Top p only matter when sampling: enabled with the Sample box, greyed out without."""
+        return gr.update(interactive=do_sample), gr.update(interactive=do_sample)
+
     def reset(self, session: ChatSession | None) -> tuple[str, ChatSession]:
         """`/reset`: forget the conversation and its images.
 
@@ -107,8 +121,10 @@ class ChatHandlers:
         for answer in self._start(session, message, generation):
             yield answer, session
 
-    def show_image(self, image: str, history: list[Message]) -> tuple[None, list[Message]]:
+    def show_image(self, image: str | None, history: list[Message]) -> tuple[None, list[Message]]:
         """After a successful upload: the image joins the chat and the image box empties."""
+        if image is None:
+            return None, history
         return None, [*history, {"role": "user", "content": {"path": image}}]
 
     def send(

@@ -39,16 +39,27 @@ def build_demo(chat: Chat) -> gr.Blocks:
                 upload = gr.Button("Upload & Start Chat", variant="primary")
                 restart = gr.Button("Restart")
                 num_beams = gr.Slider(1, 10, value=defaults.num_beams, step=1, label="Beam search numbers")
-                temperature = gr.Slider(0.1, 2.0, value=defaults.temperature, step=0.1, label="Temperature")
+                # Temperature and Top p change nothing when decoding is greedy: they are enabled only
+                # while Sample is on, and Sample sits right above them.
+                do_sample = gr.Checkbox(
+                    value=defaults.do_sample,
+                    label="Sample",
+                    info="Off: always pick the likeliest word (Temperature and Top p then do nothing)",
+                    elem_id="sample",
+                )
+                temperature = gr.Slider(
+                    0.1, 2.0, value=defaults.temperature, step=0.1, label="Temperature",
+                    interactive=defaults.do_sample, elem_id="temperature",
+                )  # fmt: skip
+                top_p = gr.Slider(
+                    0.05, 1.0, value=defaults.top_p, step=0.05, label="Top p",
+                    interactive=defaults.do_sample, elem_id="top-p",
+                )  # fmt: skip
                 with gr.Accordion("Advanced", open=False):
-                    top_p = gr.Slider(0.05, 1.0, value=defaults.top_p, step=0.05, label="Top p")
                     # Longer answers would leave too little of the context for the conversation.
                     longest = max(defaults.max_new_tokens, chat.max_context_tokens // 2)
                     max_new_tokens = gr.Slider(
                         1, longest, value=defaults.max_new_tokens, step=1, label="Max new tokens"
-                    )
-                    do_sample = gr.Checkbox(
-                        value=defaults.do_sample, label="Sample", info="Off: always pick the likeliest word"
                     )
             with gr.Column(scale=2):
                 status = gr.Markdown("Upload an image to begin.", label="Status", elem_id="chat-status")
@@ -61,7 +72,7 @@ def build_demo(chat: Chat) -> gr.Blocks:
                     stop_btn=True,
                     elem_id="message",
                 )
-        gr.Examples(example_rows(), inputs=[image, text], label="Examples: pick one, upload it, then send")
+        gr.Examples(example_rows(), inputs=[image, text], label="Examples: pick one, then send the question")
         # API-only output: `/ask` streams plain text to clients, while the page streams into the chatbot.
         answer = gr.Textbox(label="Answer", visible=False)
 
@@ -69,9 +80,20 @@ def build_demo(chat: Chat) -> gr.Blocks:
         upload.click(
             handlers.upload, [image, session], [status, session], api_name="upload", preprocess=False, **model
         ).success(handlers.show_image, [image, chatbot], [image, chatbot], api_visibility="private")
-        sending = text.submit(
-            handlers.send, [text, session, chatbot, *generation], [text, session, chatbot],
-            api_visibility="private", show_progress="hidden", **model,
+        do_sample.change(
+            handlers.sampling_controls, do_sample, [temperature, top_p], api_visibility="private", queue=False
+        )
+        # Enter with an image still in the box (an example just picked): upload it, then ask.
+        sending = (
+            text.submit(
+                handlers.upload_pending, [image, session], [status, session],
+                api_visibility="private", preprocess=False, **model,
+            )
+            .success(handlers.show_image, [image, chatbot], [image, chatbot], api_visibility="private")
+            .success(
+                handlers.send, [text, session, chatbot, *generation], [text, session, chatbot],
+                api_visibility="private", show_progress="hidden", **model,
+            )
         )  # fmt: skip
         text.stop(None, cancels=[sending])
         restart.click(

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import pickle
 import re
 from collections.abc import Mapping
 from pathlib import Path
@@ -127,10 +128,13 @@ def read_hf_blip2_tensors(source: str) -> dict[str, torch.Tensor]:
         path = _hf_file(source, shard)
         if path is None:
             raise WeightsError(f"{source}: {shard} not found (safetensors weights are required)")
-        with safe_open(str(path), framework="pt") as fh:
-            for key in fh.keys():  # noqa: SIM118 (safe_open is not a dict)
-                if key.startswith(HF_BLIP2_PREFIXES):
-                    tensors[key] = fh.get_tensor(key)
+        try:
+            with safe_open(str(path), framework="pt") as fh:
+                for key in fh.keys():  # noqa: SIM118 (safe_open is not a dict)
+                    if key.startswith(HF_BLIP2_PREFIXES):
+                        tensors[key] = fh.get_tensor(key)
+        except Exception as exc:
+            raise _unreadable(path, exc) from exc
     return tensors
 
 
@@ -222,9 +226,24 @@ def lavis_blip2_to_ours(tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.
     return out
 
 
+def _unreadable(path: str | Path, exc: Exception) -> WeightsError:
+    """Whatever a reader raised for a damaged file (EOFError, IndexError, a safetensors header
+    error …), as one error on one line that names the file."""
+    # torch's unpickling message advises weights_only=False: wrong for a file that is not weights.
+    lines = [] if isinstance(exc, pickle.UnpicklingError) else str(exc).splitlines()
+    detail = next((line for line in lines if line.strip()), "")
+    reason = f"{type(exc).__name__}: {detail}" if detail else type(exc).__name__
+    return WeightsError(
+        f"{path}: cannot read this checkpoint (damaged, truncated or not a weights file; {reason})"
+    )
+
+
 def torch_load(path: str | Path) -> dict[str, torch.Tensor]:
     """`torch.load` with `weights_only=True`; unwraps the `{"model": …}` layout of LAVIS/MiniGPT-4 files."""
-    state = torch.load(str(path), map_location="cpu", weights_only=True)
+    try:
+        state = torch.load(str(path), map_location="cpu", weights_only=True)
+    except Exception as exc:  # a damaged file can fail in any of the unpickler's ways
+        raise _unreadable(path, exc) from exc
     if isinstance(state, dict) and isinstance(state.get("model"), dict):
         state = state["model"]
     if not isinstance(state, dict):
@@ -286,8 +305,18 @@ def read_trainable(path: str | Path) -> dict[str, torch.Tensor]:
     if not path.is_file():
         raise WeightsError(f"checkpoint not found: {path}")
     if path.suffix == ".safetensors":
-        return load_file(str(path))
-    return torch_load(path)
+        try:
+            tensors = load_file(str(path))
+        except Exception as exc:
+            raise _unreadable(path, exc) from exc
+    else:
+        tensors = torch_load(path)
+    for key, value in tensors.items():
+        if not isinstance(value, torch.Tensor):
+            raise WeightsError(f"{path}: {key} is a {type(value).__name__}, not a tensor")
+        if value.is_floating_point() and not torch.isfinite(value).all():
+            raise WeightsError(f"{path}: {key} holds NaN or infinite values")
+    return tensors
 
 
 def load_trainable(model: nn.Module, path: str | Path) -> None:

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import copy
 import subprocess
 import sys
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 from pathlib import Path
 
 import httpx
@@ -16,8 +18,9 @@ from gradio_client import Client, handle_file
 from gradio_client.exceptions import AppError
 
 import app
-from demo import launch
+from demo import build_demo, launch
 from demo.examples import example_rows
+from demo.handlers import ChatHandlers
 from minigpt4.config import load_eval_config
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -166,3 +169,55 @@ def test_space_preset_is_the_released_7b_model() -> None:
 def test_demo_never_imports_torch() -> None:
     code = "import sys, demo; sys.exit('torch' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code], cwd=ROOT).returncode == 0
+
+
+def _layout_paths(config: dict) -> dict[str, list[str]]:
+    """elem_id → the types of the blocks around it, outermost first."""
+    types = {comp["id"]: comp for comp in config["components"]}
+    paths: dict[str, list[str]] = {}
+
+    def walk(node: dict, around: list[str]) -> None:
+        comp = types.get(node["id"], {})
+        elem_id = comp.get("props", {}).get("elem_id")
+        if elem_id:
+            paths[elem_id] = around
+        for child in node.get("children", []):
+            walk(child, [*around, comp.get("type", "root")])
+
+    walk(config["layout"], [])
+    return paths
+
+
+def test_sampling_sliders_are_enabled_only_by_the_sample_box_beside_them(tiny_chat) -> None:
+    greedy_chat = copy.copy(tiny_chat)
+    greedy_chat.defaults = replace(tiny_chat.defaults, do_sample=False)
+    config = build_demo(greedy_chat).config
+    by_elem = {c["props"].get("elem_id"): c for c in config["components"] if c["props"].get("elem_id")}
+    sample, temperature, top_p = by_elem["sample"], by_elem["temperature"], by_elem["top-p"]
+    assert sample["props"]["value"] is False
+    assert temperature["props"]["interactive"] is False and top_p["props"]["interactive"] is False
+    toggles = [d for d in config["dependencies"] if d["targets"] == [(sample["id"], "change")]]
+    assert [sorted(d["outputs"]) for d in toggles] == [sorted([temperature["id"], top_p["id"]])]
+    paths = _layout_paths(config)
+    assert paths["sample"] == paths["temperature"] == paths["top-p"]  # side by side, in plain view
+    assert "accordion" not in paths["sample"]
+    on, off = (
+        ChatHandlers(tiny_chat).sampling_controls(True),
+        ChatHandlers(tiny_chat).sampling_controls(False),
+    )
+    assert [u["interactive"] for u in on] == [True, True] and [u["interactive"] for u in off] == [
+        False,
+        False,
+    ]
+
+
+def test_sending_with_an_image_in_the_box_uploads_it_first(tiny_chat) -> None:
+    handlers = ChatHandlers(tiny_chat)
+    status, session = handlers.upload_pending({"path": str(CAT)}, None)  # an example was picked
+    assert "1 image" in status and session.n_images == 1
+    skipped, same = handlers.upload_pending(None, session)  # nothing waiting: nothing to do
+    assert same is session and session.n_images == 1 and skipped is not None
+    config = build_demo(tiny_chat).config
+    by_elem = {c["props"].get("elem_id"): c["id"] for c in config["components"]}
+    first = next(d for d in config["dependencies"] if d["targets"] == [(by_elem["message"], "submit")])
+    assert first["api_name"] == "upload_pending" and by_elem["image"] in first["inputs"]

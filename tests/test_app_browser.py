@@ -113,16 +113,18 @@ def test_chat_in_the_browser(page: Page) -> None:
     page.get_by_test_id("toast-close").first.click()
     expect(page.get_by_test_id("toast-text")).to_have_count(0)
 
-    page.get_by_text("Advanced").click()
+    temperature = page.locator("#temperature input[type=range]")
+    expect(temperature).to_be_enabled()  # the tiny preset samples
     page.get_by_label("Sample").uncheck()  # greedy: the tiny model's answers are reproducible
+    expect(temperature).to_be_disabled()  # … and Temperature would change nothing
+    expect(page.locator("#top-p input[type=range]")).to_be_disabled()
     page.get_by_text(QUESTION).click()  # an example: fills the image and the question
     expect(message).to_have_value(QUESTION)
     expect(page.locator("#image img")).to_be_visible()
-    upload.click()
+
+    message.press("Enter")  # no Upload click: sending uploads the image in the box first
     expect(page.locator("#chat-status")).to_contain_text("1 image in this chat")
     expect(page.locator("#chatbot img")).to_have_count(1)
-
-    message.press("Enter")
     expect(page.get_by_test_id("user").last).to_contain_text(QUESTION)
     expect(page.get_by_test_id("bot").last).to_have_text(re.compile(r"\S"))
     expect(message).to_have_value("")

@@ -2,8 +2,10 @@
 
 Writes one JSON line per image ({"image", "caption", "prompt", "preset"}), flushed as each is
 done. Re-running with the same --out skips images already described, so an interrupted run
-continues where it stopped. Unreadable images are reported and skipped; the exit status is 1
-if any were.
+continues where it stopped. Only JSON lines go to standard output; progress (one step per image),
+messages and errors go to standard error. Unreadable images are reported and skipped; the exit
+status is then 1. A wrong flag, preset, `--options` key, device, `--out` or checkpoint stops the
+command before any image is read, with one line naming it and exit status 2.
 """
 
 from __future__ import annotations
@@ -11,13 +13,23 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from collections.abc import Iterable
 from pathlib import Path
 
 from tqdm import tqdm
 
-from minigpt4.commands.common import add_generation_args, add_model_args, chat_from_args, params_from_args
+from minigpt4.commands.common import (
+    CommandParser,
+    add_generation_args,
+    add_model_args,
+    add_threads_arg,
+    chat_or_exit,
+    check_generation_args,
+    check_model_args,
+    params_from_args,
+)
 from minigpt4.errors import InputError
 
 log = logging.getLogger(__name__)
@@ -51,8 +63,21 @@ def done_images(out: Path) -> set[str]:
     return done
 
 
+def check_out(out: Path | None) -> str | None:
+    """Why `--out` cannot be written to (None when it can)."""
+    if out is None:
+        return None
+    if out.is_dir():
+        return f"--out {out}: is a folder; give a file name such as {out / 'captions.jsonl'}"
+    if not out.parent.is_dir():
+        return f"--out {out}: the folder {out.parent} does not exist"
+    if not os.access(out if out.exists() else out.parent, os.W_OK):
+        return f"--out {out}: not writable"
+    return None
+
+
 def main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(
+    parser = CommandParser(
         prog="python -m minigpt4 caption",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -63,22 +88,36 @@ def main(argv: list[str]) -> int:
     )
     parser.add_argument("--out", type=Path, help="JSONL output (default: standard output)")
     add_model_args(parser)
+    add_threads_arg(parser)
     add_generation_args(parser)
     args = parser.parse_args(argv)
+    if not args.prompt.strip():
+        parser.error("--prompt is empty: give the question to ask about each image")
+    problem = check_out(args.out)
+    if problem:
+        parser.error(problem)
+    cfg = check_model_args(parser, args)
+    check_generation_args(parser, args, cfg)
+    if len(args.prompt.strip()) > cfg.max_message_chars:
+        parser.error(
+            f"--prompt is {len(args.prompt):,} characters long; the limit is {cfg.max_message_chars:,}"
+        )
 
     images = find_images(args.images)
+    if not images:
+        parser.error(f"no image files in {' '.join(args.images)}")
     done = done_images(args.out) if args.out else set()
     todo = [p for p in images if str(p) not in done]
     if len(todo) < len(images):
         log.info("%d of %d images already in %s: skipped", len(images) - len(todo), len(images), args.out)
     if not todo:
         return 0
-    chat = chat_from_args(args)
+    chat = chat_or_exit(args)
     params = params_from_args(chat, args)
     failed = 0
     out = args.out.open("a", encoding="utf-8") if args.out else sys.stdout
     try:
-        for path in tqdm(todo, desc="captioning", unit="img", disable=None):
+        for path in tqdm(todo, desc="captioning", unit="img", file=sys.stderr, disable=False):
             session = chat.new_session()
             try:
                 chat.upload_image(session, path)

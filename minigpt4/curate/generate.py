@@ -212,7 +212,7 @@ def run(args: argparse.Namespace, work: WorkDir) -> int:
         "top_p": args.top_p,
         "num_beams": args.num_beams,
         "max_new_tokens": args.max_new_tokens,
-        "do_sample": False if args.greedy else None,
+        "do_sample": False if args.greedy else (True if args.sample else None),
     }
     overrides = tuple((k, v) for k, v in chosen.items() if v is not None)
     settings = GenerateSettings(args.min_words, args.max_rounds, overrides, args.batch_size)

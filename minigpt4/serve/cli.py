@@ -10,7 +10,7 @@ from pathlib import Path
 
 import uvicorn
 
-from minigpt4.commands.common import add_model_args, chat_from_args
+from minigpt4.commands.common import CommandParser, add_model_args, chat_or_exit, check_model_args
 from minigpt4.serve.app import create_app
 from minigpt4.serve.messages import RequestLimits
 
@@ -18,7 +18,7 @@ logger = logging.getLogger(__name__)
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = CommandParser(
         prog="python -m minigpt4 serve",
         description="Serve a MiniGPT-4 preset over OpenAI's chat-completions API (POST /v1/chat/completions).",
     )
@@ -93,10 +93,17 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"--{flag.replace('_', '-')} must be positive, got {getattr(args, flag)}")
     if args.image_dir is not None and not args.image_dir.is_dir():
         parser.error(f"--image-dir {args.image_dir}: not a folder")
+    if not 0 <= args.port <= 65535:
+        parser.error(f"--port {args.port}: must be in 0..65535")
+    if args.max_queue < 0:
+        parser.error(f"--max-queue {args.max_queue}: must be ≥ 0")
+    if args.max_request_mb is not None and args.max_request_mb <= 0:
+        parser.error(f"--max-request-mb {args.max_request_mb}: must be > 0")
+    check_model_args(parser, args)
     if api_key is None and not _is_loopback(args.host):
         logger.warning("serving on %s without an API key: anyone who can reach it can use it", args.host)
 
-    chat = chat_from_args(args)
+    chat = chat_or_exit(args)
     app = create_app(
         chat,
         api_key=api_key,
