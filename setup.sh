@@ -6,6 +6,10 @@ cd "$(dirname "$0")"
 PIP="python -m pip install -q --disable-pip-version-check"
 # torch first, pinned: a looser pin pulls a multi-GB CUDA build.
 $PIP torch==2.13.0
+# llama-cpp-python (in requirements.txt) compiles llama.cpp for this machine's CPU: use every core, and
+# skip the parts the project does not load (the LLaVA helper library).
+export CMAKE_BUILD_PARALLEL_LEVEL="${CMAKE_BUILD_PARALLEL_LEVEL:-$(nproc)}"
+export CMAKE_ARGS="${CMAKE_ARGS:--DLLAVA_BUILD=OFF}"
 $PIP -r requirements.txt
 $PIP --no-deps -r requirements-lite.txt
 if [[ "${1:-}" == "--test" ]]; then

