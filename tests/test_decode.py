@@ -193,3 +193,18 @@ def test_weight_types_convert_once(lite_chat, tmp_path: Path, monkeypatch):
     seq = runtime.new_sequence()
     assert runtime.prefill(seq, torch.zeros(3, runtime.hidden), 0).shape == (runtime.n_vocab,)
     runtime.close()
+
+
+def test_close_ends_the_thread_after_the_answers_in_hand(tiny_chat, photo):
+    chat = Chat(tiny_chat.model, tiny_chat.template)
+    session = _session(chat, photo, "hi")
+    stream = chat.stream_answer(session, max_new_tokens=6, **GREEDY)
+    first = next(stream)
+    thread = chat.batcher._thread
+    closer = threading.Thread(target=chat.batcher.close)
+    closer.start()
+    rest = "".join(stream)  # the answer in hand still finishes
+    closer.join(timeout=30)
+    assert not thread.is_alive() and first + rest == session.history[-1][1]
+    chat.ask(session, "more")  # a later answer starts a new thread
+    assert chat.answer(session, max_new_tokens=3, **GREEDY)

@@ -13,6 +13,7 @@ own tokens, then argmax or a draw from the request's generator.
 
 from __future__ import annotations
 
+import atexit
 import logging
 import queue
 import threading
@@ -28,6 +29,7 @@ from minigpt4.generation import GenerationParams, choose_token
 log = logging.getLogger(__name__)
 
 _END = object()
+_STOP = object()  # tells the batcher's thread to end
 
 
 @dataclass
@@ -88,8 +90,20 @@ class Batcher:
             if self._thread is None or not self._thread.is_alive():
                 self._thread = threading.Thread(target=self._run, name="decode-batcher", daemon=True)
                 self._thread.start()
+                # Ended before the interpreter tears down: native thread pools (torch's, llama.cpp's)
+                # abort the process if a thread that used them is still alive at that point.
+                atexit.register(self.close)
         self._incoming.put(request)
         return request
+
+    def close(self) -> None:
+        """End the thread once the answers in hand are done (a later `submit` starts a new one)."""
+        with self._lock:
+            thread = self._thread
+            if thread is None or not thread.is_alive():
+                return
+            self._incoming.put(_STOP)
+        thread.join(timeout=60)
 
     @property
     def active(self) -> int:
@@ -98,12 +112,17 @@ class Batcher:
     # --- the batcher's thread --------------------------------------------------------------------
 
     def _run(self) -> None:
-        while True:
+        stopping = False
+        while not (stopping and not self._active and not self._waiting):
             block = not self._active and not self._waiting
             try:
-                self._waiting.append(self._incoming.get(block=block, timeout=None if block else 0))
+                item = self._incoming.get(block=block, timeout=None if block else 0)
                 while True:
-                    self._waiting.append(self._incoming.get_nowait())
+                    if item is _STOP:
+                        stopping = True
+                    else:
+                        self._waiting.append(item)
+                    item = self._incoming.get_nowait()
             except queue.Empty:
                 pass
             self._admit()
