@@ -116,7 +116,10 @@ class LlamaCppRuntime:
             raise ConfigError(f"llama.cpp cannot load {gguf_path} (not a GGUF model it knows)")
         params = lib.llama_context_default_params()
         params.n_ctx = context_tokens * max_sequences
-        params.n_batch = params.n_ubatch = 512
+        params.n_batch = 512
+        # Under 64 positions per physical batch: from 64 on, flash attention switches to a tiled
+        # kernel, and a prompt prefilled in one go would decode differently from one reused in parts.
+        params.n_ubatch = 32
         params.n_seq_max = max_sequences
         params.n_threads = params.n_threads_batch = threads
         params.kv_unified = False  # one KV stream per sequence: its answer does not depend on the others
