@@ -8,9 +8,11 @@ PIP="python -m pip install -q --disable-pip-version-check"
 $PIP torch==2.13.0
 # llama-cpp-python (in requirements.txt) compiles llama.cpp (4 min on 2 busy cores): every core, only
 # the libraries the bindings load (no LLaVA helper, no common utils), no OpenMP, and portable x86
-# kernels (AVX2): a native build crashes on machines that advertise instructions they cannot run.
+# kernels (AVX2): a native build crashes on machines that advertise instructions they cannot run; no
+# llamafile GEMM, whose batched products round differently from one-row ones (an answer decoded in a
+# batch must equal the same answer decoded alone).
 export CMAKE_BUILD_PARALLEL_LEVEL="${CMAKE_BUILD_PARALLEL_LEVEL:-$(nproc)}"
-export CMAKE_ARGS="${CMAKE_ARGS:--DGGML_NATIVE=OFF -DGGML_OPENMP=OFF -DLLAVA_BUILD=OFF -DCMAKE_PROJECT_INCLUDE=$PWD/scripts/llama_cpp_no_common.cmake}"
+export CMAKE_ARGS="${CMAKE_ARGS:--DGGML_NATIVE=OFF -DGGML_OPENMP=OFF -DGGML_LLAMAFILE=OFF -DLLAVA_BUILD=OFF -DCMAKE_PROJECT_INCLUDE=$PWD/scripts/llama_cpp_no_common.cmake}"
 $PIP -r requirements.txt
 $PIP --no-deps -r requirements-lite.txt
 if [[ "${1:-}" == "--test" ]]; then
