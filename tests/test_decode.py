@@ -209,3 +209,21 @@ def test_close_ends_the_thread_after_the_answers_in_hand(tiny_chat, photo):
     assert not thread.is_alive() and first + rest == session.history[-1][1]
     chat.ask(session, "more")  # a later answer starts a new thread
     assert chat.answer(session, max_new_tokens=3, **GREEDY)
+
+
+class _WrongRowsRuntime(TorchRuntime):
+    """Returns one row too few from a step: a bug outside the runtime call itself."""
+
+    def step(self, seqs, tokens):
+        return super().step(seqs, tokens)[:-1]
+
+
+def test_a_bug_in_the_batcher_reaches_the_reader_and_the_next_answer_works(tiny_chat, photo):
+    runtime = _WrongRowsRuntime(tiny_chat.model.llm)
+    chat = Chat(tiny_chat.model, tiny_chat.template, runtime=runtime)
+    session = _session(chat, photo, "hi")
+    with pytest.raises(ValueError):
+        chat.answer(session, max_new_tokens=5, **GREEDY)
+    runtime.step = lambda seqs, tokens: TorchRuntime.step(runtime, seqs, tokens)
+    chat.ask(session, "again")
+    assert chat.answer(session, max_new_tokens=4, **GREEDY)

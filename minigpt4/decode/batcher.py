@@ -125,9 +125,17 @@ class Batcher:
                     item = self._incoming.get_nowait()
             except queue.Empty:
                 pass
-            self._admit()
-            if self._active:
-                self._step()
+            try:
+                self._admit()
+                if self._active:
+                    self._step()
+            except Exception as e:  # noqa: BLE001 (a bug must not leave readers waiting forever)
+                log.exception("the batcher failed")
+                for request in self._active + self._waiting:
+                    request.fed = []
+                    self.runtime.release(request.sequence)
+                    self._finish(request, e)
+                self._active, self._waiting = [], []
 
     def _admit(self) -> None:
         still_waiting = []
