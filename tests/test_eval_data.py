@@ -11,8 +11,8 @@ from PIL import Image
 
 from minigpt4.data import scenes
 from minigpt4.eval import evalset
-from minigpt4.eval.data import DataError, read_captions, read_pope, read_vqa
-from minigpt4.eval.photos import PHOTOS
+from minigpt4.eval.data import DataError, read_captions, read_followup, read_pope, read_vqa
+from minigpt4.eval.photos import COLOUR_OPTIONS, PHOTOS
 
 
 def _image(path: Path) -> Path:
@@ -159,8 +159,79 @@ def test_eval_set_is_deterministic(eval_set: tuple[Path, dict[str, int]], tmp_pa
         evalset.VQA_QUESTIONS_FILE,
         evalset.VQA_ANNOTATIONS_FILE,
         evalset.POPE_FILE,
+        evalset.FOLLOWUP_FILE,
     ):
         assert (tmp_path / name).read_bytes() == (out / name).read_bytes(), name
+
+
+def test_eval_set_followups_ask_about_what_was_drawn(eval_set: tuple[Path, dict[str, int]]) -> None:
+    out, counts = eval_set
+    samples = read_followup(out / evalset.FOLLOWUP_FILE, out / evalset.IMAGES_DIR)
+    assert counts["followup"] == len(samples) == 4 + len(PHOTOS)
+    assert all(s.first_question == "What is in this image?" for s in samples)
+    scene_samples = [s for s in samples if s.category == "scene"]
+    # One follow-up per scene, the kinds in turn, each with one right answer from its closed set.
+    assert [s.kind for s in scene_samples] == ["colour", "position", "count", "colour"]
+    assert all(len(s.answers) == 1 and s.options == scenes.answer_options(s.question) for s in scene_samples)
+    # The answers agree with the first scene, re-rendered from the same seed.
+    scene = scenes.render_scene(random.Random(3))
+    colour = scene_samples[0]
+    shape = colour.question.removeprefix("What colour is the ").split()[0].rstrip("?")
+    assert colour.answers[0] in {o.colour for o in scene.objects if o.shape == shape}
+    assert colour.image.name == "scene_000.png"
+    # Photos: "What colour is it?" with the colours written in photos.py.
+    photo_samples = {s.image.name: s for s in samples if s.category == "photo"}
+    for photo in PHOTOS:
+        sample = photo_samples[f"photo_{photo.file_name}"]
+        assert (sample.question, sample.kind) == ("What colour is it?", "colour")
+        assert sample.answers == photo.colour and sample.options == COLOUR_OPTIONS
+    assert photo_samples["photo_motorcycle_left.png"].answers == ("red",)
+
+
+def test_scene_followups_name_one_object_and_answer_from_its_ground_truth() -> None:
+    rng = random.Random(5)
+    for _ in range(30):
+        scene = scenes.render_scene(rng)
+        for kind in evalset.FOLLOWUP_KINDS:
+            question, answer = evalset.scene_followup(scene, kind, rng)
+            assert scenes.question_kind(question) == kind and answer in scenes.answer_options(question)
+            if kind == "colour":
+                matches = [o for o in scene.objects if f"the {o.shape}" in question]
+                if "in the" in question:
+                    matches = [o for o in matches if question.endswith(f"in the {o.position}?")]
+                assert [o.colour for o in matches] == [answer], question
+            elif kind == "position":
+                named = question.removeprefix("Where is the ").removesuffix("?")
+                assert [o.position for o in scene.objects if named in (o.shape, o.name)] == [answer]
+            else:
+                shape = question.removeprefix("How many ").removesuffix(" are there?")
+                assert answer == str(sum(scenes.plural(o.shape) == shape for o in scene.objects))
+    with pytest.raises(ValueError, match="unknown follow-up kind 'size'"):
+        evalset.scene_followup(scene, "size", rng)
+
+
+def test_read_followup_checks_the_answers_are_options(tmp_path: Path) -> None:
+    _image(tmp_path / "a.png")
+    line = {
+        "question_id": 1,
+        "image": "a.png",
+        "first_question": "What is in this image?",
+        "question": "What colour is it?",
+        "kind": "colour",
+        "answers": ["red"],
+        "options": ["red", "blue"],
+    }
+    path = tmp_path / "f.jsonl"
+    path.write_text(json.dumps(line) + "\n", encoding="utf-8")
+    [sample] = read_followup(path, tmp_path)
+    assert (sample.answers, sample.options, sample.category) == (("red",), ("red", "blue"), "")
+    path.write_text(json.dumps({**line, "answers": ["green"]}) + "\n", encoding="utf-8")
+    with pytest.raises(DataError, match=r"line 1: 'answers' must be one or more of 'options'"):
+        read_followup(path, tmp_path)
+    del line["first_question"]
+    path.write_text(json.dumps(line) + "\n", encoding="utf-8")
+    with pytest.raises(DataError, match="missing field 'first_question'"):
+        read_followup(path, tmp_path)
 
 
 def test_make_data_eval_command(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

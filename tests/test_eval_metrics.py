@@ -1,4 +1,4 @@
-"""Caption, VQA and POPE metrics: known values of the standard formulas and their edge cases."""
+"""Caption, VQA, follow-up and POPE metrics: known values of the standard formulas and their edge cases."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import pytest
 from minigpt4.eval import metrics
 from minigpt4.eval.metrics import (
     caption_metrics,
+    followup_metrics,
     normalize_vqa_answer,
     pope_answer,
     pope_metrics,
@@ -192,3 +193,50 @@ def test_option_accuracy_counts_only_closed_questions() -> None:
     assert result["option_accuracy"] == pytest.approx(200 / 3)  # right, both named (wrong), right
     assert result["accuracy"] == pytest.approx(50.0)  # exact match: "2" and "A cat"
     assert "option_accuracy" not in vqa_metrics(predictions, answers)
+
+
+def test_followup_metrics_score_the_one_option_named_overall_and_per_kind() -> None:
+    colours = ("red", "brown", "gray", "grey", "black", "white", "black and white")
+    positions = ("top left", "center", "bottom left")
+    counts = ("0", "1", "2", "3")
+    predictions = [
+        "The cup is red.",  # right: one of two right options
+        "It is brown and red.",  # two options named: wrong
+        "It's grey.",  # right: the other spelling is an option of its own
+        "The photo is black and white.",  # right: "black" and "white" inside it do not count
+        "It is black.",  # wrong
+        "The circle is in the top left corner.",  # right
+        "It is in the center, at the bottom left.",  # two options: wrong
+        "There are two circles.",  # right: "two" reads as "2"
+        "None.",  # wrong: reads as "0", the answer is 1
+        "I cannot tell.",  # no option named: wrong
+    ]
+    answers = [
+        ("red", "brown"),
+        ("red", "brown"),
+        ("gray", "grey"),
+        ("gray", "black and white"),
+        ("white",),
+        ("top left",),
+        ("center",),
+        ("2",),
+        ("1",),
+        ("3",),
+    ]
+    options = [colours] * 5 + [positions] * 2 + [counts] * 3
+    kinds = ["colour"] * 5 + ["position"] * 2 + ["count"] * 3
+    categories = ["photo"] * 4 + ["scene"] * 6
+    result = followup_metrics(predictions, answers, options, kinds, categories)
+    assert result["option_accuracy"] == pytest.approx(50.0)
+    assert (result["right"], result["n"]) == (5, 10)
+    assert result["per_kind"] == {
+        "colour": {"option_accuracy": pytest.approx(60.0), "right": 3, "n": 5},
+        "count": {"option_accuracy": pytest.approx(100 / 3), "right": 1, "n": 3},
+        "position": {"option_accuracy": pytest.approx(50.0), "right": 1, "n": 2},
+    }
+    assert result["per_category"]["photo"] == {"option_accuracy": pytest.approx(75.0), "right": 3, "n": 4}
+    assert "per_category" not in followup_metrics(predictions, answers, options, kinds)
+    with pytest.raises(ValueError, match="9 predictions for 10 answer sets"):
+        followup_metrics(predictions[:9], answers, options, kinds)
+    with pytest.raises(ValueError, match="no follow-up answers"):
+        followup_metrics([], [], [], [])

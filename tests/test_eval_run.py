@@ -11,7 +11,7 @@ import pytest
 from minigpt4.conversation import Conversation
 from minigpt4.eval import evalset, run
 from minigpt4.eval.answer import BatchAnswerer
-from minigpt4.eval.metrics import pope_metrics, vqa_metrics
+from minigpt4.eval.metrics import followup_metrics, pope_metrics, vqa_metrics
 
 
 @pytest.fixture(scope="module")
@@ -113,6 +113,47 @@ def test_eval_vqa_and_caption_on_the_eval_set(use_tiny_chat, small_set: Path, tm
         sum(p["repeats_itself"] for p in caption["predictions"]) / 3
     )
     assert "object_named" not in caption["metrics"]  # scenes list no main object
+
+
+def test_eval_followup_keeps_the_first_answer_in_the_conversation(
+    use_tiny_chat, small_set: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    seen: list[list[list[tuple[str, str, int]]]] = []  # per call: per conversation, its messages
+    answer_conversations = BatchAnswerer.answer_conversations
+
+    def spy(self, images, conversations):
+        seen.append([[(m.role, m.text, m.images) for m in c.messages] for c in conversations])
+        return answer_conversations(self, images, conversations)
+
+    monkeypatch.setattr(BatchAnswerer, "answer_conversations", spy)
+    out = tmp_path / "f.json"
+    assert _eval("--task", "followup", "--data", small_set, "--out", out, "--max-new-tokens", 6) == 0
+    results = json.loads(out.read_text())
+    preds = results["predictions"]
+    assert results["n"] == len(preds) == 3
+    assert [p["kind"] for p in preds] == ["colour", "position", "count"]
+    assert all(p["first_answer"] for p in preds)  # something to carry into the follow-up
+    # One batch: the first questions, then the same conversations carrying the model's first answers.
+    first_round, second_round = seen
+    for opening, conversation, p in zip(first_round, second_round, preds, strict=True):
+        assert opening == [("user", "What is in this image?", 1)]
+        assert conversation == [*opening, ("assistant", p["first_answer"], 0), ("user", p["question"], 0)]
+    # The follow-up answer is what a chat session gives after the same two questions.
+    session = use_tiny_chat.new_session()
+    use_tiny_chat.upload_image(session, small_set / evalset.IMAGES_DIR / preds[0]["image"])
+    use_tiny_chat.ask(session, "What is in this image?")
+    assert use_tiny_chat.answer(session, do_sample=False, max_new_tokens=6) == preds[0]["first_answer"]
+    use_tiny_chat.ask(session, preds[0]["question"])
+    assert use_tiny_chat.answer(session, do_sample=False, max_new_tokens=6) == preds[0]["answer"]
+    expected = followup_metrics(
+        [p["answer"] for p in preds],
+        [p["answers"] for p in preds],
+        [p["options"] for p in preds],
+        [p["kind"] for p in preds],
+        [p["category"] for p in preds],
+    )
+    assert results["metrics"] == expected and set(expected["per_kind"]) == {"colour", "position", "count"}
+    assert all(p["answers"][0] in p["options"] for p in preds)
 
 
 def test_eval_rejects_bad_data_before_loading_a_model(

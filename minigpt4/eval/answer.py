@@ -37,10 +37,14 @@ class BatchAnswerer:
 
     def prompt_ids(self, question: str) -> list[int]:
         """Token ids of the chat's prompt for one image and `question` (image positions included)."""
+        return self.conversation_ids(self._opening(question))
+
+    def _opening(self, question: str) -> Conversation:
+        """A fresh conversation: the image turn and `question`."""
         conversation = Conversation(self.chat.template)
         conversation.add_image()
         conversation.add_user(question)
-        return self.conversation_ids(conversation)
+        return conversation
 
     def conversation_ids(self, conversation: Conversation) -> list[int]:
         """Token ids of a whole conversation about one image, ready for the assistant's next turn."""
@@ -55,6 +59,22 @@ class BatchAnswerer:
     ) -> list[str]:
         """The next assistant turn of each conversation (one image each, its image turn first)."""
         return self._generate(images, [self.conversation_ids(c) for c in conversations])
+
+    def answer_followups(
+        self, images: Sequence[Path], first_questions: Sequence[str], followups: Sequence[str]
+    ) -> list[tuple[str, str]]:
+        """(first answer, follow-up answer) per image: the model's own first answer stays in the
+        conversation when the follow-up is asked, as in a chat session."""
+        if not len(images) == len(first_questions) == len(followups):
+            raise ValueError(
+                f"{len(images)} images for {len(first_questions)} and {len(followups)} questions"
+            )
+        conversations = [self._opening(question) for question in first_questions]
+        firsts = self.answer_conversations(images, conversations)
+        for conversation, first, followup in zip(conversations, firsts, followups, strict=True):
+            conversation.add_assistant(first)
+            conversation.add_user(followup)
+        return list(zip(firsts, self.answer_conversations(images, conversations), strict=True))
 
     @torch.no_grad()
     def _generate(self, images: Sequence[Path], prompts: Sequence[list[int]]) -> list[str]:

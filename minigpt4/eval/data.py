@@ -6,6 +6,8 @@
   [{"answer"}], "answer_type"}]}`. Images are named as in COCO (`COCO_val2014_000000000042.jpg`)
   unless the questions file carries a COCO-style `"images"` list.
 - POPE: JSON lines `{"question_id", "image", "text", "label": "yes"|"no"}`, optionally `"category"`.
+- Follow-ups (this project's): JSON lines `{"question_id", "image", "first_question", "question",
+  "kind", "answers", "options"}`, optionally `"category"`: `answers` are the right ones of `options`.
 
 Each reader checks the fields it needs and raises `DataError` naming the file and the entry.
 Writers write whole files or nothing (a temporary file renamed into place).
@@ -53,6 +55,18 @@ class POPESample:
     question: str
     label: str
     category: str
+
+
+@dataclass(frozen=True)
+class FollowupSample:
+    question_id: int | str
+    image: Path
+    first_question: str  # asked first; the model's own answer stays in the conversation
+    question: str  # the follow-up, scored
+    kind: str  # "colour", "position", "count", ...
+    answers: tuple[str, ...]  # the right options
+    options: tuple[str, ...]  # the closed answer set
+    category: str = ""
 
 
 def write_json(path: Path, data: Any) -> None:
@@ -160,19 +174,28 @@ def read_vqa(questions_path: Path, annotations_path: Path, image_root: Path) -> 
     return samples
 
 
-def read_pope(path: Path, image_root: Path) -> list[POPESample]:
-    """One sample per line of a POPE-style JSON-lines file."""
+def _json_lines(path: Path) -> list[tuple[str, Any]]:
+    """(where, entry) for each non-empty line of a JSON-lines file; `where` names the file and line."""
     if not path.is_file():
         raise DataError(f"{path}: no such file")
-    samples = []
+    entries = []
     for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
         if not line.strip():
             continue
         where = f"{path} line {n}"
         try:
-            entry = json.loads(line)
+            entries.append((where, json.loads(line)))
         except json.JSONDecodeError as e:
             raise DataError(f"{where}: not valid JSON ({e})") from e
+    if not entries:
+        raise DataError(f"{path}: no questions")
+    return entries
+
+
+def read_pope(path: Path, image_root: Path) -> list[POPESample]:
+    """One sample per line of a POPE-style JSON-lines file."""
+    samples = []
+    for where, entry in _json_lines(path):
         label = str(_field(entry, "label", where)).strip().lower()
         if label not in ("yes", "no"):
             raise DataError(f"{where}: label must be 'yes' or 'no', got {entry['label']!r}")
@@ -185,6 +208,28 @@ def read_pope(path: Path, image_root: Path) -> list[POPESample]:
                 category=str(entry.get("category", "")),
             )
         )
-    if not samples:
-        raise DataError(f"{path}: no questions")
+    return samples
+
+
+def read_followup(path: Path, image_root: Path) -> list[FollowupSample]:
+    """One two-turn conversation per line of a follow-up JSON-lines file (see the module docstring)."""
+    samples = []
+    for where, entry in _json_lines(path):
+        answers = tuple(map(str, _field(entry, "answers", where)))
+        options = tuple(map(str, _field(entry, "options", where)))
+        wrong = [a for a in answers if a not in options]
+        if not answers or wrong:
+            raise DataError(f"{where}: 'answers' must be one or more of 'options', got {list(answers)}")
+        samples.append(
+            FollowupSample(
+                question_id=_field(entry, "question_id", where),
+                image=_image_path(image_root, str(_field(entry, "image", where)), where),
+                first_question=str(_field(entry, "first_question", where)),
+                question=str(_field(entry, "question", where)),
+                kind=str(_field(entry, "kind", where)),
+                answers=answers,
+                options=options,
+                category=str(entry.get("category", "")),
+            )
+        )
     return samples

@@ -7,6 +7,8 @@
     out/vqa_questions.json VQAv2 questions (with a COCO-style "images" list naming each file)
     out/vqa_annotations.json VQAv2 annotations, ten answers per question
     out/pope.jsonl         POPE probes; category "random" / "adversarial" (scenes) or "photo"
+    out/followup.jsonl     two-turn conversations: "What is in this image?", then one follow-up about
+                           colour, position or count with its closed answer set; category "scene" / "photo"
 
 Scene ground truth comes from `minigpt4.data.scenes`; photo annotations from `minigpt4.eval.photos`.
 The same seed gives the same files on every machine.
@@ -17,18 +19,25 @@ from __future__ import annotations
 import json
 import random
 import shutil
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from minigpt4.data import scenes
 from minigpt4.eval.data import write_json
-from minigpt4.eval.photos import PHOTOS
+from minigpt4.eval.photos import COLOUR_OPTIONS, PHOTOS
 from minigpt4.files import write_text_atomic
 
 CAPTIONS_FILE = "captions.json"
 VQA_QUESTIONS_FILE = "vqa_questions.json"
 VQA_ANNOTATIONS_FILE = "vqa_annotations.json"
 POPE_FILE = "pope.jsonl"
+FOLLOWUP_FILE = "followup.jsonl"
+FIRST_QUESTION = "What is in this image?"
+PHOTO_FOLLOWUP = "What colour is it?"
+# Scene i gets a follow-up of kind i % 3, so the kinds are balanced.
+FOLLOWUP_KINDS = ("colour", "position", "count")
 IMAGES_DIR = "images"
 _PHOTO_ID_START = 1001
 _QUESTIONS_PER_SCENE = 3
@@ -44,6 +53,7 @@ class _Entry:
     )  # (q, answers, options)
     probes: list[tuple[str, str, str]] = field(default_factory=list)  # (question, label, category)
     objects: tuple[str, ...] = ()  # words naming the main object (photos)
+    followup: dict | None = None  # question, kind, answers (the right options), options, category
 
 
 def _answer_type(answer: str) -> str:
@@ -56,8 +66,43 @@ def _probe_question(obj: str) -> str:
     return f"Is there {'an' if obj[0] in 'aeiou' else 'a'} {obj} in the image?"
 
 
+def scene_followup(scene: scenes.Scene, kind: str, rng: random.Random) -> tuple[str, str]:
+    """A follow-up question of `kind` ("colour", "position", "count") about one object, and its answer.
+
+    The object is named by its shape alone when no other object has that shape, else by its place
+    (colour questions) or its colour (position questions), so every question has one right answer.
+    Count questions ask, half the time, about a shape that may be absent, so "1" is not the usual answer.
+    """
+    obj = rng.choice(scene.objects)
+    unique = sum(o.shape == obj.shape for o in scene.objects) == 1
+    if kind == "colour":
+        where = "" if unique else f" in the {obj.position}"
+        return f"What colour is the {obj.shape}{where}?", obj.colour
+    if kind == "position":
+        return f"Where is the {obj.shape if unique else obj.name}?", obj.position
+    if kind == "count":
+        shape = obj.shape if rng.random() < 0.5 else rng.choice(scenes.SHAPES)
+        count = sum(o.shape == shape for o in scene.objects)
+        return f"How many {scenes.plural(shape)} are there?", str(count)
+    raise ValueError(f"unknown follow-up kind {kind!r}; known: {', '.join(FOLLOWUP_KINDS)}")
+
+
+def _followup(
+    question: str, kind: str, answers: Sequence[str], options: Sequence[str], category: str
+) -> dict[str, Any]:
+    return {
+        "question": question,
+        "kind": kind,
+        "answers": list(answers),
+        "options": list(options),
+        "category": category,
+    }
+
+
 def _scene_entries(images: Path, n_scenes: int, seed: int) -> list[_Entry]:
     rng = random.Random(seed)
+    # A stream of its own, so the follow-ups leave the other files as they were for the same seed.
+    followup_rng = random.Random(f"followup {seed}")
     entries = []
     for i in range(n_scenes):
         scene = scenes.render_scene(rng)
@@ -78,6 +123,9 @@ def _scene_entries(images: Path, n_scenes: int, seed: int) -> list[_Entry]:
         for category, adversarial in (("random", False), ("adversarial", True)):
             probes = scenes.pope_probes(scene, rng, n_per_answer=1, adversarial=adversarial)
             entry.probes += [(q, label, category) for q, label in probes]
+        kind = FOLLOWUP_KINDS[i % len(FOLLOWUP_KINDS)]
+        question, answer = scene_followup(scene, kind, followup_rng)
+        entry.followup = _followup(question, kind, [answer], scenes.answer_options(question), "scene")
         entries.append(entry)
     return entries
 
@@ -92,6 +140,8 @@ def _photo_entries(images: Path) -> list[_Entry]:
         qa = [(q, answers, ()) for q, answers in photo.questions]  # open questions
         entry = _Entry(_PHOTO_ID_START + i, file_name, list(photo.captions), qa, objects=photo.objects)
         entry.probes = [(_probe_question(obj), label, "photo") for obj, label in photo.probes]
+        if photo.colour:
+            entry.followup = _followup(PHOTO_FOLLOWUP, "colour", photo.colour, COLOUR_OPTIONS, "photo")
         entries.append(entry)
     return entries
 
@@ -147,4 +197,17 @@ def write_eval_set(out: Path, n_scenes: int = 24, seed: int = 0, photos: bool = 
         for k, (q, label, cat) in enumerate(e.probes)
     ]
     write_text_atomic(out / POPE_FILE, "".join(json.dumps(p) + "\n" for p in probes))
-    return {"images": len(entries), "captions": len(captions), "vqa": len(questions), "pope": len(probes)}
+
+    followups = [
+        {"question_id": e.image_id, "image": e.file_name, "first_question": FIRST_QUESTION} | e.followup
+        for e in entries
+        if e.followup
+    ]
+    write_text_atomic(out / FOLLOWUP_FILE, "".join(json.dumps(f) + "\n" for f in followups))
+    return {
+        "images": len(entries),
+        "captions": len(captions),
+        "vqa": len(questions),
+        "pope": len(probes),
+        "followup": len(followups),
+    }

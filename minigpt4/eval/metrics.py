@@ -9,6 +9,8 @@
   the *option accuracy*: the answer is read as the one option it names ("The shape in the center is
   red." → "red"); naming none, or more than one, is wrong. A sentence can be right this way, and
   listing every option cannot.
+- Follow-ups: the option accuracy of the second answer of a two-turn conversation (the answer read
+  as the one option it names is one of the right ones), overall, per kind and per category.
 - POPE: the answer is read as "no" when its first sentence contains the word no/No/not (POPE's own
   rule), else "yes"; accuracy, precision, recall, F1 and the share of "yes" answers.
 - Answers (captions): words per answer, the share of answers that repeat themselves (a 3-word
@@ -248,6 +250,43 @@ def vqa_metrics(
         if closed:
             result["option_accuracy"] = 100 * sum(closed) / len(closed)
             result["option_n"] = len(closed)
+    return result
+
+
+def followup_metrics(
+    predictions: Sequence[str],
+    answers: Sequence[Sequence[str]],
+    options: Sequence[Sequence[str]],
+    kinds: Sequence[str],
+    categories: Sequence[str] | None = None,
+) -> dict[str, float | int | dict[str, dict[str, float | int]]]:
+    """Option accuracy (in %) of follow-up answers, overall and per kind (and per category, if given).
+
+    A prediction is right when the one option it names (`option_answer`) is among its `answers`.
+    Each group reports `option_accuracy`, `right` and `n`.
+    """
+    if not len(predictions) == len(answers) == len(options) == len(kinds):
+        raise ValueError(
+            f"{len(predictions)} predictions for {len(answers)} answer sets, "
+            f"{len(options)} option sets and {len(kinds)} kinds"
+        )
+    if not predictions:
+        raise ValueError("no follow-up answers to score")
+    right = [option_answer(p, o) in a for p, a, o in zip(predictions, answers, options, strict=True)]
+
+    def scores(flags: Sequence[bool]) -> dict[str, float | int]:
+        return {"option_accuracy": 100 * sum(flags) / len(flags), "right": sum(flags), "n": len(flags)}
+
+    def per(groups: Sequence[str]) -> dict[str, dict[str, float | int]]:
+        by_group: dict[str, list[bool]] = defaultdict(list)
+        for flag, group in zip(right, groups, strict=True):
+            by_group[group].append(flag)
+        return {g: scores(flags) for g, flags in sorted(by_group.items())}
+
+    result: dict[str, float | int | dict[str, dict[str, float | int]]] = dict(scores(right))
+    result["per_kind"] = per(kinds)
+    if categories is not None:
+        result["per_category"] = per(categories)
     return result
 
 

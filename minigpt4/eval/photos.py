@@ -2,7 +2,8 @@
 
 Every caption, answer and probe below was written by looking at the picture. VQA answers list what
 ten annotators might plausibly say (VQAv2 keeps ten answers per question); a variant listed fewer
-times earns partial credit, as in VQAv2.
+times earns partial credit, as in VQAv2. `colour` answers the follow-up "What colour is it?" about
+the main object, read against `COLOUR_OPTIONS`: every option a careful viewer would accept is listed.
 """
 
 from __future__ import annotations
@@ -18,6 +19,17 @@ class Photo:
     probes: tuple[tuple[str, str], ...]  # (object, "yes" | "no")
     # Words that name the main object (matched at word starts); ImageNet's name for it where it has one.
     objects: tuple[str, ...] = ()
+    # The right answers to "What colour is it?" about the main object, each one of `COLOUR_OPTIONS`.
+    colour: tuple[str, ...] = ()
+
+
+# The closed answer set of the photos' colour follow-up. "black and white" is one option (a reply
+# naming it does not also name "black" and "white"), right for the grey-scale photos; "grey" and
+# "gray" are both there so that either spelling counts.
+COLOUR_OPTIONS: tuple[str, ...] = (
+    "red", "orange", "yellow", "green", "blue", "purple", "pink", "brown",
+    "black", "white", "gray", "grey", "silver", "gold", "black and white",
+)  # fmt: skip
 
 
 def _ten(*weighted: tuple[str, int]) -> tuple[str, ...]:
@@ -34,6 +46,7 @@ def _all(answer: str) -> tuple[str, ...]:
 PHOTOS: tuple[Photo, ...] = (
     Photo(
         "astronaut.png",
+        colour=("orange",),
         objects=("astronaut", "spacesuit", "space suit"),
         captions=(
             "a smiling woman astronaut in an orange space suit",
@@ -50,6 +63,7 @@ PHOTOS: tuple[Photo, ...] = (
     ),
     Photo(
         "chelsea.png",
+        colour=("brown",),  # light brown fur with dark stripes
         objects=("cat", "kitten", "tabby"),
         captions=(
             "a close-up of the face of a tabby cat",
@@ -65,6 +79,7 @@ PHOTOS: tuple[Photo, ...] = (
     ),
     Photo(
         "coffee.png",
+        colour=("red", "brown"),  # a dark red cup and saucer, brown coffee
         objects=("coffee", "espresso", "cappuccino", "cup"),
         captions=(
             "a cup of espresso on a saucer with a spoon",
@@ -81,6 +96,7 @@ PHOTOS: tuple[Photo, ...] = (
     ),
     Photo(
         "rocket.jpg",
+        colour=("white",),
         objects=("rocket", "missile", "space shuttle"),
         captions=(
             "a rocket on a launch pad at dusk",
@@ -96,6 +112,7 @@ PHOTOS: tuple[Photo, ...] = (
     ),
     Photo(
         "motorcycle_left.png",
+        colour=("red",),
         objects=("motorcycle", "motorbike", "moped", "scooter"),
         captions=(
             "a red motorcycle parked in a garage",
@@ -112,6 +129,7 @@ PHOTOS: tuple[Photo, ...] = (
     ),
     Photo(
         "coins.png",
+        colour=("gray", "grey", "silver", "black and white"),  # grey-scale photo of silver coins
         objects=("coin",),
         captions=(
             "old coins arranged in rows on a dark background",
@@ -127,6 +145,7 @@ PHOTOS: tuple[Photo, ...] = (
     ),
     Photo(
         "camera.png",
+        colour=("gray", "grey", "silver", "black and white"),  # grey-scale; a silver camera and tripod
         objects=("camera", "tripod"),
         captions=(
             "a man looking through a camera on a tripod",

@@ -1,11 +1,12 @@
-"""`python -m minigpt4 eval`: caption, VQA or POPE scores of a preset on a data set.
+"""`python -m minigpt4 eval`: caption, VQA, POPE or follow-up scores of a preset on a data set.
 
     python -m minigpt4 make-data eval --out data/eval          # the offline eval set
     python -m minigpt4 eval --cfg-path minigpt4_tiny_random --task pope --data data/eval
 
 `--data` is an eval-set folder (standard file names, images in `images/`) or a file: a COCO caption
 file, a VQAv2 questions file (with `--annotations`) or a POPE jsonl file; `--images` names the image
-folder. Answers are greedy, in batches. The results JSON records the scores, every prediction, the
+folder. The follow-up task asks a first question, keeps the model's answer in the conversation and
+scores its answer to a second question by option accuracy. Answers are greedy, in batches. The results JSON records the scores, every prediction, the
 config, the data files with their digests and the git commit.
 """
 
@@ -16,7 +17,7 @@ import dataclasses
 import logging
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,10 +30,18 @@ from minigpt4.config import resolve_preset
 from minigpt4.errors import ConfigError, ImageError
 from minigpt4.eval import evalset
 from minigpt4.eval.answer import BatchAnswerer
-from minigpt4.eval.data import DataError, read_captions, read_pope, read_vqa, write_json
+from minigpt4.eval.data import (
+    DataError,
+    read_captions,
+    read_followup,
+    read_pope,
+    read_vqa,
+    write_json,
+)
 from minigpt4.eval.metrics import (
     answer_stats,
     caption_metrics,
+    followup_metrics,
     names_object,
     option_answer,
     pope_answer,
@@ -59,6 +68,8 @@ TASKS = {
     "caption": Task("Describe this image in one sentence.", 40, evalset.CAPTIONS_FILE),
     "vqa": Task(VQA_PROMPT, 10, evalset.VQA_QUESTIONS_FILE),
     "pope": Task(VQA_PROMPT, 10, evalset.POPE_FILE),
+    # The follow-up is asked as a person would ask it; the same cap holds for the first answer.
+    "followup": Task("{question}", 40, evalset.FOLLOWUP_FILE),
 }
 
 
@@ -88,13 +99,16 @@ def load_samples(task: str, files: DataFiles) -> list:
         return read_captions(files.data, files.images)
     if task == "vqa":
         return read_vqa(files.data, files.annotations, files.images)
+    if task == "followup":
+        return read_followup(files.data, files.images)
     return read_pope(files.data, files.images)
 
 
-def score(
-    task: str, samples: Sequence, answers: Sequence[str], meteor: bool | None
-) -> tuple[dict, list[dict]]:
-    """The task's metrics and one record per sample (its prediction beside the ground truth)."""
+def score(task: str, samples: Sequence, answers: Sequence, meteor: bool | None) -> tuple[dict, list[dict]]:
+    """The task's metrics and one record per sample (its prediction beside the ground truth).
+
+    An answer is a string, or for `followup` a pair (first answer, follow-up answer).
+    """
     pairs = list(zip(samples, answers, strict=True))
     if task == "caption":
         refs = {s.image_id: list(s.references) for s in samples}
@@ -123,6 +137,31 @@ def score(
             | ({"options": list(s.options), "read_as": option_answer(a, s.options)} if s.options else {})
             for s, a in pairs
         ]
+    elif task == "followup":
+        firsts, followups = zip(*answers, strict=True)
+        metrics = followup_metrics(
+            followups,
+            [s.answers for s in samples],
+            [s.options for s in samples],
+            [s.kind for s in samples],
+            [s.category for s in samples],
+        )
+        records = [
+            {
+                "question_id": s.question_id,
+                "image": s.image.name,
+                "kind": s.kind,
+                "category": s.category,
+                "first_question": s.first_question,
+                "first_answer": first,
+                "question": s.question,
+                "answer": followup,
+                "read_as": option_answer(followup, s.options),
+                "answers": list(s.answers),
+                "options": list(s.options),
+            }
+            for s, first, followup in zip(samples, firsts, followups, strict=True)
+        ]
     else:
         metrics = pope_metrics(answers, [s.label for s in samples], [s.category for s in samples])
         records = [
@@ -142,28 +181,40 @@ def _question_record(sample, answer: str, **truth: Any) -> dict[str, Any]:
     }
 
 
+def asker(task: str, answerer: BatchAnswerer, prompt: str) -> Callable[[Sequence], list]:
+    """The function that answers a batch of the task's samples (`prompt` formats their question)."""
+    if task == "followup":
+        return lambda batch: answerer.answer_followups(
+            [s.image for s in batch],
+            [s.first_question for s in batch],
+            [prompt.format(question=s.question) for s in batch],
+        )
+    return lambda batch: answerer.answer(
+        [s.image for s in batch], [prompt.format(question=getattr(s, "question", "")) for s in batch]
+    )
+
+
 def answer_all(
-    answerer, samples: Sequence, prompt: str, batch_size: int
-) -> tuple[list, list[str], list[dict]]:
-    """Greedy answers, `batch_size` at a time, with a progress bar.
+    answer_batch: Callable[[Sequence], list], samples: Sequence, batch_size: int
+) -> tuple[list, list, list[dict]]:
+    """Greedy answers from `answer_batch`, `batch_size` samples at a time, with a progress bar.
 
     Returns the samples answered, their answers, and the samples skipped because their image could
     not be read (each with the reason), as `caption` does: one bad file does not cost the run.
     """
     answered: list = []
-    answers: list[str] = []
+    answers: list = []
     skipped: list[dict] = []
     with tqdm(total=len(samples), desc="answering", unit="q") as bar:
         for start in range(0, len(samples), batch_size):
             batch = samples[start : start + batch_size]
-            questions = [prompt.format(question=getattr(s, "question", "")) for s in batch]
             try:
-                answers += answerer.answer([s.image for s in batch], questions)
+                answers += answer_batch(batch)
                 answered += batch
             except ImageError:
-                for sample, question in zip(batch, questions, strict=True):
+                for sample in batch:
                     try:
-                        answers += answerer.answer([sample.image], [question])
+                        answers += answer_batch([sample])
                         answered.append(sample)
                     except ImageError as e:
                         log.error("%s: skipped: %s", sample.image, e)
@@ -205,8 +256,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, help="results JSON (default: outputs/eval/<preset>_<task>.json)")
     p.add_argument("--limit", type=int, help="score only the first N samples")
     p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--max-new-tokens", type=int, help="answer length cap (default: 40 caption, 10 vqa/pope)")
-    p.add_argument("--prompt", help="instruction; {question} is replaced by the question")
+    p.add_argument(
+        "--max-new-tokens", type=int, help="answer length cap (default: 40 caption/followup, 10 vqa/pope)"
+    )
+    p.add_argument(
+        "--prompt", help="instruction; {question} is replaced by the question (followup: the second one)"
+    )
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--no-meteor", action="store_true", help="skip METEOR (it starts a Java process, ~20 s)")
     return p
@@ -244,7 +299,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         answerer = BatchAnswerer(chat, max_new_tokens)
     except ConfigError as e:
         return _fail(str(e))
-    samples, answers, skipped = answer_all(answerer, samples, prompt, args.batch_size)
+    samples, answers, skipped = answer_all(asker(args.task, answerer, prompt), samples, args.batch_size)
     if not samples:
         return _fail(f"none of the {len(skipped)} images could be read")
     metrics, records = score(args.task, samples, answers, meteor=False if args.no_meteor else None)
