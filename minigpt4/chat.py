@@ -352,13 +352,12 @@ class Chat:
             session.sequence = self.runtime.new_sequence()
         request = Request(
             sequence=session.sequence,
-            cached=session.cache_atoms,
+            cached=session.cache_atoms if self.kv_reuse else [],
             embeds=embeds[0],
             atoms=atoms,
             params=params,
             stop_ids=self.stop_ids,
             generator=session.generator,
-            reuse=self.kv_reuse,
         )
         session.cache_atoms = []  # invalid until this answer is complete
         self.batcher.submit(request)

@@ -37,13 +37,12 @@ class Request:
     """One answer to decode. `atoms[i]` says what position i is (a token id, or an image vector)."""
 
     sequence: Sequence
-    cached: list[Any]  # the atoms `sequence` holds now (from earlier turns)
+    cached: list[Any]  # the atoms `sequence` holds now that may be reused (from earlier turns)
     embeds: torch.Tensor  # (positions, hidden): the whole prompt
     atoms: list[Any]
     params: GenerationParams
     stop_ids: set[int]
     generator: torch.Generator | None = None
-    reuse: bool = True
     # Filled in by the batcher:
     fed: list[Any] = field(default_factory=list)  # the atoms the sequence holds when it is done
     prefilled: int = 0  # positions prefilled (the rest came from the cache)
@@ -150,8 +149,8 @@ class Batcher:
 
     def _prefill(self, request: Request) -> None:
         seq = request.sequence
-        keep = _common_prefix(request.cached, request.atoms) if request.reuse else 0
-        keep = min(keep, seq.length, len(request.atoms) - 1)  # at least one position for the logits
+        # What the sequence still holds of the prompt, less at least one position (for the logits).
+        keep = min(_common_prefix(request.cached, request.atoms), seq.length, len(request.atoms) - 1)
         seq.active = True
         try:
             logits = self.runtime.prefill(seq, request.embeds[keep:], keep)
