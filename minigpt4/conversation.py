@@ -137,6 +137,27 @@ class Template:
             return self.render([Message("user", instruction, images=1)], tokenizer)
         return self.training_format.format(f"{IMAGE_TURN} {instruction}")
 
+    def followup_prompt(self, question: str, tokenizer) -> str:
+        """What follows an answer's end (`answer_end`) in training data when the user asks again.
+
+        Rendered by the same code as inference prompts: the text that two exchanges add to one, so a
+        follow-up is trained exactly as the chat engine will later show it to the model.
+        """
+        if self.name == "chat_template":
+            first = [Message("user", "x", images=1), Message("assistant", "y")]
+            before = self.render(first[:1], tokenizer) + "y"
+            after = self.render([*first, Message("user", question)], tokenizer)
+            if not after.startswith(before):
+                raise ValueError(
+                    f"{self.name}: the chat template renders an answer differently from a prompt"
+                )
+            rest = after[len(before) :]
+            end = self.answer_end(tokenizer)  # already there: training ends each answer with it
+            return rest.removeprefix(end)
+        turn = self.training_format.format(question)
+        end = self.answer_end(tokenizer)
+        return turn.removeprefix(end) if turn.startswith(end) else turn
+
     def answer_end(self, tokenizer) -> str:
         """What ends an answer in training data: `###` for Vicuna v0, the EOS text otherwise."""
         if self.end_text is not None:

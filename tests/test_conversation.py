@@ -76,6 +76,26 @@ def test_stage2_training_prompts(tokenizer):
     assert get_template("chat_template").answer_end(tokenizer) == tokenizer.eos_token
 
 
+def test_a_trained_follow_up_reads_as_the_chat_engine_renders_it(tokenizer):
+    """Training text of a two-turn conversation == the inference prompt of its second turn + the answer."""
+    template = get_template("chat_template")
+    end = "<|im_end|>"  # the template's end of a turn; the tiny tokenizer's EOS is another token
+    assert template.followup_prompt("Q?", tokenizer).startswith(end)
+    conv = Conversation(template)
+    conv.add_image()
+    conv.add_user("What is in this image?")
+    conv.add_assistant("A red circle.")
+    conv.add_user("What colour is it?")
+    trained = (
+        template.training_prompt("What is in this image?", tokenizer)
+        + "A red circle."
+        + template.followup_prompt("What colour is it?", tokenizer)
+    )
+    assert trained == conv.render(tokenizer)
+    assert get_template("vicuna0").followup_prompt("Where?", tokenizer) == "Human: Where? ###Assistant: "
+    assert get_template("llama2").followup_prompt("Where?", tokenizer) == "[INST] Where? [/INST] "
+
+
 def test_stop_strings_and_ids_come_from_the_tokenizer(tokenizer):
     vicuna = get_template("vicuna0")
     assert vicuna.stop_strings(tokenizer) == ["###", tokenizer.eos_token]

@@ -248,6 +248,27 @@ def test_text_is_cut_at_the_stage_limit(tiny_model):
         assert sum(label != IGNORE_INDEX for label in labels) == limit
 
 
+def test_follow_up_turns_supervise_every_answer_and_mask_every_question(tiny_model):
+    turns = [("What colour is it?", "Red."), ("Where is it?", "Top left.")]
+    ids, labels = _builder(tiny_model, 2, 160).build("A circle.", "What is in this image?", turns)
+    tok = tiny_model.tokenizer
+    assert tok.decode([t for t in labels if t != IGNORE_INDEX]) == "A circle.###Red.###Top left.###"
+    text = tok.decode([t for t in ids if t != IMAGE_TOKEN_ID])
+    assert text.endswith(
+        "What is in this image? ###Assistant: A circle.###Human: What colour is it? ###Assistant: Red.###"
+        "Human: Where is it? ###Assistant: Top left.###"
+    )
+    masked = tok.decode([t for t, label in zip(ids, labels, strict=True) if label == IGNORE_INDEX and t > 0])
+    assert "Human: What colour is it? ###Assistant: " in masked and "Red." not in masked
+
+
+def test_follow_ups_past_the_text_limit_are_left_out(tiny_model):
+    builder = _builder(tiny_model, 2, 16)
+    turns = [("Where?", "Left."), ("And?", " ".join(["a red circle"] * 10)), ("Colour?", "Red.")]
+    _, labels = builder.build("A circle.", "What is it?", turns)
+    assert tiny_model.tokenizer.decode([t for t in labels if t != IGNORE_INDEX]) == "A circle.###Left.###"
+
+
 def test_padding_is_masked_and_counted_out():
     input_ids, attention_mask, labels = pad_batch([([1, 5, 6], [-100, 5, 6]), ([1, 7], [-100, 7])], pad_id=3)
     assert input_ids.tolist() == [[1, 5, 6], [1, 7, 3]]
@@ -270,3 +291,27 @@ def test_config_errors_name_the_key(tiny_config, tmp_path):
         tiny_config(2, tmp_path, "data.prompts_file=null")
     with pytest.raises(ConfigError, match=r"run\.batch_size"):
         check_batch_layout(tiny_config(1, tmp_path, "run.batch_size=3"), world_size=1)
+
+
+@pytest.mark.parametrize(
+    "turns",
+    [["What colour?", "Red."], [["What colour?"]], [["What colour?", 3]], [["", "Red."]], "What colour?"],
+)
+def test_malformed_follow_up_turns_name_the_annotation(tmp_path, turns):
+    from minigpt4.data.stage2 import read_annotations
+
+    ann = [
+        {"image_id": "1", "caption": "A.", "instruction": "Q?"},
+        {"image_id": "2", "caption": "B.", "turns": turns},
+    ]
+    (tmp_path / "filter_cap.json").write_text(json.dumps({"annotations": ann}))
+    with pytest.raises(ConfigError, match=r"annotations\[1\]\.turns must be a list of \[question, answer\]"):
+        read_annotations(tmp_path, "x")
+
+
+def test_follow_up_turns_reach_the_record(tmp_path):
+    from minigpt4.data.stage2 import read_annotations
+
+    ann = [{"image_id": "1", "caption": "A.", "instruction": "Q?", "turns": [["Where?", "Left."]]}]
+    (tmp_path / "filter_cap.json").write_text(json.dumps({"annotations": ann}))
+    assert read_annotations(tmp_path, "x")[0]["turns"] == [("Where?", "Left.")]

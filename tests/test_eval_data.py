@@ -192,8 +192,8 @@ def test_scene_followups_name_one_object_and_answer_from_its_ground_truth() -> N
     rng = random.Random(5)
     for _ in range(30):
         scene = scenes.render_scene(rng)
-        for kind in evalset.FOLLOWUP_KINDS:
-            question, answer = evalset.scene_followup(scene, kind, rng)
+        for kind in scenes.FOLLOWUP_KINDS:
+            question, answer = scenes.followup(scene, kind, rng)
             assert scenes.question_kind(question) == kind and answer in scenes.answer_options(question)
             if kind == "colour":
                 matches = [o for o in scene.objects if f"the {o.shape}" in question]
@@ -207,7 +207,7 @@ def test_scene_followups_name_one_object_and_answer_from_its_ground_truth() -> N
                 shape = question.removeprefix("How many ").removesuffix(" are there?")
                 assert answer == str(sum(scenes.plural(o.shape) == shape for o in scene.objects))
     with pytest.raises(ValueError, match="unknown follow-up kind 'size'"):
-        evalset.scene_followup(scene, "size", rng)
+        scenes.followup(scene, "size", rng)
 
 
 def test_read_followup_checks_the_answers_are_options(tmp_path: Path) -> None:

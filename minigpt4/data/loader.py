@@ -104,6 +104,7 @@ class _Cursor:
 class Example:
     text: str
     instruction: str | None = None  # stage 2
+    turns: tuple[tuple[str, str], ...] = ()  # stage 2: follow-up (question, answer) pairs
     image: Image.Image | None = None
     features: torch.Tensor | None = None
 
@@ -167,7 +168,7 @@ class TrainBatches(IterableDataset):
         corrupt += self._stream_errors
         if not examples:
             raise RuntimeError(f"every record of micro-batch {j} on this process was corrupt ({corrupt})")
-        sequences = self.text.build_many([(e.text, e.instruction) for e in examples])
+        sequences = self.text.build_many([(e.text, e.instruction, e.turns) for e in examples])
         input_ids, attention_mask, labels = pad_batch(sequences, self.pad_id)
         batch: dict[str, Any] = {
             "input_ids": input_ids,
@@ -267,12 +268,13 @@ def example_maker(
             else None
         )
         text = record_text(record)
+        turns = tuple(tuple(t) for t in record.get("turns") or ())
         if cache is None:
-            return Example(text, instruction, image=record_image(record, cfg.max_image_pixels))
+            return Example(text, instruction, turns, image=record_image(record, cfg.max_image_pixels))
         key = record_key(record)
         if key not in cache:
             raise CorruptSample("no cached features (the image was unreadable when the cache was made)")
-        return Example(text, instruction, features=cache.get(key))
+        return Example(text, instruction, turns, features=cache.get(key))
 
     return make
 

@@ -29,6 +29,8 @@ BACKGROUNDS: dict[str, tuple[int, int, int]] = {
 }
 
 MAX_OBJECTS = len(POSITIONS)
+# The kinds of `followup` questions.
+FOLLOWUP_KINDS = ("colour", "position", "count")
 _NUMBER_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 
 
@@ -211,6 +213,27 @@ def answer_options(question: str) -> tuple[str, ...]:
     if kind == "position":
         return POSITIONS
     return tuple(str(n) for n in range(MAX_OBJECTS + 1))
+
+
+def followup(scene: Scene, kind: str, rng: random.Random) -> tuple[str, str]:
+    """A follow-up question of `kind` ("colour", "position", "count") about one object, and its answer.
+
+    The object is named by its shape alone when no other object has that shape, else by its place
+    (colour questions) or its colour (position questions), so every question has one right answer.
+    Count questions ask, half the time, about a shape that may be absent, so "1" is not the usual answer.
+    """
+    obj = rng.choice(scene.objects)
+    unique = sum(o.shape == obj.shape for o in scene.objects) == 1
+    if kind == "colour":
+        where = "" if unique else f" in the {obj.position}"
+        return f"What colour is the {obj.shape}{where}?", obj.colour
+    if kind == "position":
+        return f"Where is the {obj.shape if unique else obj.name}?", obj.position
+    if kind == "count":
+        shape = obj.shape if rng.random() < 0.5 else rng.choice(SHAPES)
+        count = sum(o.shape == shape for o in scene.objects)
+        return f"How many {plural(shape)} are there?", str(count)
+    raise ValueError(f"unknown follow-up kind {kind!r}; known: {', '.join(FOLLOWUP_KINDS)}")
 
 
 def pope_probes(

@@ -2,7 +2,8 @@
 
     <root>/filter_cap.json   {"annotations": [{"image_id": "2", "caption": "The image shows …"}, …]}
                              (an annotation may carry its own "instruction"; others draw one from the
-                             prompts file)
+                             prompts file; "turns": [[question, answer], …] go on the conversation
+                             about the same image after the first answer)
     <root>/image/<image_id>.jpg
 
 The stream is endless: pass after pass over the annotations, each pass in a seeded order.
@@ -39,6 +40,14 @@ def read_annotations(root: str | Path, source: str) -> list[dict[str, Any]]:
             raise ConfigError(
                 f"{path}: annotations[{i}].instruction must be a string, got {ann['instruction']!r}"
             )
+        turns = ann.get("turns") or []
+        if not isinstance(turns, list) or not all(
+            isinstance(t, list | tuple) and len(t) == 2 and all(isinstance(x, str) and x for x in t)
+            for t in turns
+        ):
+            raise ConfigError(
+                f"{path}: annotations[{i}].turns must be a list of [question, answer] strings, got {turns!r}"
+            )
         image_id = str(ann["image_id"])
         records.append(
             {
@@ -47,6 +56,7 @@ def read_annotations(root: str | Path, source: str) -> list[dict[str, Any]]:
                 "image_path": root / "image" / f"{image_id}.jpg",
                 "caption": ann["caption"],
                 "instruction": ann.get("instruction"),
+                "turns": [tuple(t) for t in turns],
             }
         )
     if not records:

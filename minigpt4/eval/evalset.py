@@ -36,8 +36,7 @@ POPE_FILE = "pope.jsonl"
 FOLLOWUP_FILE = "followup.jsonl"
 FIRST_QUESTION = "What is in this image?"
 PHOTO_FOLLOWUP = "What colour is it?"
-# Scene i gets a follow-up of kind i % 3, so the kinds are balanced.
-FOLLOWUP_KINDS = ("colour", "position", "count")
+# Scene i gets a follow-up of kind i % 3 (`scenes.FOLLOWUP_KINDS`), so the kinds are balanced.
 IMAGES_DIR = "images"
 _PHOTO_ID_START = 1001
 _QUESTIONS_PER_SCENE = 3
@@ -64,27 +63,6 @@ def _answer_type(answer: str) -> str:
 
 def _probe_question(obj: str) -> str:
     return f"Is there {'an' if obj[0] in 'aeiou' else 'a'} {obj} in the image?"
-
-
-def scene_followup(scene: scenes.Scene, kind: str, rng: random.Random) -> tuple[str, str]:
-    """A follow-up question of `kind` ("colour", "position", "count") about one object, and its answer.
-
-    The object is named by its shape alone when no other object has that shape, else by its place
-    (colour questions) or its colour (position questions), so every question has one right answer.
-    Count questions ask, half the time, about a shape that may be absent, so "1" is not the usual answer.
-    """
-    obj = rng.choice(scene.objects)
-    unique = sum(o.shape == obj.shape for o in scene.objects) == 1
-    if kind == "colour":
-        where = "" if unique else f" in the {obj.position}"
-        return f"What colour is the {obj.shape}{where}?", obj.colour
-    if kind == "position":
-        return f"Where is the {obj.shape if unique else obj.name}?", obj.position
-    if kind == "count":
-        shape = obj.shape if rng.random() < 0.5 else rng.choice(scenes.SHAPES)
-        count = sum(o.shape == shape for o in scene.objects)
-        return f"How many {scenes.plural(shape)} are there?", str(count)
-    raise ValueError(f"unknown follow-up kind {kind!r}; known: {', '.join(FOLLOWUP_KINDS)}")
 
 
 def _followup(
@@ -123,8 +101,8 @@ def _scene_entries(images: Path, n_scenes: int, seed: int) -> list[_Entry]:
         for category, adversarial in (("random", False), ("adversarial", True)):
             probes = scenes.pope_probes(scene, rng, n_per_answer=1, adversarial=adversarial)
             entry.probes += [(q, label, category) for q, label in probes]
-        kind = FOLLOWUP_KINDS[i % len(FOLLOWUP_KINDS)]
-        question, answer = scene_followup(scene, kind, followup_rng)
+        kind = scenes.FOLLOWUP_KINDS[i % len(scenes.FOLLOWUP_KINDS)]
+        question, answer = scenes.followup(scene, kind, followup_rng)
         entry.followup = _followup(question, kind, [answer], scenes.answer_options(question), "scene")
         entries.append(entry)
     return entries

