@@ -102,7 +102,7 @@ def merged_gguf(f16_path: Path, weights: list[LoraWeight]) -> Path:
 
     target = f16_path.with_name(f"{f16_path.stem}-lora-{lora_digest(weights)}.gguf")
     if target.is_file():
-        log.info("LLM decode: LoRA merged into %s", target.name)
+        log.info("LLM decode: using %s (LoRA merged in before)", target.name)
         return target
     modules = sorted({w.module.rpartition(".")[2] for w in weights})
     log.info(
@@ -142,7 +142,6 @@ def merged_gguf(f16_path: Path, weights: list[LoraWeight]) -> Path:
                 )
             tensor.data[...] = (tensor.data.astype(np.float32) + delta).astype(tensor.data.dtype)
         reader.data.flush()
-        del reader, tensors
 
     write_atomic(target, write)
     return target
