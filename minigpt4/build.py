@@ -102,18 +102,30 @@ def load_llm(cfg: LLMConfig, tokenizer, device: torch.device, seed: int = 0) -> 
 
 
 def build_runtime(cfg: ModelConfig, model: MiniGPT4) -> DecodeRuntime:
-    """Where a preset's answers are decoded: `model.llm.runtime` (llama_cpp only on the CPU)."""
+    """Where a preset's answers are decoded: `model.llm.runtime` (llama_cpp only on the CPU).
+
+    With LoRA, llama.cpp decodes the float16 GGUF with the adapters merged in (made once, cached),
+    quantised afterwards when `runtime_weights` asks for q8_0 or q4_0.
+    """
     llm = cfg.llm
-    if llm.runtime == "llama_cpp" and model.device.type == "cpu" and cfg.lora is None:
+    if llm.runtime == "llama_cpp" and model.device.type == "cpu":
         from minigpt4.decode.llama_cpp import LlamaCppRuntime, converted_gguf  # noqa: PLC0415 (optional)
 
         folder = Path(_source(resolve_package_path(llm.pretrained, "model.llm.pretrained")))
         path = folder / llm.gguf_file
-        if llm.runtime_weights is not None:
+        if cfg.lora is not None:
+            from minigpt4.decode.lora_gguf import lora_weights, merged_gguf  # noqa: PLC0415
+
+            path = merged_gguf(converted_gguf(path, "f16"), lora_weights(model.llm))
+            if llm.runtime_weights not in (None, "f16"):
+                path = converted_gguf(path, llm.runtime_weights)
+        elif llm.runtime_weights is not None:
             path = converted_gguf(path, llm.runtime_weights)
         return LlamaCppRuntime(path, cfg.max_context_tokens, llm.max_sequences)
     if llm.runtime == "llama_cpp":
-        log.info("model.llm.runtime: llama_cpp is for the CPU without LoRA; decoding with transformers")
+        log.info(
+            "model.llm.runtime: llama_cpp is for the CPU; on %s decoding with transformers", model.device
+        )
     return TorchRuntime(model.llm, llm.max_sequences)
 
 

@@ -75,7 +75,8 @@ class LLMConfig:
     # through llama-cpp-python: quantised weights, several answers in one step).
     runtime: str = "transformers"
     max_sequences: int = 8  # answers decoded together at most (more wait for a free place)
-    # llama_cpp: decode from the GGUF converted once to f16 | q8_0 | q4_0 (null: as the file is)
+    # llama_cpp: decode from the GGUF converted once to f16 | q8_0 | q4_0 (null: as the file is; with
+    # model.lora the adapters are merged into the f16 file, which null then decodes)
     runtime_weights: str | None = None
 
     def __post_init__(self) -> None:

@@ -4,6 +4,8 @@
   transformers runtime (each sequence a `DynamicCache`; GPUs, training presets, tiny tests).
 * `llama_cpp.py`: the same interface over llama.cpp (`llama-cpp-python`), reading the LLM's GGUF
   file: quantised weights and fused kernels, the fast path on a CPU.
+* `lora_gguf.py`: LoRA for llama.cpp: the adapters' deltas merged into a copy of the float16 GGUF,
+  made once per checkpoint and cached.
 * `batcher.py`: continuous batching: one thread decodes the active answers of every session
   together, one batched step per token; answers join after their prefill and leave when they stop.
 """
