@@ -59,3 +59,30 @@ def test_lite_preset_answers_about_a_package_photo(monkeypatch):
     monkeypatch.setattr(gguf_llm, "_convert", no_conversion)
     model = build_model(load_eval_config("minigpt4_lite").model, device="cpu")
     assert model.llm.config.hidden_size == chat.model.llm.config.hidden_size
+
+
+@pytest.mark.slow
+def test_the_default_answers_follow_ups_from_the_image():
+    """Scenes from a seed no data set uses: the follow-up after "What is in this image?" is read from
+    the image. The frozen-LLM preset gets none of these right (it repeats its first answer)."""
+    import random
+
+    from minigpt4.data import scenes
+    from minigpt4.eval.metrics import option_answer
+
+    chat = load_chat("minigpt4_lite", device="cpu")
+    rng = random.Random("lite follow-up test")
+    right = 0
+    n = 12
+    for i in range(n):
+        scene = scenes.render_scene(rng)
+        question, truth = scenes.followup(scene, scenes.FOLLOWUP_KINDS[i % 3], rng)
+        session = chat.new_session()
+        chat.upload_image(session, scene.image)
+        chat.ask(session, "What is in this image?")
+        first = chat.answer(session, max_new_tokens=60)
+        chat.ask(session, question)
+        reply = chat.answer(session, max_new_tokens=8)
+        assert reply.strip() and reply.strip() != first.strip()
+        right += option_answer(reply, scenes.answer_options(question)) == truth
+    assert right >= 5, f"{right}/{n} follow-ups right"

@@ -41,8 +41,9 @@ def randomise_lora_b(model, seed: int) -> None:
 @pytest.fixture(scope="module")
 def lora_cfg():
     pytest.importorskip("llama_cpp")
+    # The frozen-LLM preset's bridge: these tests set their own (smaller) adapters.
     overrides = [LORA, "model.llm.max_sequences=1", "model.max_context_tokens=128"]
-    return load_eval_config("minigpt4_lite", overrides).model
+    return load_eval_config("minigpt4_lite_frozen", overrides).model
 
 
 @pytest.fixture(scope="module")

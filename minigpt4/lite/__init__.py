@@ -1,4 +1,4 @@
-"""The embedded offline default, `minigpt4_lite`: EfficientNet-Lite0 → trained bridge → SmolLM2-135M.
+"""The embedded offline default, `minigpt4_lite`: EfficientNet-Lite0 → trained bridge → SmolLM2-135M + LoRA.
 
 * `vision`: the frozen EfficientNet-Lite0 read out as class tokens + spatial tokens.
 * `gguf_llm`: the LLM's GGUF file converted once into a cache folder, for fast later starts.
