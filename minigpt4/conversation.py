@@ -143,6 +143,7 @@ class Template:
         Rendered by the same code as inference prompts: the text that two exchanges add to one, so a
         follow-up is trained exactly as the chat engine will later show it to the model.
         """
+        end = self.answer_end(tokenizer)  # already there: training ends each answer with it
         if self.name == "chat_template":
             first = [Message("user", "x", images=1), Message("assistant", "y")]
             before = self.render(first[:1], tokenizer) + "y"
@@ -151,12 +152,8 @@ class Template:
                 raise ValueError(
                     f"{self.name}: the chat template renders an answer differently from a prompt"
                 )
-            rest = after[len(before) :]
-            end = self.answer_end(tokenizer)  # already there: training ends each answer with it
-            return rest.removeprefix(end)
-        turn = self.training_format.format(question)
-        end = self.answer_end(tokenizer)
-        return turn.removeprefix(end) if turn.startswith(end) else turn
+            return after[len(before) :].removeprefix(end)
+        return self.training_format.format(question).removeprefix(end)
 
     def answer_end(self, tokenizer) -> str:
         """What ends an answer in training data: `###` for Vicuna v0, the EOS text otherwise."""

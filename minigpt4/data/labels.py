@@ -34,7 +34,8 @@ class TextBuilder:
     template: Template
     stage: int
     max_text_tokens: int
-    _prompt_ids: dict[str | tuple[str, str] | None, list[int]] = field(default_factory=dict, repr=False)
+    _prompt_ids: dict[str | None, list[int]] = field(default_factory=dict, repr=False)
+    _followup_ids: dict[str, list[int]] = field(default_factory=dict, repr=False)
 
     def prompt(self, instruction: str | None) -> str:
         if self.stage == 1:
@@ -76,18 +77,18 @@ class TextBuilder:
                 if not fits or len(answer_ids) > self.max_text_tokens:
                     fits = False
                     continue
-                question_ids = self._followup_ids(question)
+                question_ids = self.followup_ids(question)
                 input_ids += question_ids + answer_ids
                 labels += [IGNORE_INDEX] * len(question_ids) + answer_ids
             out.append((input_ids, labels))
         return out
 
-    def _followup_ids(self, question: str) -> list[int]:
-        key = ("followup", question)
-        if key not in self._prompt_ids:
+    def followup_ids(self, question: str) -> list[int]:
+        """The tokens of a follow-up question's turn (each distinct question tokenized once)."""
+        if question not in self._followup_ids:
             text = self.template.followup_prompt(question, self.tokenizer)
-            self._prompt_ids[key] = self.tokenizer(text, add_special_tokens=False).input_ids
-        return self._prompt_ids[key]
+            self._followup_ids[question] = self.tokenizer(text, add_special_tokens=False).input_ids
+        return self._followup_ids[question]
 
 
 def pad_batch(
