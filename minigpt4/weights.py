@@ -286,6 +286,29 @@ def save_trainable(model: nn.Module, path: str | Path, metadata: Mapping[str, An
     return path
 
 
+def copy_trainable(src: str | Path, dst: str | Path, dtype: torch.dtype) -> Path:
+    """Copy a trainable-weights file to safetensors with its floating-point tensors cast to `dtype`.
+
+    How a trained result becomes a shipped file at half the size (float16): models load it into their
+    own dtype, so only the stored precision changes. Metadata is kept, with the dtype added. A value
+    that does not fit `dtype` (inf after the cast) is refused.
+    """
+    if not dtype.is_floating_point:
+        raise WeightsError(f"copy_trainable: {dtype} is not a floating-point dtype")
+    tensors = {}
+    for key, value in read_trainable(src).items():
+        cast = value.to(dtype).contiguous() if value.is_floating_point() else value
+        if cast.is_floating_point() and not torch.isfinite(cast).all():
+            raise WeightsError(f"{src}: {key} does not fit {dtype} (values beyond its range)")
+        tensors[key] = cast
+    metadata = {**checkpoint_metadata(src), "dtype": str(dtype).removeprefix("torch.")}
+    dst = Path(dst)
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    meta = {"minigpt4": json.dumps(metadata)}
+    write_atomic(dst, lambda tmp: save_file(tensors, str(tmp), metadata=meta))
+    return dst
+
+
 def hub_file(spec: str) -> Path:
     """`hf://org/repo/path/in/repo` → the file, downloaded once into the HF cache."""
     from huggingface_hub import hf_hub_download  # noqa: PLC0415

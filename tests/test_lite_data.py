@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import json
 import random
 
@@ -71,6 +72,23 @@ def test_stage2_examples_cover_every_kind_and_match_the_scene():
             seen["it"] += question.startswith(("What colour is it?", "Where is it?"))
     it = seen.pop("it")  # only scenes with one object are asked about "it"
     assert min(seen.values()) > 10 and it > 0
+
+
+def test_short_questions_ask_counts_as_often_of_crowded_scenes_as_of_sparse_ones():
+    rng = random.Random(3)
+    kinds, counted = collections.Counter(), collections.Counter()
+    for _ in range(1200):
+        scene = scenes.render_scene(rng)
+        question, answer = data.short_question(scene, rng)
+        assert answer == _truth(scene, question)
+        kinds[scenes.question_kind(question)] += 1
+        if scenes.question_kind(question) == "count":
+            counted[len(scene.objects)] += 1
+    assert set(kinds) == set(data.QUESTION_KINDS)
+    assert all(240 <= n <= 360 for n in kinds.values()), kinds
+    # Drawn from all of scenes.questions, a one-object scene's question is a count 2 times in 5, a
+    # four-object scene's 1 in 7: "1" would be the usual answer to "How many shapes …?".
+    assert max(counted.values()) < 1.5 * min(counted.values()), counted
 
 
 def test_blobs_show_their_colour_in_the_middle():

@@ -17,7 +17,7 @@ from gguf import GGMLQuantizationType, GGUFReader, GGUFWriter
 
 from minigpt4.build import build_model, build_runtime
 from minigpt4.config import load_eval_config
-from minigpt4.decode.lora_gguf import LoraWeight, gguf_tensor_name, lora_weights, merged_gguf
+from minigpt4.decode.lora_gguf import KEEP_MERGED, LoraWeight, gguf_tensor_name, lora_weights, merged_gguf
 from minigpt4.decode.runtime import TorchRuntime
 from minigpt4.errors import ConfigError
 from minigpt4.weights import load_trainable, save_trainable
@@ -167,6 +167,20 @@ def test_deltas_land_on_their_tensors_with_query_and_key_rows_in_gguf_order(tmp_
         tensors["blk.1.ffn_down.weight"], base["blk.1.ffn_down.weight"] + down, rtol=1e-6
     )
     np.testing.assert_array_equal(tensors["blk.0.attn_q.weight"], base["blk.0.attn_q.weight"])  # not adapted
+
+
+def test_only_the_newest_merged_copies_are_kept_with_what_was_converted_from_them(tmp_path):
+    base = write_gguf(tmp_path / "base.gguf", {"blk.0.attn_v.weight": np.zeros((8, 8), np.float32)})
+    merged = []
+    for seed in range(KEEP_MERGED + 2):
+        merged.append(merged_gguf(base, [lora("model.layers.0.self_attn.v_proj", 8, 8, seed=seed)]))
+        if seed == 0:  # the first copy, quantised by the runtime (its name starts with the copy's stem)
+            (tmp_path / f"{merged[0].stem}-0123456789abcdef-q8_0.gguf").write_bytes(b"q8")
+    kept = sorted(p.name for p in tmp_path.iterdir())
+    assert kept == sorted(["base.gguf"] + [p.name for p in merged[-KEEP_MERGED:]])
+    assert (
+        merged_gguf(base, [lora("model.layers.0.self_attn.v_proj", 8, 8, seed=KEEP_MERGED + 1)]) == merged[-1]
+    )
 
 
 @pytest.mark.parametrize(

@@ -12,7 +12,7 @@ from transformers import Blip2Config, Blip2ForConditionalGeneration, LlamaForCau
 from minigpt4.build import build_model
 from minigpt4.config import VisionConfig, load_eval_config
 from minigpt4.vision import build_vision
-from minigpt4.weights import WeightsError, load_trainable, save_trainable
+from minigpt4.weights import WeightsError, copy_trainable, load_trainable, save_trainable
 
 VISION = dict(
     hidden_size=32,
@@ -238,6 +238,33 @@ def test_save_trainable_writes_only_the_projection_and_round_trips(tiny_model, t
     assert not torch.equal(other.llama_proj.weight, tiny_model.llama_proj.weight)
     load_trainable(other, path)
     torch.testing.assert_close(other.llama_proj.weight, tiny_model.llama_proj.weight)
+
+
+def test_a_float16_copy_halves_the_file_and_loads_into_a_float32_model(tiny_model, tmp_path):
+    path = save_trainable(tiny_model, tmp_path / "proj.safetensors", {"step": 3})
+    half = copy_trainable(path, tmp_path / "half.safetensors", torch.float16)
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    assert {t.dtype for t in load_file(str(half)).values()} == {torch.float16}
+    with safe_open(str(half), framework="pt") as fh:
+        assert json.loads(fh.metadata()["minigpt4"]) == {"step": 3, "dtype": "float16"}
+    assert half.stat().st_size < 0.6 * path.stat().st_size
+    other = build_model(load_eval_config("minigpt4_tiny_random", ["model.seed=5"]).model, "cpu")
+    load_trainable(other, half)
+    assert other.llama_proj.weight.dtype == torch.float32
+    expected = tiny_model.llama_proj.weight.half().float()
+    torch.testing.assert_close(other.llama_proj.weight, expected, rtol=0, atol=0)
+
+
+def test_a_float16_copy_refuses_values_beyond_its_range(tmp_path):
+    from safetensors.torch import save_file
+
+    big = {"llama_proj.weight": torch.full((2, 2), 1e6), "llama_proj.bias": torch.zeros(2)}
+    save_file(big, str(tmp_path / "big.safetensors"))
+    with pytest.raises(WeightsError, match=r"llama_proj.weight does not fit torch.float16"):
+        copy_trainable(tmp_path / "big.safetensors", tmp_path / "half.safetensors", torch.float16)
+    assert not (tmp_path / "half.safetensors").exists()
 
 
 def test_hf_llm_directory_loads_the_same_weights(tiny_model, tmp_path):

@@ -3,7 +3,8 @@
 llama.cpp decodes the GGUF file, which knows nothing of the peft adapters on the transformers model.
 `merged_gguf` writes `W + scaling · B @ A` (what peft's own merge adds) into each adapted weight of a
 copy of the float16 file, once: the copy is cached beside it under a hash of the LoRA tensors, so a
-changed checkpoint gets a new file and the same one reuses it.
+changed checkpoint gets a new file and the same one reuses it. Only the `KEEP_MERGED` newest copies of
+a base file are kept (each is as large as the model), with what was converted from them.
 
 GGUF's LLaMA layout differs from Hugging Face's in one way that matters here: llama.cpp's converter
 permutes the rows of the query and key weights (`LlamaModel.permute` in `convert_hf_to_gguf.py`, the
@@ -38,6 +39,8 @@ GGUF_TENSORS = {
     "mlp.down_proj": "ffn_down",
 }
 _LAYER_MODULE = re.compile(r"model\.layers\.(\d+)\.(.+)")
+# Merged copies of one base file kept in the cache (the newest; older ones are deleted when one is written).
+KEEP_MERGED = 3
 # The GGUF tensors whose rows llama.cpp's converter permutes, and the metadata key of their head count.
 _PERMUTED = {"attn_q": "head_count", "attn_k": "head_count_kv"}
 
@@ -144,4 +147,35 @@ def merged_gguf(f16_path: Path, weights: list[LoraWeight]) -> Path:
         reader.data.flush()
 
     write_atomic(target, write)
+    prune_merged(target, f16_path, KEEP_MERGED)
     return target
+
+
+def prune_merged(newest: Path, f16_path: Path, keep: int) -> list[Path]:
+    """Delete all but the `keep` newest merged copies of `f16_path` (`newest` among them, whatever the
+    file times say), and the files converted from them.
+
+    Returns what was deleted. A file that cannot be deleted (in use, on some systems) is left and logged.
+    """
+    merged = re.compile(rf"{re.escape(f16_path.stem)}-lora-[0-9a-f]{{16}}\.gguf")
+    copies = sorted(
+        (p for p in f16_path.parent.iterdir() if merged.fullmatch(p.name)),
+        key=lambda p: (p == newest, p.stat().st_mtime_ns),
+        reverse=True,
+    )
+    deleted = []
+    for old in copies[keep:]:
+        for path in sorted(p for p in old.parent.iterdir() if p.name.startswith(old.stem)):
+            try:
+                path.unlink()
+            except OSError as exc:
+                log.warning("LLM decode: could not delete the old merged copy %s: %s", path, exc)
+                continue
+            deleted.append(path)
+    if deleted:
+        log.info(
+            "LLM decode: deleted %d older LoRA-merged files: %s",
+            len(deleted),
+            ", ".join(p.name for p in deleted),
+        )
+    return deleted

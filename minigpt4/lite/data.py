@@ -79,7 +79,11 @@ ONE_SENTENCE = "Describe this image in one sentence."
 SHORT_ANSWER_HINT = "Answer the question using a single word or phrase."
 # Shares of stage-2 scene examples: detailed description, one short question, one yes/no probe, or a
 # conversation (a first answer, then follow-ups about the same image).
-STAGE2_MIX = {"describe": 0.15, "question": 0.25, "probe": 0.2, "conversation": 0.4}
+STAGE2_MIX = {"describe": 0.1, "question": 0.35, "probe": 0.15, "conversation": 0.4}
+# A short question's kind is drawn first, uniformly: a scene has a colour, shape and place question per
+# object but two counts whatever its size, so drawing from all its questions asks counts mostly of scenes
+# with one object and teaches "1" as the usual count.
+QUESTION_KINDS = ("colour", "shape", "position", "count")
 # Follow-ups per conversation (drawn uniformly).
 FOLLOWUPS = (1, 3)
 # Class examples: a name or description, or a conversation that asks about the object's colour next.
@@ -136,6 +140,12 @@ def followup_question(scene: scenes.Scene, rng: random.Random) -> tuple[str, str
     return scenes.followup(scene, kind, rng)
 
 
+def short_question(scene: scenes.Scene, rng: random.Random) -> tuple[str, str]:
+    """One of `scenes.questions`, its kind drawn uniformly from QUESTION_KINDS."""
+    kind = rng.choice(QUESTION_KINDS)
+    return rng.choice([qa for qa in scenes.questions(scene, rng) if scenes.question_kind(qa[0]) == kind])
+
+
 def _short(question: str, answer: str, rng: random.Random) -> tuple[str, str]:
     if rng.random() < 0.5:
         question = f"{question} {SHORT_ANSWER_HINT}"
@@ -153,7 +163,7 @@ def stage2_example(scene: scenes.Scene, rng: random.Random) -> tuple[str, str, l
     if kind == "conversation":
         turns = [list(_short(*followup_question(scene, rng), rng)) for _ in range(rng.randint(*FOLLOWUPS))]
         return rng.choice(DESCRIBE_INSTRUCTIONS), scenes.describe(scene), turns
-    question, answer = rng.choice(scenes.questions(scene, rng)) if kind == "question" else _probe(scene, rng)
+    question, answer = short_question(scene, rng) if kind == "question" else _probe(scene, rng)
     return (*_short(question, answer, rng), [])
 
 
