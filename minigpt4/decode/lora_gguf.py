@@ -158,14 +158,15 @@ def prune_merged(newest: Path, f16_path: Path, keep: int) -> list[Path]:
     Returns what was deleted. A file that cannot be deleted (in use, on some systems) is left and logged.
     """
     merged = re.compile(rf"{re.escape(f16_path.stem)}-lora-[0-9a-f]{{16}}\.gguf")
+    files = sorted(f16_path.parent.iterdir())
     copies = sorted(
-        (p for p in f16_path.parent.iterdir() if merged.fullmatch(p.name)),
+        (p for p in files if merged.fullmatch(p.name)),
         key=lambda p: (p == newest, p.stat().st_mtime_ns),
         reverse=True,
     )
     deleted = []
     for old in copies[keep:]:
-        for path in sorted(p for p in old.parent.iterdir() if p.name.startswith(old.stem)):
+        for path in (p for p in files if p.name.startswith(old.stem)):
             try:
                 path.unlink()
             except OSError as exc:
