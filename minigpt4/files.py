@@ -7,26 +7,31 @@ one, never half of one; readers that look for the final name never see a partial
 from __future__ import annotations
 
 import os
+import secrets
 from collections.abc import Callable
 from pathlib import Path
 
 
 def temporary_name(path: Path) -> Path:
-    """The hidden name a file (or folder) is written under before it is renamed to `path`."""
+    """The hidden name a folder is written under before it is renamed to `path` (one writer at a time)."""
     return path.with_name(f".{path.name}.tmp")
 
 
 def write_atomic(path: Path, write: Callable[[Path], None]) -> None:
-    """Call `write(tmp)` to fill a temporary file, then rename it to `path` (its folder is made)."""
+    """Call `write(tmp)` to fill a temporary file, then rename it to `path` (its folder is made).
+
+    The temporary name is this call's own, so writers of the same file in several processes (two evals
+    that make the same cached GGUF at once) each rename a whole file; the last rename wins.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = temporary_name(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}-{secrets.token_hex(4)}.tmp")
     try:
         write(tmp)
+        os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    os.replace(tmp, path)
 
 
 def write_text_atomic(path: Path, text: str) -> None:
