@@ -285,7 +285,6 @@ def save_trainable(model: nn.Module, path: str | Path, metadata: Mapping[str, An
 def _write_trainable(tensors: dict[str, torch.Tensor], path: str | Path, metadata: Mapping[str, Any]) -> Path:
     """Safetensors with our metadata (`checkpoint_metadata` reads it back), written atomically."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     meta = {"minigpt4": json.dumps(dict(metadata))}
     write_atomic(path, lambda tmp: save_file(tensors, str(tmp), metadata=meta))
     return path

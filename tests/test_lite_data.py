@@ -117,10 +117,10 @@ def test_quizzes_ask_distinct_questions_with_both_probe_answers():
 
 
 def test_blobs_show_their_colour_in_the_middle():
-    from minigpt4.lite.vocabulary import COLOUR_WORDS
+    from minigpt4.lite.vocabulary import COLOUR_WORDS, nearest_colour
 
     def colour_of(pixels: Image.Image) -> str:
-        return data.nearest_blob_colour(np.asarray(pixels, np.float32).reshape(-1, 3).mean(0))
+        return nearest_colour(np.asarray(pixels, np.float32).reshape(-1, 3).mean(0), data.BLOB_COLOURS)
 
     rng = random.Random(6)
     centres, corners = collections.Counter(), 0

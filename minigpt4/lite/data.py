@@ -65,7 +65,7 @@ from minigpt4.lite.vision import (
     initial_bridge,
     write_class_tokens,
 )
-from minigpt4.lite.vocabulary import COLOUR_WORDS
+from minigpt4.lite.vocabulary import COLOUR_WORDS, nearest_colour
 from minigpt4.train.features import frozen_vision
 
 DESCRIBE_INSTRUCTIONS = (
@@ -210,7 +210,7 @@ def render_blob(rng: random.Random, colour: str, size: int = 224) -> Image.Image
         for _ in range(100):
             mix = rng.uniform(0.55, 0.9) if photo else 1.0
             value = (np.array(BLOB_COLOURS[name], np.float32) * mix + 128 * (1 - mix)) * rng.uniform(0.7, 1.1)
-            if all(nearest_blob_colour(value + shift) != colour for shift in (-35, 0, 35)):
+            if all(nearest_colour(value + shift, BLOB_COLOURS) != colour for shift in (-35, 0, 35)):
                 return value
             name = rng.choice(others)
         return np.array(BLOB_COLOURS[name], np.float32)
@@ -237,7 +237,7 @@ def render_blob(rng: random.Random, colour: str, size: int = 224) -> Image.Image
     for _ in range(100 if photo else 0):
         duller = base.mean() + (base - base.mean()) * rng.uniform(0.75, 1.0)
         duller = duller * rng.uniform(0.85, 1.05)
-        if nearest_blob_colour(duller) == colour:
+        if nearest_colour(duller, BLOB_COLOURS) == colour:
             base = duller
             break
     slope = 0.35 if photo else 0.25
@@ -251,11 +251,6 @@ def render_blob(rng: random.Random, colour: str, size: int = 224) -> Image.Image
             shaded = shaded * (1 - 0.6 * spot) + 250 * 0.6 * spot
     image = np.where(inside[..., None], shaded, image)
     return Image.fromarray(np.clip(image, 0, 255).astype(np.uint8))
-
-
-def nearest_blob_colour(rgb: np.ndarray) -> str:
-    """The BLOB_COLOURS name whose centre is nearest to `rgb`."""
-    return min(BLOB_COLOURS, key=lambda name: float(np.sum((np.array(BLOB_COLOURS[name]) - rgb) ** 2)))
 
 
 def _smooth_noise(gen: np.random.Generator, size: int, scale: float) -> np.ndarray:

@@ -30,7 +30,7 @@ from torch import nn
 from transformers import PreTrainedTokenizerBase
 
 from minigpt4.lite.packages import require
-from minigpt4.lite.vocabulary import COLOUR_WORDS, POSITIONS
+from minigpt4.lite.vocabulary import POSITIONS, nearest_colour
 
 N_CLASSES = 1000
 N_CLASS_TOKENS = 3
@@ -138,14 +138,7 @@ def _to_tensor(image: Image.Image) -> torch.Tensor:
 
 def bin_colour_words() -> list[str]:
     """The nearest colour word to the centre of each of the COLOUR_BINS RGB bins, in bin order."""
-
-    def nearest(centre: tuple[int, ...]) -> str:
-        return min(
-            COLOUR_WORDS,
-            key=lambda w: sum((x - y) ** 2 for x, y in zip(centre, COLOUR_WORDS[w], strict=True)),
-        )
-
-    return [nearest(centre) for centre in itertools.product((0, 128, 255), repeat=3)]
+    return [nearest_colour(centre) for centre in itertools.product((0, 128, 255), repeat=3)]
 
 
 def initial_bridge(tokenizer: PreTrainedTokenizerBase, embeddings: torch.Tensor) -> dict[str, torch.Tensor]:

@@ -7,6 +7,8 @@ draws with the same colours in the same places, so its captions use words the re
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Mapping
+
 # The colours scenes are drawn in (and answers name).
 COLOURS: dict[str, tuple[int, int, int]] = {
     "red": (220, 30, 30),
@@ -38,3 +40,9 @@ POSITIONS: tuple[str, ...] = (
     "bottom center",
     "bottom right",
 )
+
+
+def nearest_colour(rgb: Iterable[float], palette: Mapping[str, tuple[int, int, int]] = COLOUR_WORDS) -> str:
+    """The name in `palette` whose RGB centre is nearest to `rgb` (the first such name on a tie)."""
+    rgb = tuple(float(x) for x in rgb)
+    return min(palette, key=lambda name: sum((x - y) ** 2 for x, y in zip(rgb, palette[name], strict=True)))
