@@ -103,9 +103,9 @@ BLOB_COLOURS: dict[str, tuple[int, int, int]] = {
     for name in ("red", "green", "blue", "yellow", "purple", "orange", "black", "white", "gray", "pink")
 } | {"brown": (125, 80, 45)}
 # What a class example's "no" probes ask about, half the time (otherwise another ImageNet class): the
-# one-word names among the 80 COCO categories that POPE asks about (61), so the common things a person asks of a photo ("Is there a
-# person?") are answered from the image too. A noun that the class's names or description use is not
-# asked ("cat" of a tabby cat).
+# one-word names among the 80 COCO categories that POPE asks about (61), so that the common things a
+# person asks of a photo ("Is there a person?") are answered from the image too. A noun that the
+# class's names or description use is not asked ("cat" of a tabby cat).
 EVERYDAY_NOUNS = (  # noqa: SIM905 (a list of 61 words reads better as one string)
     "person bicycle car motorcycle airplane bus train truck boat bird cat dog horse sheep cow elephant "
     "bear zebra giraffe backpack umbrella handbag tie suitcase kite skateboard surfboard bottle cup fork "
