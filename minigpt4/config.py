@@ -42,9 +42,15 @@ class VisionConfig:
     # Blip2VisionConfig under "vision" and of Blip2QFormerConfig under "qformer".
     random_init: dict[str, Any] | None = None
     dtype: str = "auto"  # "auto": fp16 on GPU, fp32 on CPU
+    # efficientnet_lite only: one more token, the main object's colour (minigpt4/lite/vision.py).
+    object_colour: bool = False
 
     def __post_init__(self) -> None:
         _check_positive(self, "model.vision", ("num_query_tokens", "image_size"))
+        if self.object_colour and self.kind != "efficientnet_lite":
+            raise ConfigError(
+                f"model.vision.object_colour: only kind efficientnet_lite has it, not {self.kind!r}"
+            )
         if self.random_init is not None:
             unknown = sorted(set(self.random_init) - {"vision", "qformer"})
             if unknown:

@@ -147,7 +147,7 @@ def build_vision(cfg: VisionConfig, device: torch.device) -> nn.Module:
     elif cfg.kind == "efficientnet_lite":
         from minigpt4.lite.vision import EfficientNetLiteVision  # noqa: PLC0415
 
-        module = EfficientNetLiteVision()
+        module = EfficientNetLiteVision(object_colour=cfg.object_colour)
     else:
         raise ConfigError(
             f"model.vision.kind: unknown kind {cfg.kind!r} (known: blip2, blip2_patches, efficientnet_lite)"

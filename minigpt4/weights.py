@@ -279,10 +279,10 @@ def load_blip2_weights(module: nn.Module, cfg: VisionConfig) -> None:
 def save_trainable(model: nn.Module, path: str | Path, metadata: Mapping[str, Any] | None = None) -> Path:
     """Write only the trainable weights to safetensors, atomically (temp file, then rename)."""
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in model.trainable_state_dict().items()}
-    return _write_trainable(tensors, path, metadata or {})
+    return write_trainable(tensors, path, metadata or {})
 
 
-def _write_trainable(tensors: dict[str, torch.Tensor], path: str | Path, metadata: Mapping[str, Any]) -> Path:
+def write_trainable(tensors: dict[str, torch.Tensor], path: str | Path, metadata: Mapping[str, Any]) -> Path:
     """Safetensors with our metadata (`checkpoint_metadata` reads it back), written atomically."""
     path = Path(path)
     meta = {"minigpt4": json.dumps(dict(metadata))}
@@ -305,7 +305,7 @@ def copy_trainable(src: str | Path, dst: str | Path, dtype: torch.dtype) -> Path
         if cast.is_floating_point() and not torch.isfinite(cast).all():
             raise WeightsError(f"{src}: {key} does not fit {dtype} (values beyond its range)")
         tensors[key] = cast
-    return _write_trainable(
+    return write_trainable(
         tensors, dst, {**checkpoint_metadata(src), "dtype": str(dtype).removeprefix("torch.")}
     )
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from minigpt4.config import EVAL_CONFIG_DIR, load_eval_config, resolve_preset
+from minigpt4.config import EVAL_CONFIG_DIR, ModelConfig, from_dict, load_eval_config, resolve_preset
 from minigpt4.errors import ConfigError
 
 
@@ -99,3 +99,8 @@ def test_non_positive_limits_are_refused_at_load(tiny_cfg_path, override):
     key, _, value = override.partition("=")
     with pytest.raises(ConfigError, match=rf"{key} must be a positive number, got {value}"):
         load_eval_config(tiny_cfg_path, [override])
+
+
+def test_object_colour_is_refused_for_a_vision_that_has_no_such_token():
+    with pytest.raises(ConfigError, match="object_colour: only kind efficientnet_lite"):
+        from_dict(ModelConfig, {"vision": {"kind": "blip2", "object_colour": True}}, "preset")

@@ -12,11 +12,22 @@ import pytest
 import torch
 import webdataset as wds
 from PIL import Image
+from safetensors.torch import save_file
 
 from minigpt4.data import scenes
 from minigpt4.data.loader import BatchPlan, build_loader
 from minigpt4.lite import data
-from minigpt4.lite.vision import MIN_CLASS_MASS, N_CLASS_TOKENS, N_CLASSES, SLOT_START, TOP_K, class_names
+from minigpt4.lite.vision import (
+    FEATURE_DIM,
+    GRID,
+    MIN_CLASS_MASS,
+    N_CLASS_TOKENS,
+    N_CLASSES,
+    SLOT_START,
+    TOP_K,
+    class_names,
+)
+from minigpt4.weights import WeightsError, checkpoint_metadata, read_trainable, write_trainable
 
 pytest_plugins = ["train_helpers"]  # fixtures: tiny_config, tiny_model
 
@@ -245,11 +256,12 @@ def test_stage2_feature_cache_holds_scenes_and_class_examples(tmp_path):
             f"data.sources=[{{name: lite, path: '{folder}'}}]",
             f"data.features={tmp_path / 'feats'}",
             "model.projection.checkpoint=null",
+            "model.vision.object_colour=true",
         ],
     )
     stage2_cfg = tmp_path / "stage2.yaml"
     stage2_cfg.write_text(
-        "model: {vision: {kind: efficientnet_lite}}\n"
+        "model: {vision: {kind: efficientnet_lite, object_colour: true}}\n"
         f"data: {{sources: [{{name: lite, path: '{folder}'}}]}}\n"
     )
     data.write_stage2_features(folder, tmp_path / "feats", str(stage2_cfg))
@@ -257,7 +269,7 @@ def test_stage2_feature_cache_holds_scenes_and_class_examples(tmp_path):
     annotations = json.loads((folder / "filter_cap.json").read_text())["annotations"]
     assert len(cache) == 9 and sum("classes" in a for a in annotations) == 6
 
-    vision = EfficientNetLiteVision()
+    vision = EfficientNetLiteVision(object_colour=True)
     make = example_maker(cfg.data, seed=0, cache=cache)
     for position, a in enumerate(annotations):
         record = {"__source__": "lite", "__key__": a["image_id"], "image_path": folder / "image" / "x.jpg"}
@@ -276,10 +288,38 @@ def test_stage2_feature_cache_holds_scenes_and_class_examples(tmp_path):
             mass = max(sum(p for _, p in a["classes"]), MIN_CLASS_MASS)
             for c, p in a["classes"]:
                 assert block[c].item() == pytest.approx(p / mass, abs=1e-3)
-        cells = features[N_CLASS_TOKENS:]
-        if a["cells"] is None:  # only the places: one-hots in the slot block
-            assert torch.equal(cells[:, SLOT_START:], torch.eye(cells.shape[0]))
-            assert cells[:, :SLOT_START].abs().sum() == 0
+        cells = features[N_CLASS_TOKENS:]  # the grid cells, then the object-colour token
+        if a["cells"] is None:  # only the places: one-hots in the slot block, and no colour
+            assert torch.equal(cells[:-1, SLOT_START:FEATURE_DIM], torch.eye(GRID * GRID))
+            assert cells[:-1, :SLOT_START].abs().sum() == 0
+            assert cells[-1].abs().sum() == 0
         else:
             scene = vision(vision.preprocess([Image.open(folder / "image" / f"{a['cells']}.jpg")]))[0]
             torch.testing.assert_close(cells, scene[N_CLASS_TOKENS:], atol=2e-3, rtol=2e-3)
+
+
+def test_widened_checkpoint_keeps_the_trained_columns_and_starts_the_new_ones_as_bridge_init(tmp_path):
+    trained = {
+        "llama_proj.weight": torch.randn(4, 5),
+        "llama_proj.bias": torch.randn(4),
+        "llm.lora_A.weight": torch.randn(2, 4),
+    }
+    write_trainable(trained, tmp_path / "trained.safetensors", {"config": "fifth", "step": 600})
+    init = {"llama_proj.weight": torch.randn(4, 7), "llama_proj.bias": torch.zeros(4)}
+    save_file(init, str(tmp_path / "init.safetensors"))
+    data.widen_checkpoint(
+        tmp_path / "trained.safetensors", tmp_path / "init.safetensors", tmp_path / "w.safetensors"
+    )
+    widened = read_trainable(tmp_path / "w.safetensors")
+    assert torch.equal(widened["llama_proj.weight"][:, :5], trained["llama_proj.weight"])
+    assert torch.equal(widened["llama_proj.weight"][:, 5:], init["llama_proj.weight"][:, 5:])
+    assert torch.equal(widened["llama_proj.bias"], trained["llama_proj.bias"])
+    assert torch.equal(widened["llm.lora_A.weight"], trained["llm.lora_A.weight"])
+    assert checkpoint_metadata(tmp_path / "w.safetensors")["step"] == 600
+
+    for shape in ((4, 3), (6, 7)):  # narrower than the checkpoint; another hidden size
+        save_file({"llama_proj.weight": torch.zeros(shape)}, str(tmp_path / "bad.safetensors"))
+        with pytest.raises(WeightsError, match="does not widen"):
+            data.widen_checkpoint(
+                tmp_path / "trained.safetensors", tmp_path / "bad.safetensors", tmp_path / "x"
+            )

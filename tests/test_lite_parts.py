@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import random
+
 import pytest
 import torch
 from PIL import Image, ImageDraw
@@ -10,18 +12,29 @@ from minigpt4.lite import packages, vision
 from minigpt4.lite.vision import (
     CNN_START,
     COLOUR_START,
+    FEATURE_DIM,
     GRID,
     N_CLASS_TOKENS,
     N_CLASSES,
+    N_TOKENS,
+    OBJECT_COLOUR_START,
+    OBJECT_COLOURS,
     SLOT_START,
     TOP_K,
     EfficientNetLiteVision,
+    colour_names,
+    object_colours,
 )
 
 
 @pytest.fixture(scope="module")
 def lite_vision() -> EfficientNetLiteVision:
     return EfficientNetLiteVision()
+
+
+@pytest.fixture(scope="module")
+def colour_vision(lite_vision) -> EfficientNetLiteVision:
+    return EfficientNetLiteVision(lite_vision.net, object_colour=True)
 
 
 def test_missing_package_error_names_what_to_install():
@@ -88,6 +101,72 @@ def test_colour_histogram_finds_the_colour_in_its_cell(lite_vision):
     assert (colours[others, gray_bin] > 0.9).all()
 
 
+def test_object_colour_token_comes_last_and_leaves_the_other_tokens_alone(lite_vision, colour_vision):
+    pixels = lite_vision.preprocess([_scene((220, 30, 30), 4), Image.new("RGB", (300, 200), "white")])
+    plain, more = lite_vision(pixels), colour_vision(pixels)
+    assert more.shape == (2, N_TOKENS + 1, FEATURE_DIM + len(OBJECT_COLOURS))
+    assert (colour_vision.n_tokens, colour_vision.feature_dim) == more.shape[1:]
+    assert torch.equal(more[:, :N_TOKENS, :FEATURE_DIM], plain)
+    assert more[:, :N_TOKENS, OBJECT_COLOUR_START:].abs().sum() == 0
+    assert more[:, N_TOKENS, :OBJECT_COLOUR_START].abs().sum() == 0
+    shares = more[:, N_TOKENS, OBJECT_COLOUR_START:]
+    torch.testing.assert_close(shares.sum(-1), torch.ones(2))
+    assert [OBJECT_COLOURS[i] for i in shares.argmax(-1)] == ["red", "white"]
+
+
+@pytest.mark.parametrize(
+    ("rgb", "name"),
+    [
+        ((220, 30, 30), "red"),
+        ((90, 20, 20), "red"),  # dark but vivid
+        ((245, 130, 20), "orange"),
+        ((125, 80, 45), "brown"),
+        ((100, 70, 60), "brown"),
+        ((240, 210, 30), "yellow"),
+        ((30, 160, 60), "green"),
+        ((40, 70, 220), "blue"),
+        ((40, 200, 220), "blue"),  # cyan counts as blue
+        ((140, 50, 170), "purple"),
+        ((240, 130, 200), "pink"),
+        ((20, 20, 20), "black"),
+        ((250, 250, 250), "white"),
+        ((128, 128, 128), "gray"),
+        ((90, 80, 75), "gray"),  # dark and a little warm
+    ],
+)
+def test_colour_names_are_the_everyday_names(rgb, name):
+    assert OBJECT_COLOURS[int(colour_names(torch.tensor(rgb) / 255.0))] == name
+
+
+def _object_on_background(colour: tuple[int, int, int], size: int = 224) -> Image.Image:
+    """A blue-sky-over-green-field picture, a small yellow patch at its edge, and an ellipse of `colour`
+    in the middle that covers less of the picture than the sky or the field."""
+    image = Image.new("RGB", (size, size), (70, 130, 200))
+    draw = ImageDraw.Draw(image)
+    draw.rectangle([0, size // 2, size, size], fill=(60, 140, 60))
+    draw.rectangle([0, 0, 30, 30], fill=(240, 210, 30))
+    draw.ellipse([size * 0.32, size * 0.3, size * 0.68, size * 0.72], fill=colour)
+    return image
+
+
+@pytest.mark.parametrize(("rgb", "name"), [((230, 120, 30), "orange"), ((150, 60, 170), "purple")])
+def test_object_colour_is_the_main_objects_not_the_backgrounds(lite_vision, rgb, name):
+    shares = object_colours(lite_vision.preprocess([_object_on_background(rgb)]))[0]
+    assert OBJECT_COLOURS[int(shares.argmax())] == name
+    plain = object_colours(lite_vision.preprocess([Image.new("RGB", (224, 224), rgb)]))[0]
+    assert OBJECT_COLOURS[int(plain.argmax())] == name  # no background to tell apart: the picture's colour
+
+
+def test_object_colour_reads_the_colour_of_the_training_blobs(lite_vision):
+    from minigpt4.lite.data import BLOB_COLOURS, render_blob
+
+    rng = random.Random(3)
+    colours = [rng.choice(sorted(BLOB_COLOURS)) for _ in range(60)]
+    pixels = lite_vision.preprocess([render_blob(rng, colour) for colour in colours])
+    read = [OBJECT_COLOURS[i] for i in object_colours(pixels).argmax(-1)]
+    assert sum(r == c for r, c in zip(read, colours, strict=True)) >= 57
+
+
 def test_frozen_backbone_recognises_a_package_photo(lite_vision):
     skimage_data = pytest.importorskip("skimage.data")
     features = lite_vision(lite_vision.preprocess([Image.fromarray(skimage_data.coffee())]))
@@ -128,3 +207,15 @@ def test_initial_bridge_starts_from_the_words_of_classes_colours_and_places():
     torch.testing.assert_close(weight[:, COLOUR_START + 18], mean_embedding(" red"))
     torch.testing.assert_close(weight[:, SLOT_START], mean_embedding(" top left"))
     torch.testing.assert_close(weight[:, SLOT_START + 8], mean_embedding(" bottom right"))
+
+
+def test_initial_bridge_starts_the_object_colour_block_from_the_colour_words():
+    embeddings = torch.randn(64, 8)
+    plain = vision.initial_bridge(_CharTokenizer(), embeddings)["llama_proj.weight"]
+    weight = vision.initial_bridge(_CharTokenizer(), embeddings, object_colour=True)["llama_proj.weight"]
+    assert weight.shape == (8, FEATURE_DIM + len(OBJECT_COLOURS))
+    assert torch.equal(weight[:, :FEATURE_DIM], plain)
+    for i, word in enumerate(OBJECT_COLOURS):
+        torch.testing.assert_close(
+            weight[:, OBJECT_COLOUR_START + i], embeddings[[ord(c) % 64 for c in f" {word}"]].mean(0)
+        )

@@ -29,6 +29,7 @@ under `HEDGE_BELOW`) is answered with "It looks like …": the model learns to s
     <out>/cc_sbu_align/image/<id>.jpg     the scenes (class examples have no image)
     <out>/stage2_features/                the feature cache of every stage-2 example (`data.features`)
     <out>/bridge_init.safetensors         the bridge (`llama_proj.*`) that stage 1 starts from
+    <out>/stage2_start.safetensors        with --widen: a trained checkpoint widened to the config's vision
 """
 
 from __future__ import annotations
@@ -43,11 +44,11 @@ import numpy as np
 import torch
 from PIL import Image
 from safetensors import safe_open
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 from transformers import AutoTokenizer
 
-from minigpt4.config import LLMConfig, ModelConfig, from_dict, read_yaml, resolve_path
+from minigpt4.config import LLMConfig, ModelConfig, VisionConfig, from_dict, read_yaml, resolve_path
 from minigpt4.data import scenes
 from minigpt4.data.feature_cache import cache_index, write_index, write_part
 from minigpt4.data.make import write_shards
@@ -68,6 +69,7 @@ from minigpt4.lite.vision import (
 )
 from minigpt4.lite.vocabulary import COLOUR_WORDS, nearest_colour
 from minigpt4.train.features import frozen_vision
+from minigpt4.weights import WeightsError, checkpoint_metadata, read_trainable, write_trainable
 
 DESCRIBE_INSTRUCTIONS = (
     "Describe this image.",
@@ -128,6 +130,7 @@ CLASS_DESCRIBE = (
 # pictures of things ImageNet lacks, such as a tower or a cartoon: 0.10 to 0.14, answered hedged).
 CLASS_CONFIDENCE = (0.08, 0.97)
 FEATURES_DIR = "stage2_features"
+WIDENED = "stage2_start.safetensors"
 _FEATURE_PART = 512
 
 
@@ -403,8 +406,9 @@ def write_stage2_features(stage2_dir: Path, out: Path, cfg_path: str, batch_size
         with torch.no_grad():
             feats = vision(vision.preprocess(images)).numpy().astype(np.float16)
         scene_features.update(zip(ids, feats, strict=True))
-    blank = np.zeros((N_TOKENS, FEATURE_DIM), np.float32)  # cells known only by their place
-    blank[N_CLASS_TOKENS:, SLOT_START:] = np.eye(N_TOKENS - N_CLASS_TOKENS)
+    # Cells known only by their place (and no object colour, where the vision has that token).
+    blank = np.zeros((vision.n_tokens, vision.feature_dim), np.float32)
+    blank[N_CLASS_TOKENS:N_TOKENS, SLOT_START:FEATURE_DIM] = np.eye(N_TOKENS - N_CLASS_TOKENS)
 
     out.mkdir(parents=True, exist_ok=True)
     parts = range(0, len(annotations), _FEATURE_PART)
@@ -426,13 +430,37 @@ def write_stage2_features(stage2_dir: Path, out: Path, cfg_path: str, batch_size
 
 
 def write_bridge_init(path: Path, cfg_path: str) -> None:
-    """The starting bridge for the LLM of a config's `model.llm`: only its tokenizer and input embeddings are read."""
-    llm = from_dict(LLMConfig, read_yaml(resolve_path(cfg_path))["model"]["llm"], f"{cfg_path}: model.llm")
+    """The starting bridge for a config's vision and `model.llm`: only the LLM's tokenizer and input
+    embeddings are read."""
+    raw = read_yaml(resolve_path(cfg_path))["model"]
+    llm = from_dict(LLMConfig, raw["llm"], f"{cfg_path}: model.llm")
+    vision = from_dict(VisionConfig, raw.get("vision") or {}, f"{cfg_path}: model.vision")
     folder = converted_dir(resolve_path(resolve_package_path(llm.pretrained, "the lite LLM")), llm.gguf_file)
     tokenizer = AutoTokenizer.from_pretrained(folder)
     with safe_open(str(folder / "model.safetensors"), framework="pt") as weights:
         embeddings = weights.get_tensor("model.embed_tokens.weight")
-    write_atomic(path, lambda tmp: save_file(initial_bridge(tokenizer, embeddings), str(tmp)))
+    bridge = initial_bridge(tokenizer, embeddings, object_colour=vision.object_colour)
+    write_atomic(path, lambda tmp: save_file(bridge, str(tmp)))
+
+
+def widen_checkpoint(checkpoint: Path, bridge_init: Path, out: Path) -> None:
+    """A trained checkpoint made to fit a vision with more feature columns: how a run continues from a
+    result whose vision lacked a block that the new vision reads (the object-colour token).
+
+    The checkpoint's bridge columns are kept; the columns it lacks, at the end, start as in `bridge_init`;
+    every other tensor (LoRA) is copied. A checkpoint wider than the new bridge, or of another hidden
+    size, is refused.
+    """
+    tensors = read_trainable(checkpoint)
+    start = load_file(str(bridge_init))
+    old, new = tensors["llama_proj.weight"], start["llama_proj.weight"]
+    if old.shape[0] != new.shape[0] or old.shape[1] > new.shape[1]:
+        raise WeightsError(
+            f"{checkpoint}: its bridge {tuple(old.shape)} does not widen to {tuple(new.shape)} ({bridge_init})"
+        )
+    tensors["llama_proj.weight"] = torch.cat([old.float(), new[:, old.shape[1] :].float()], 1).to(old.dtype)
+    metadata = {**checkpoint_metadata(checkpoint), "widened_from": str(checkpoint)}
+    write_trainable(tensors, out, metadata)
 
 
 def add_parser(sets: argparse._SubParsersAction) -> None:
@@ -446,6 +474,12 @@ def add_parser(sets: argparse._SubParsersAction) -> None:
     lite.add_argument("--per-shard", type=int, default=500, help="scenes per stage-1 shard")
     lite.add_argument("--stage2", type=int, default=2500, help="stage-2 scene examples")
     lite.add_argument("--classes", type=int, default=3000, help="stage-2 class examples (ImageNet names)")
+    lite.add_argument(
+        "--widen",
+        metavar="CHECKPOINT",
+        help=f"also write <out>/{WIDENED}: CHECKPOINT with the bridge columns of the config's vision that"
+        " it lacks (e.g. the object-colour token), set as in bridge_init, for a run that continues it",
+    )
     lite.add_argument(
         "--cfg-path",
         default="train_configs/lite_stage2.yaml",
@@ -461,5 +495,7 @@ def make_lite(args: argparse.Namespace) -> int:
     write_stage2(out / "cc_sbu_align", rng, args.stage2, args.classes)
     write_stage2_features(out / "cc_sbu_align", out / FEATURES_DIR, args.cfg_path)
     write_bridge_init(out / "bridge_init.safetensors", args.cfg_path)
+    if args.widen:
+        widen_checkpoint(Path(args.widen), out / "bridge_init.safetensors", out / WIDENED)
     print(f"wrote the lite training data under {out}")
     return 0

@@ -15,6 +15,11 @@ model's one trainable bridge (`llama_proj`, a Linear applied per token) maps eve
   embedding once projected). Unit-length CNN features keep the trained tokens near the size of word
   embeddings on any image (raw feature sizes differ between rendered scenes and photos).
 
+* with `object_colour`, one last token: the colour of the main object (`object_colours`), shares of
+  OBJECT_COLOURS in a block of its own that starts as the embeddings of those words. ImageNet features
+  keep little colour and a cell's histogram mixes object and background, so a photo's "What colour is
+  it?" needs the object picked out first.
+
 Token features occupy disjoint blocks of one vector, so one Linear acts as a separate map per kind.
 """
 
@@ -47,6 +52,29 @@ COLOUR_START = CNN_START + CNN_DIM
 SLOT_START = COLOUR_START + COLOUR_BINS
 FEATURE_DIM = SLOT_START + GRID * GRID
 N_TOKENS = N_CLASS_TOKENS + GRID * GRID
+# The object-colour token's words, and its block (after all the others).
+OBJECT_COLOURS = (
+    "red",
+    "orange",
+    "yellow",
+    "green",
+    "blue",
+    "purple",
+    "pink",
+    "brown",
+    "black",
+    "white",
+    "gray",
+)
+OBJECT_COLOUR_START = FEATURE_DIM
+# The object-colour readout works on the image average-pooled to 28 × 28; the background is what its
+# outer BORDER pixels (8 of the 224) show; a pixel's weight is its colour distance to the nearest background colours
+# (the closest 1/20 of the border's pixels, averaged) times a centred Gaussian of variance CENTRE_PRIOR
+# (coordinates in [-1, 1]), plus a floor so that a plain picture still has a colour.
+READOUT_POOL = 8
+BORDER = 1
+CENTRE_PRIOR = 0.25
+WEIGHT_FLOOR = 0.02
 
 
 def class_names() -> list[str]:
@@ -68,15 +96,19 @@ def _load_efficientnet() -> nn.Module:
 
 
 class EfficientNetLiteVision(nn.Module):
-    """Frozen EfficientNet-Lite0: pixels (B, 3, 224, 224) in [-1, 1] → features (B, N_TOKENS, FEATURE_DIM)."""
+    """Frozen EfficientNet-Lite0: pixels (B, 3, 224, 224) in [-1, 1] → features (B, n_tokens, feature_dim).
 
-    n_tokens = N_TOKENS
-    feature_dim = FEATURE_DIM
+    `n_tokens` is N_TOKENS and `feature_dim` FEATURE_DIM, each one more token / OBJECT_COLOURS wider with
+    `object_colour`.
+    """
 
-    def __init__(self, net: nn.Module | None = None) -> None:
+    def __init__(self, net: nn.Module | None = None, object_colour: bool = False) -> None:
         super().__init__()
         self.net = _load_efficientnet() if net is None else net
         self.net.eval().requires_grad_(False)
+        self.object_colour = object_colour
+        self.n_tokens = N_TOKENS + int(object_colour)
+        self.feature_dim = FEATURE_DIM + len(OBJECT_COLOURS) * int(object_colour)
         self.register_buffer("colour_centres", torch.tensor([-1.0, 0.0, 1.0]), persistent=False)
         self.register_buffer("slots", torch.eye(GRID * GRID), persistent=False)
 
@@ -95,12 +127,14 @@ class EfficientNetLiteVision(nn.Module):
         fmap = self.net.extract_features(pixel_values.float())
         probs = self.net._fc(fmap.mean((2, 3))).softmax(-1)
         top = probs.topk(TOP_K, dim=-1)
-        features = fmap.new_zeros(pixel_values.shape[0], N_TOKENS, FEATURE_DIM)
+        features = fmap.new_zeros(pixel_values.shape[0], self.n_tokens, self.feature_dim)
         write_class_tokens(features, top.indices, top.values)
-        cells = features[:, N_CLASS_TOKENS:]
+        cells = features[:, N_CLASS_TOKENS:N_TOKENS]
         cells[..., CNN_START:COLOUR_START] = F.normalize(_cells(fmap), dim=-1)
         cells[..., COLOUR_START:SLOT_START] = _cells(self._colour_histogram(pixel_values.float()))
-        cells[..., SLOT_START:] = self.slots
+        cells[..., SLOT_START:FEATURE_DIM] = self.slots
+        if self.object_colour:
+            features[:, N_TOKENS, OBJECT_COLOUR_START:] = object_colours(pixel_values.float())
         return features
 
     def _colour_histogram(self, pixels: torch.Tensor) -> torch.Tensor:
@@ -108,6 +142,70 @@ class EfficientNetLiteVision(nn.Module):
         weights = (1 - (pixels[:, :, None] - self.colour_centres[:, None, None]).abs()).clamp(min=0)
         red, green, blue = weights.unbind(1)
         return torch.einsum("bihw,bjhw,bkhw->bijkhw", red, green, blue).flatten(1, 3)
+
+
+def object_colours(pixels: torch.Tensor) -> torch.Tensor:
+    """The main object's colour: (B, 3, H, W) pixels in [-1, 1] → (B, len(OBJECT_COLOURS)) shares summing to 1.
+
+    Salience without a trained detector: the background is what the image's border shows, so a pixel
+    counts by how far its colour is from the border's nearest colours, and by how central it is. Each
+    pixel is named (`colour_names`) and the shares are the weights of the names.
+    """
+    small = F.avg_pool2d((pixels + 1) / 2, READOUT_POOL).clamp(0, 1)
+    size = small.shape[-1]
+    flat = small.flatten(2).transpose(1, 2)  # (B, size², 3)
+    frame = torch.ones(size, size, dtype=torch.bool, device=pixels.device)
+    frame[BORDER:-BORDER, BORDER:-BORDER] = False
+    border = flat[:, frame.flatten()]
+    nearest = torch.cdist(flat, border).topk(max(1, border.shape[1] // 20), largest=False).values.mean(-1)
+    contrast = nearest / nearest.amax(-1, keepdim=True).clamp(min=1e-6)
+    axis = torch.linspace(-1, 1, size, device=pixels.device)
+    centre = torch.exp(-(axis[:, None] ** 2 + axis[None] ** 2) / (2 * CENTRE_PRIOR)).flatten()
+    weight = (contrast + WEIGHT_FLOOR) * centre
+    shares = weight.new_zeros(flat.shape[0], len(OBJECT_COLOURS)).scatter_add_(1, colour_names(flat), weight)
+    return shares / shares.sum(-1, keepdim=True)
+
+
+def colour_names(rgb: torch.Tensor) -> torch.Tensor:
+    """The everyday name of each colour (…, 3) in [0, 1], as an index into OBJECT_COLOURS (…,).
+
+    By hue, saturation and value, the way people name a lit surface: dark is black, unsaturated is
+    white or gray, dark orange or dim red is brown, cyan counts as blue.
+    """
+    top, low = rgb.amax(-1), rgb.amin(-1)
+    chroma = top - low
+    saturation = chroma / top.clamp(min=1e-6)
+    red, green, blue = rgb.unbind(-1)
+    safe = chroma.clamp(min=1e-6)
+    hue = (
+        torch.where(
+            top == red,
+            ((green - blue) / safe) % 6,
+            torch.where(top == green, (blue - red) / safe + 2, (red - green) / safe + 4),
+        )
+        * 60
+    )
+    index = {name: torch.tensor(i, device=rgb.device) for i, name in enumerate(OBJECT_COLOURS)}
+
+    def pick(condition: torch.Tensor, yes: str, no: str) -> torch.Tensor:
+        return torch.where(condition, index[yes], index[no])
+
+    red_or_brown = pick((top > 0.45) | (saturation > 0.6), "red", "brown")
+    by_hue = (  # (hue below, name): the first that holds names the pixel
+        (15, red_or_brown),
+        (45, pick(top > 0.6, "orange", "brown")),
+        (70, torch.where(top > 0.5, index["yellow"], pick(hue < 55, "brown", "green"))),
+        (170, index["green"]),
+        (260, index["blue"]),
+        (290, index["purple"]),
+        (340, pick(top > 0.6, "pink", "purple")),
+    )
+    name = red_or_brown  # 340° and over: red again
+    for below, named in reversed(by_hue):
+        name = torch.where(hue < below, named, name)
+    grey = (saturation < 0.2) | ((saturation < 0.3) & (top < 0.4))
+    name = torch.where(grey, pick(top > 0.8, "white", "gray"), name)
+    return torch.where(top < 0.2, index["black"], name)
 
 
 def write_class_tokens(features: torch.Tensor, classes: torch.Tensor, probs: torch.Tensor) -> None:
@@ -141,14 +239,17 @@ def bin_colour_words() -> list[str]:
     return [nearest_colour(centre) for centre in itertools.product((0, 128, 255), repeat=3)]
 
 
-def initial_bridge(tokenizer: PreTrainedTokenizerBase, embeddings: torch.Tensor) -> dict[str, torch.Tensor]:
+def initial_bridge(
+    tokenizer: PreTrainedTokenizerBase, embeddings: torch.Tensor, object_colour: bool = False
+) -> dict[str, torch.Tensor]:
     """The bridge's starting weights: every block starts as the LLM's embeddings of words it stands for.
 
     Class block `j` = the embedding of each class name's `j`-th sub-word, so before training the class
     tokens read as the recognised class name; each colour bin = its nearest colour word ("red"); each
-    place = the mean embedding of its words ("top left"). The CNN block starts at zero. So a cell token
+    place = the mean embedding of its words ("top left"); with `object_colour`, each of OBJECT_COLOURS =
+    its word. The CNN block starts at zero. So a cell token
     starts as roughly "top left + gray + red", which training then refines.
-    Returns `{"llama_proj.weight": (hidden, FEATURE_DIM), "llama_proj.bias": (hidden,)}`.
+    Returns `{"llama_proj.weight": (hidden, feature dim), "llama_proj.bias": (hidden,)}`.
     """
 
     def embed(text: str) -> torch.Tensor:
@@ -156,7 +257,7 @@ def initial_bridge(tokenizer: PreTrainedTokenizerBase, embeddings: torch.Tensor)
         return embeddings[ids].float().mean(0)
 
     hidden = embeddings.shape[1]
-    weight = torch.zeros(hidden, FEATURE_DIM)
+    weight = torch.zeros(hidden, FEATURE_DIM + len(OBJECT_COLOURS) * int(object_colour))
     for c, name in enumerate(class_names()):
         ids = tokenizer(" " + name, add_special_tokens=False).input_ids[:N_CLASS_TOKENS]
         for j, token in enumerate(ids):
@@ -165,4 +266,6 @@ def initial_bridge(tokenizer: PreTrainedTokenizerBase, embeddings: torch.Tensor)
         weight[:, COLOUR_START + b] = embed(word)
     for cell, name in enumerate(POSITIONS):
         weight[:, SLOT_START + cell] = embed(name)
+    for i, word in enumerate(OBJECT_COLOURS if object_colour else ()):
+        weight[:, OBJECT_COLOUR_START + i] = embed(word)
     return {"llama_proj.weight": weight, "llama_proj.bias": torch.zeros(hidden)}
