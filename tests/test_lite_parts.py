@@ -157,6 +157,21 @@ def test_object_colour_is_the_main_objects_not_the_backgrounds(lite_vision, rgb,
     assert OBJECT_COLOURS[int(plain.argmax())] == name  # no background to tell apart: the picture's colour
 
 
+def test_object_colour_shares_are_sharpened_towards_the_larger_colour(lite_vision, monkeypatch):
+    image = Image.new("RGB", (224, 224), (128, 128, 128))
+    draw = ImageDraw.Draw(image)
+    draw.rectangle([62, 62, 162, 128], fill=(220, 30, 30))  # two thirds of the object red …
+    draw.rectangle([62, 129, 162, 162], fill=(40, 70, 220))  # … one third blue
+    pixels = lite_vision.preprocess([image])
+    red, blue = OBJECT_COLOURS.index("red"), OBJECT_COLOURS.index("blue")
+    sharp = object_colours(pixels)[0]
+    monkeypatch.setattr(vision, "SHARPEN", 1)
+    plain = object_colours(pixels)[0]
+    assert 0.6 < plain[red] < 0.8 and 0.2 < plain[blue] < 0.35  # the weights of the names as they are
+    assert sharp[red] > 0.9 and 0 < sharp[blue] < 0.1
+    torch.testing.assert_close(sharp.sum(), torch.tensor(1.0))
+
+
 def test_object_colour_reads_the_colour_of_the_training_blobs(lite_vision):
     from minigpt4.lite.data import BLOB_COLOURS, render_blob
 
