@@ -339,6 +339,11 @@ def test_widened_checkpoint_keeps_the_trained_columns_and_starts_the_new_ones_as
     assert torch.equal(widened["llm.lora_A.weight"], trained["llm.lora_A.weight"])
     assert checkpoint_metadata(tmp_path / "w.safetensors")["step"] == 600
 
+    save_file({"llm.lora_A.weight": torch.zeros(2, 4)}, str(tmp_path / "lora_only.safetensors"))
+    with pytest.raises(WeightsError, match="no bridge"):
+        data.widen_checkpoint(
+            tmp_path / "lora_only.safetensors", tmp_path / "init.safetensors", tmp_path / "x"
+        )
     for shape in ((4, 3), (6, 7)):  # narrower than the checkpoint; another hidden size
         save_file({"llama_proj.weight": torch.zeros(shape)}, str(tmp_path / "bad.safetensors"))
         with pytest.raises(WeightsError, match="does not widen"):

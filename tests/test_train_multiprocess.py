@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+import uuid
 from pathlib import Path
 
 import pytest
@@ -37,6 +38,18 @@ def _env() -> dict[str, str]:
     return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), "TOKENIZERS_PARALLELISM": "false"}
 
 
+def _kill_marked(mark: str) -> None:
+    """SIGKILL every process whose environment holds `mark` (Linux: read from /proc)."""
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            if mark.encode() in (entry / "environ").read_bytes().split(b"\0"):
+                os.kill(int(entry.name), signal.SIGKILL)
+        except OSError:  # gone already, or not ours to read
+            continue
+
+
 def _torchrun(args: list[str]) -> subprocess.CompletedProcess:
     cmd = [
         sys.executable,
@@ -49,11 +62,14 @@ def _torchrun(args: list[str]) -> subprocess.CompletedProcess:
         "train",
         *args,
     ]
-    # Its own process group: on a timeout the workers go too, not only the launcher.
+    # Its own process group, and a mark in the environment of every process it starts: on a timeout
+    # the workers go too, even one that runs in a session of its own and has outlived the launcher
+    # (it would hold the output pipes open, and reading them to the end would wait forever).
+    mark = f"MINIGPT4_TEST_RUN={uuid.uuid4().hex}"
     proc = subprocess.Popen(
         cmd,
         cwd=ROOT,
-        env=_env(),
+        env={**_env(), "MINIGPT4_TEST_RUN": mark.split("=")[1]},
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -63,6 +79,7 @@ def _torchrun(args: list[str]) -> subprocess.CompletedProcess:
         out, err = proc.communicate(timeout=TIMEOUT_S)
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
+        _kill_marked(mark)
         out, err = proc.communicate()
         return subprocess.CompletedProcess(cmd, -signal.SIGKILL, out, f"{err}\n{HUNG}")
     return subprocess.CompletedProcess(cmd, proc.returncode, out, err)

@@ -476,6 +476,8 @@ def widen_checkpoint(checkpoint: Path, bridge_init: Path, out: Path) -> None:
     size, is refused.
     """
     tensors = read_trainable(checkpoint)
+    if "llama_proj.weight" not in tensors:
+        raise WeightsError(f"{checkpoint}: no bridge (llama_proj.weight) to widen")
     start = load_file(str(bridge_init))
     old, new = tensors["llama_proj.weight"], start["llama_proj.weight"]
     if old.shape[0] != new.shape[0] or old.shape[1] > new.shape[1]:
