@@ -51,7 +51,7 @@ from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 from transformers import AutoTokenizer
 
-from minigpt4.config import LLMConfig, ModelConfig, VisionConfig, from_dict, read_yaml, resolve_path
+from minigpt4.config import ModelConfig, from_dict, read_yaml, resolve_path
 from minigpt4.data import scenes
 from minigpt4.data.feature_cache import cache_index, write_index, write_part
 from minigpt4.data.make import write_shards
@@ -456,14 +456,13 @@ def write_stage2_features(stage2_dir: Path, out: Path, cfg_path: str, batch_size
 def write_bridge_init(path: Path, cfg_path: str) -> None:
     """The starting bridge for a config's vision and `model.llm`: only the LLM's tokenizer and input
     embeddings are read."""
-    raw = read_yaml(resolve_path(cfg_path))["model"]
-    llm = from_dict(LLMConfig, raw["llm"], f"{cfg_path}: model.llm")
-    vision = from_dict(VisionConfig, raw.get("vision") or {}, f"{cfg_path}: model.vision")
+    model_cfg = from_dict(ModelConfig, read_yaml(resolve_path(cfg_path))["model"], f"{cfg_path}: model")
+    llm = model_cfg.llm
     folder = converted_dir(resolve_path(resolve_package_path(llm.pretrained, "the lite LLM")), llm.gguf_file)
     tokenizer = AutoTokenizer.from_pretrained(folder)
     with safe_open(str(folder / "model.safetensors"), framework="pt") as weights:
         embeddings = weights.get_tensor("model.embed_tokens.weight")
-    bridge = initial_bridge(tokenizer, embeddings, object_colour=vision.object_colour)
+    bridge = initial_bridge(tokenizer, embeddings, object_colour=model_cfg.vision.object_colour)
     write_atomic(path, lambda tmp: save_file(bridge, str(tmp)))
 
 

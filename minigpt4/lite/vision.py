@@ -68,9 +68,9 @@ OBJECT_COLOURS = (
 )
 OBJECT_COLOUR_START = FEATURE_DIM
 # The object-colour readout works on the image average-pooled to 28 × 28; the background is what its
-# outer BORDER pixels (8 of the 224) show; a pixel's weight is its colour distance to the nearest background colours
-# (the closest 1/20 of the border's pixels, averaged) times a centred Gaussian of variance CENTRE_PRIOR
-# (coordinates in [-1, 1]), plus a floor so that a plain picture still has a colour.
+# outer BORDER pixels (8 of the 224) show; a pixel's weight is its colour distance to the nearest
+# background colours (the closest 1/20 of the border's pixels, averaged) times a centred Gaussian of
+# variance CENTRE_PRIOR (coordinates in [-1, 1]), plus a floor so that a plain picture still has a colour.
 # The shares are raised to SHARPEN and renormalised: a photo's object spreads over several names (shade,
 # highlights, texture: 0.3–0.5 for the first) where a training blob gives one name 0.8–0.9, and a spread
 # token read as a mixture of colour words loses to the grid cells' darker pixels ("It is black.").
@@ -112,7 +112,7 @@ class EfficientNetLiteVision(nn.Module):
         self.net.eval().requires_grad_(False)
         self.object_colour = object_colour
         self.n_tokens = N_TOKENS + int(object_colour)
-        self.feature_dim = FEATURE_DIM + len(OBJECT_COLOURS) * int(object_colour)
+        self.feature_dim = feature_dim(object_colour)
         self.register_buffer("colour_centres", torch.tensor([-1.0, 0.0, 1.0]), persistent=False)
         self.register_buffer("slots", torch.eye(GRID * GRID), persistent=False)
 
@@ -146,6 +146,11 @@ class EfficientNetLiteVision(nn.Module):
         weights = (1 - (pixels[:, :, None] - self.colour_centres[:, None, None]).abs()).clamp(min=0)
         red, green, blue = weights.unbind(1)
         return torch.einsum("bihw,bjhw,bkhw->bijkhw", red, green, blue).flatten(1, 3)
+
+
+def feature_dim(object_colour: bool) -> int:
+    """The width of a token's features: FEATURE_DIM, and the object-colour block with `object_colour`."""
+    return FEATURE_DIM + len(OBJECT_COLOURS) * int(object_colour)
 
 
 def object_colours(pixels: torch.Tensor) -> torch.Tensor:
@@ -252,8 +257,8 @@ def initial_bridge(
     Class block `j` = the embedding of each class name's `j`-th sub-word, so before training the class
     tokens read as the recognised class name; each colour bin = its nearest colour word ("red"); each
     place = the mean embedding of its words ("top left"); with `object_colour`, each of OBJECT_COLOURS =
-    its word. The CNN block starts at zero. So a cell token
-    starts as roughly "top left + gray + red", which training then refines.
+    its word. The CNN block starts at zero. So a cell token starts as roughly "top left + gray + red",
+    which training then refines.
     Returns `{"llama_proj.weight": (hidden, feature dim), "llama_proj.bias": (hidden,)}`.
     """
 
@@ -262,7 +267,7 @@ def initial_bridge(
         return embeddings[ids].float().mean(0)
 
     hidden = embeddings.shape[1]
-    weight = torch.zeros(hidden, FEATURE_DIM + len(OBJECT_COLOURS) * int(object_colour))
+    weight = torch.zeros(hidden, feature_dim(object_colour))
     for c, name in enumerate(class_names()):
         ids = tokenizer(" " + name, add_special_tokens=False).input_ids[:N_CLASS_TOKENS]
         for j, token in enumerate(ids):
