@@ -370,3 +370,18 @@ def test_bridge_init_fits_the_vision_of_its_config(tmp_path):
     assert weights["true"].shape[1] == FEATURE_DIM + len(OBJECT_COLOURS)
     assert torch.equal(weights["true"][:, :FEATURE_DIM], weights["false"])
     assert (weights["true"][:, FEATURE_DIM:].norm(dim=0) > 0).all()  # each column starts as a colour word
+
+
+def test_make_data_lite_stops_on_a_wrong_config_or_checkpoint_before_writing_the_data(tmp_path, capsys):
+    from minigpt4.__main__ import main
+
+    small = ["--shards", "1", "--per-shard", "2", "--stage2", "2", "--classes", "2"]
+    bad_cfg = ["--cfg-path", str(tmp_path / "missing.yaml")]
+    assert main(["make-data", "lite", "--out", str(tmp_path / "a"), *small, *bad_cfg]) == 2
+    assert "missing.yaml" in capsys.readouterr().err
+    assert not (tmp_path / "a" / "stage1").exists()
+
+    bad_widen = ["--widen", str(tmp_path / "missing.safetensors")]
+    assert main(["make-data", "lite", "--out", str(tmp_path / "b"), *small, *bad_widen]) == 2
+    assert "checkpoint not found" in capsys.readouterr().err
+    assert not (tmp_path / "b" / "stage1").exists()

@@ -41,6 +41,7 @@ import argparse
 import json
 import random
 import re
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -58,7 +59,7 @@ from minigpt4.data.make import write_shards
 from minigpt4.files import write_atomic, write_bytes_atomic, write_text_atomic
 from minigpt4.images import jpeg_bytes
 from minigpt4.lite.gguf_llm import converted_dir
-from minigpt4.lite.packages import require, resolve_package_path
+from minigpt4.lite.packages import MissingPackageError, require, resolve_package_path
 from minigpt4.lite.vision import (
     FEATURE_DIM,
     N_CLASS_TOKENS,
@@ -516,11 +517,17 @@ def add_parser(sets: argparse._SubParsersAction) -> None:
 def make_lite(args: argparse.Namespace) -> int:
     out = Path(args.out)
     rng = random.Random(args.seed)
-    write_stage1(out / "stage1", rng, args.shards, args.per_shard)
-    write_stage2(out / "cc_sbu_align", rng, args.stage2, args.classes)
-    write_stage2_features(out / "cc_sbu_align", out / FEATURES_DIR, args.cfg_path)
-    write_bridge_init(out / "bridge_init.safetensors", args.cfg_path)
-    if args.widen:
-        widen_checkpoint(Path(args.widen), out / "bridge_init.safetensors", out / WIDENED)
+    try:
+        # The config, its LLM and the checkpoint to widen are read first: a wrong one stops the command
+        # in seconds, before minutes of pictures and features.
+        write_bridge_init(out / "bridge_init.safetensors", args.cfg_path)
+        if args.widen:
+            widen_checkpoint(Path(args.widen), out / "bridge_init.safetensors", out / WIDENED)
+        write_stage1(out / "stage1", rng, args.shards, args.per_shard)
+        write_stage2(out / "cc_sbu_align", rng, args.stage2, args.classes)
+        write_stage2_features(out / "cc_sbu_align", out / FEATURES_DIR, args.cfg_path)
+    except (ValueError, OSError, MissingPackageError) as exc:  # ConfigError and WeightsError are ValueErrors
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     print(f"wrote the lite training data under {out}")
     return 0
