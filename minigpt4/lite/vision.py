@@ -163,17 +163,18 @@ class EfficientNetLiteVision(nn.Module):
 
     @torch.no_grad()
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        fmap = self.net.extract_features(pixel_values.float().contiguous(memory_format=torch.channels_last))
+        pixels = pixel_values.float()
+        fmap = self.net.extract_features(pixels.contiguous(memory_format=torch.channels_last))
         probs = self.net._fc(fmap.mean((2, 3))).softmax(-1)
         top = probs.topk(TOP_K, dim=-1)
         features = fmap.new_zeros(pixel_values.shape[0], self.n_tokens, self.feature_dim)
         write_class_tokens(features, top.indices, top.values)
         cells = features[:, N_CLASS_TOKENS:N_TOKENS]
         cells[..., CNN_START:COLOUR_START] = F.normalize(_cells(fmap), dim=-1)
-        cells[..., COLOUR_START:SLOT_START] = _cells(self._colour_histogram(pixel_values.float()))
+        cells[..., COLOUR_START:SLOT_START] = _cells(self._colour_histogram(pixels))
         cells[..., SLOT_START:FEATURE_DIM] = self.slots
         if self.object_colour:
-            features[:, N_TOKENS, OBJECT_COLOUR_START:] = object_colours(pixel_values.float())
+            features[:, N_TOKENS, OBJECT_COLOUR_START:] = object_colours(pixels)
         return features
 
     def _colour_histogram(self, pixels: torch.Tensor) -> torch.Tensor:
