@@ -8,6 +8,7 @@ an unknown key, a value of the wrong type, or a required file that is not there 
 from __future__ import annotations
 
 import dataclasses
+import reprlib
 import types
 import typing
 from collections.abc import Sequence
@@ -243,7 +244,11 @@ def read_yaml(path: str | Path, overrides: Sequence[str] = ()) -> dict[str, Any]
             node = node.setdefault(part, {})
             if not isinstance(node, dict):
                 raise ConfigError(f"override {item!r}: {part!r} is not a section")
-        node[parts[-1]] = yaml.safe_load(raw)
+        try:
+            node[parts[-1]] = yaml.safe_load(raw)
+        except yaml.YAMLError as exc:
+            reason = str(exc).splitlines()[0]
+            raise ConfigError(f"override {item!r}: the value is not valid YAML ({reason})") from exc
     return data
 
 
@@ -297,7 +302,10 @@ def _looks_like_hub_id(value: str) -> bool:
 def from_dict(cls: type[T], data: Any, where: str = "") -> T:
     """Build dataclass `cls` from a mapping, checking every key and type recursively."""
     prefix = f"{where}: " if where else ""
-    return _build(cls, data, prefix, "")
+    try:
+        return _build(cls, data, prefix, "")
+    except RecursionError as exc:  # a YAML alias that holds itself (`&a [*a]`)
+        raise ConfigError(f"{prefix}a value nests too deeply (a YAML alias that refers to itself?)") from exc
 
 
 def _build(cls: type[T], data: Any, prefix: str, path: str) -> T:
@@ -342,14 +350,14 @@ def _convert(tp: Any, value: Any, prefix: str, key: str) -> Any:
                 return _convert(arg, value, prefix, key)
             except ConfigError as exc:
                 errors.append(str(exc))
-        raise ConfigError(errors[-1] if errors else f"{prefix}{key}: bad value {value!r}")
+        raise ConfigError(errors[-1] if errors else f"{prefix}{key}: bad value {_shown(value)}")
     if dataclasses.is_dataclass(tp):
         return _build(tp, value, prefix, key)
     if tp is Any:
         return value
     if origin is list:
         if not isinstance(value, list):
-            raise ConfigError(f"{prefix}{key} must be a list, got {type(value).__name__} {value!r}")
+            raise ConfigError(f"{prefix}{key} must be a list, got {type(value).__name__} {_shown(value)}")
         (item_tp,) = typing.get_args(tp) or (Any,)
         return [_convert(item_tp, v, prefix, f"{key}[{i}]") for i, v in enumerate(value)]
     if origin is dict:
@@ -359,7 +367,18 @@ def _convert(tp: Any, value: Any, prefix: str, key: str) -> Any:
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     if tp in (int, float) and isinstance(value, bool):
-        raise ConfigError(f"{prefix}{key} must be {tp.__name__}, got a boolean {value!r}")
+        raise ConfigError(f"{prefix}{key} must be {tp.__name__}, got a boolean {_shown(value)}")
     if tp in (str, int, float, bool) and not isinstance(value, tp):
-        raise ConfigError(f"{prefix}{key} must be {tp.__name__}, got {type(value).__name__} {value!r}")
+        raise ConfigError(f"{prefix}{key} must be {tp.__name__}, got {type(value).__name__} {_shown(value)}")
     return value
+
+
+# YAML aliases share one object among many places, so a small file can hold a value whose full
+# repr is gigabytes ("billion laughs"): error messages show a bounded prefix of it.
+_SHORT_REPR = reprlib.Repr()
+_SHORT_REPR.maxlevel, _SHORT_REPR.maxlist, _SHORT_REPR.maxdict = 2, 4, 4
+_SHORT_REPR.maxstring = _SHORT_REPR.maxother = 80
+
+
+def _shown(value: Any) -> str:
+    return _SHORT_REPR.repr(value)

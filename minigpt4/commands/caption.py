@@ -39,7 +39,8 @@ DEFAULT_PROMPT = "Describe this image."
 
 
 def find_images(items: Iterable[str]) -> list[Path]:
-    """Files as given, and the image files inside directories (recursively, sorted)."""
+    """Files as given, and the image files inside directories (recursively, sorted); a file named
+    twice, or by two spellings (`a.jpg`, `./a.jpg`, a link to it), is kept once, where it first came."""
     found: list[Path] = []
     for item in items:
         path = Path(item)
@@ -47,32 +48,68 @@ def find_images(items: Iterable[str]) -> list[Path]:
             found.extend(sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES))
         else:
             found.append(path)
-    return found
+    seen: set[Path] = set()
+    unique = []
+    for path in found:
+        if (identity := _identity(path)) not in seen:
+            seen.add(identity)
+            unique.append(path)
+    return unique
 
 
-def done_images(out: Path) -> set[str]:
-    """Images already in an output file (a torn last line from a killed run is ignored)."""
+def _identity(path: Path | str) -> Path:
+    """One name for one file, whatever the spelling it was given by."""
+    return Path(path).resolve()
+
+
+def done_images(out: Path) -> set[Path]:
+    """The files already captioned in an output file (a torn last line from a killed run is ignored)."""
     if not out.is_file():
         return set()
     done = set()
-    for line in out.read_text(encoding="utf-8").splitlines():
+    for line in out.read_text(encoding="utf-8", errors="replace").splitlines():
         try:
-            done.add(json.loads(line)["image"])
-        except (json.JSONDecodeError, KeyError, TypeError):
+            done.add(_identity(json.loads(line)["image"]))
+        except (json.JSONDecodeError, KeyError, TypeError, ValueError, OSError):
             continue
     return done
 
 
+def drop_torn_line(out: Path) -> None:
+    """Cut a last line that a killed run left without its newline, so the next record starts on a
+    line of its own instead of being glued to the fragment (which would lose both)."""
+    if not out.is_file():
+        return
+    with out.open("rb+") as f:
+        size = f.seek(0, os.SEEK_END)
+        if size == 0:
+            return
+        f.seek(size - 1)
+        if f.read(1) == b"\n":
+            return
+        f.seek(0)
+        keep = f.read().rfind(b"\n") + 1
+        f.truncate(keep)
+        log.warning("%s: dropped a torn last line (%d bytes) left by an interrupted run", out, size - keep)
+
+
 def check_out(out: Path | None) -> str | None:
-    """Why `--out` cannot be written to (None when it can)."""
+    """Why `--out` cannot be written to (None when it can): tried by opening it, since permission
+    bits do not tell root, or a file system such as /sys, what it may write."""
     if out is None:
         return None
     if out.is_dir():
         return f"--out {out}: is a folder; give a file name such as {out / 'captions.jsonl'}"
     if not out.parent.is_dir():
         return f"--out {out}: the folder {out.parent} does not exist"
-    if not os.access(out if out.exists() else out.parent, os.W_OK):
-        return f"--out {out}: not writable"
+    existed = out.exists()
+    try:
+        with out.open("a", encoding="utf-8"):
+            pass
+    except OSError as exc:
+        return f"--out {out}: cannot be written ({exc.strerror or exc})"
+    if not existed:
+        out.unlink()
     return None
 
 
@@ -107,7 +144,7 @@ def main(argv: list[str]) -> int:
     if not images:
         parser.error(f"no image files in {' '.join(args.images)}")
     done = done_images(args.out) if args.out else set()
-    todo = [p for p in images if str(p) not in done]
+    todo = [p for p in images if _identity(p) not in done]
     if len(todo) < len(images):
         log.info("%d of %d images already in %s: skipped", len(images) - len(todo), len(images), args.out)
     if not todo:
@@ -115,6 +152,8 @@ def main(argv: list[str]) -> int:
     chat = chat_or_exit(args)
     params = params_from_args(chat, args)
     failed = 0
+    if args.out:
+        drop_torn_line(args.out)
     out = args.out.open("a", encoding="utf-8") if args.out else sys.stdout
     try:
         for path in tqdm(todo, desc="captioning", unit="img", file=sys.stderr, disable=False):

@@ -12,6 +12,7 @@ from pathlib import Path
 from webdataset.shardlists import expand_urls
 
 from minigpt4.config import resolve_path
+from minigpt4.data.stage1 import DEFAULT_MAX_MEMBER_BYTES
 from minigpt4.errors import ConfigError
 
 FORMATS = ("webdataset", "cc_sbu_align")
@@ -47,6 +48,8 @@ class DataConfig:
     prefetch_factor: int = 2
     features: str | None = None  # a `cache-features` folder: train on cached frozen features
     max_image_pixels: int = 40_000_000
+    # A shard member larger than this (by its tar header) is skipped and counted, never read.
+    max_member_bytes: int = DEFAULT_MAX_MEMBER_BYTES
 
     def __post_init__(self) -> None:
         if self.stage not in (1, 2):
@@ -59,7 +62,7 @@ class DataConfig:
             raise ConfigError("data: cc_sbu_align reads one source as one stream (data.streams: 1)")
         if self.stage == 2 and self.prompts_file is None:
             raise ConfigError("data.prompts_file is required for stage 2 (one instruction per line)")
-        for key in ("max_text_tokens", "streams", "shuffle_buffer"):
+        for key in ("max_text_tokens", "streams", "shuffle_buffer", "max_member_bytes"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"data.{key} must be ≥ 1, got {getattr(self, key)}")
         if self.num_workers < 0:

@@ -248,7 +248,7 @@ def stream_opener(
     sources = [stage1.ShardSource(src.name, tuple(source_shards(src)), src.ratio) for src in cfg.sources]
 
     def open_stream(s: int, on_error: Callable[[Exception], bool]) -> Iterator[dict[str, Any]]:
-        read = cache.read_shard if cache is not None else stage1.tar_reader(on_error)
+        read = cache.read_shard if cache is not None else stage1.tar_reader(on_error, cfg.max_member_bytes)
         return stage1.shard_stream(sources, s, cfg.streams, seed, cfg.shuffle_buffer, read)
 
     return open_stream

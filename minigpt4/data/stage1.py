@@ -14,16 +14,24 @@ import itertools
 import json
 import logging
 import random
-from collections.abc import Callable, Iterator
+import re
+import tarfile
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import webdataset as wds
+from webdataset.tariterators import group_by_keys, url_opener
 
 log = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
+# A member larger than this is not read: its size comes from the tar header, so a small gzip shard
+# that unpacks to a 2 GiB ".jpg" costs no memory. The largest image `load_image` takes (40 MP) is
+# well under it as a JPEG or PNG.
+DEFAULT_MAX_MEMBER_BYTES = 64 * 2**20
+_META_MEMBER = re.compile(r"__[^/]*__($|/)")  # webdataset's own metadata members
 
 
 @dataclass(frozen=True)
@@ -37,14 +45,63 @@ class CorruptSample(ValueError):
     """A sample that cannot be used; it is skipped and counted."""
 
 
+@dataclass(frozen=True)
+class OversizedMember:
+    """Stands in a sample for a tar member that was too large to read."""
+
+    size: int
+    limit: int
+
+
 ShardReader = Callable[[str, str], Iterator[dict[str, Any]]]  # (source name, shard) → raw samples
 
 
-def tar_reader(on_error: Callable[[Exception], bool]) -> ShardReader:
+def tar_samples(
+    urls: Iterable[str],
+    on_error: Callable[[Exception], bool],
+    max_member_bytes: int = DEFAULT_MAX_MEMBER_BYTES,
+) -> Iterator[dict[str, Any]]:
+    """The samples of webdataset shards, in order: members grouped by key, as webdataset does.
+
+    A member over `max_member_bytes` (by its tar header) is never read: it is an `OversizedMember`
+    in its sample, which `sample_caption` / `sample_image_bytes` then refuse (skipped and counted).
+    `on_error` sees unreadable shards and tar data (True: go on with the next shard).
+    """
+    streams = url_opener(({"url": url} for url in urls), handler=on_error)
+    return group_by_keys(_shard_members(streams, on_error, max_member_bytes), handler=on_error)
+
+
+def _shard_members(
+    streams: Iterable[dict[str, Any]], on_error: Callable[[Exception], bool], limit: int
+) -> Iterator[dict[str, Any]]:
+    for source in streams:
+        url = source["url"]
+        try:
+            with tarfile.open(fileobj=source["stream"], mode="r|*") as tar:
+                for info in tar:
+                    if not info.isreg() or _META_MEMBER.match(info.name):
+                        continue
+                    if info.size > limit:
+                        data: Any = OversizedMember(info.size, limit)  # the stream skips its bytes
+                    else:
+                        data = tar.extractfile(info).read()
+                    yield {"fname": info.name, "data": data, "__url__": url}
+                    tar.members = []  # a streamed tar would keep every header otherwise
+        except Exception as exc:  # a damaged shard: tarfile, gzip and OS errors alike
+            exc.args = (*exc.args, url)
+            if not on_error(exc):
+                return
+        finally:
+            source["stream"].close()
+
+
+def tar_reader(
+    on_error: Callable[[Exception], bool], max_member_bytes: int = DEFAULT_MAX_MEMBER_BYTES
+) -> ShardReader:
     """Read a shard's samples from its tar file; `on_error` sees unreadable tar data (True: go on)."""
 
     def read(source: str, url: str) -> Iterator[dict[str, Any]]:
-        for sample in wds.tarfile_samples(iter([{"url": url}]), handler=on_error):
+        for sample in tar_samples([url], on_error, max_member_bytes):
             sample["__source__"] = source
             yield sample
 
@@ -96,6 +153,8 @@ def sample_key(sample: dict[str, Any]) -> str:
 
 def sample_caption(sample: dict[str, Any]) -> str:
     """The caption of a raw sample: `json` {"caption": …} or a plain `txt`."""
+    for ext in ("json", "txt"):
+        _refuse_oversized(sample, ext)
     try:
         if "json" in sample:
             caption = json.loads(sample["json"])["caption"]
@@ -113,5 +172,14 @@ def sample_caption(sample: dict[str, Any]) -> str:
 def sample_image_bytes(sample: dict[str, Any]) -> bytes:
     for ext in IMAGE_EXTENSIONS:
         if ext in sample:
+            _refuse_oversized(sample, ext)
             return sample[ext]
     raise CorruptSample(f"no image member ({'/'.join(IMAGE_EXTENSIONS)})")
+
+
+def _refuse_oversized(sample: dict[str, Any], ext: str) -> None:
+    member = sample.get(ext)
+    if isinstance(member, OversizedMember):
+        raise CorruptSample(
+            f"its {ext} member is {member.size:,} bytes, over the limit of {member.limit:,} (data.max_member_bytes)"
+        )

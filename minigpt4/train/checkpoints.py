@@ -67,12 +67,11 @@ def save_checkpoint(path: Path, model: nn.Module, state: dict[str, Any], metadat
         if not torch.isfinite(tensor).all():
             raise CheckpointError(f"refusing to write {path}: the weight {name} holds NaN or inf")
     tmp = temporary_name(path)
-    shutil.rmtree(tmp, ignore_errors=True)
+    _remove(tmp)
     tmp.mkdir(parents=True)
     save_trainable(model, tmp / WEIGHTS, metadata)
     torch.save(state, tmp / STATE)
-    if path.exists():
-        shutil.rmtree(path)
+    _remove(path)
     os.replace(tmp, path)
     log.info("checkpoint written: %s", path)
     return path
@@ -114,6 +113,15 @@ def load_latest(output_dir: str | Path) -> tuple[Path, dict[str, Any]] | None:
 def prune_checkpoints(output_dir: str | Path, keep: int) -> None:
     """Delete all but the `keep` newest checkpoints."""
     for _, path in list_checkpoints(output_dir)[:-keep]:
+        _remove(path)
+
+
+def _remove(path: Path) -> None:
+    """Delete a checkpoint folder, or only the link where a symlink stands in its place (never what
+    it points to: that is someone else's folder)."""
+    if path.is_symlink() or path.is_file():
+        path.unlink()
+    elif path.exists():
         shutil.rmtree(path)
 
 

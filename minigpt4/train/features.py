@@ -19,7 +19,6 @@ from typing import Any
 
 import numpy as np
 import torch
-import webdataset as wds
 from tqdm import tqdm
 
 from minigpt4.build import pick_device
@@ -28,7 +27,7 @@ from minigpt4.data import stage2
 from minigpt4.data.config import DataConfig, source_shards
 from minigpt4.data.feature_cache import cache_index, part_done, write_index, write_part
 from minigpt4.data.loader import record_image, record_key
-from minigpt4.data.stage1 import CorruptSample, sample_caption
+from minigpt4.data.stage1 import CorruptSample, sample_caption, tar_samples
 from minigpt4.errors import ConfigError
 from minigpt4.train.config import load_train_config
 from minigpt4.vision import build_vision
@@ -45,7 +44,7 @@ def all_records(cfg: DataConfig, on_error) -> Iterator[dict[str, Any]]:
             yield from stage2.read_annotations(resolve_path(source.path), source.name)
             continue
         urls = sorted(source_shards(source))
-        for sample in wds.tarfile_samples(({"url": u} for u in urls), handler=on_error):
+        for sample in tar_samples(urls, on_error, cfg.max_member_bytes):
             sample["__source__"] = source.name
             yield sample
 
