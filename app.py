@@ -13,6 +13,7 @@ import os
 from demo import launch
 from minigpt4.commands.common import (
     CommandParser,
+    add_allowed_hosts_arg,
     add_model_args,
     add_threads_arg,
     chat_or_exit,
@@ -41,6 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="port (default: the first free one from $GRADIO_SERVER_PORT, else from 7860)",
     )
     parser.add_argument("--share", action="store_true", help="also serve through a public gradio.live link")
+    add_allowed_hosts_arg(parser)
     return parser
 
 
@@ -51,7 +53,7 @@ def main(argv: list[str] | None = None) -> None:
     check_model_args(parser, args)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     chat = chat_or_exit(args)
-    launch(chat, host=args.host, port=args.port, share=args.share)
+    launch(chat, host=args.host, port=args.port, share=args.share, allowed_hosts=args.allowed_hosts)
 
 
 if __name__ == "__main__":

@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Generator, Iterator
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import gradio as gr
+from gradio.utils import get_upload_folder
 
 from minigpt4.errors import InputError
 
@@ -21,6 +23,9 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 NO_IMAGE_YET = "Upload an image first: choose one, then press “Upload & Start Chat” or send your question."
+# One text for every path that is not an upload of this app's, so that errors never tell a client
+# whether some file exists on the server, or how big it is.
+NOT_UPLOADED = "No uploaded image was found: choose the image again."
 
 # A chatbot message in Gradio's "messages" format: {"role": …, "content": …}.
 Message = dict[str, Any]
@@ -34,13 +39,28 @@ def _user_error(error: InputError) -> gr.Error:
 def _image_path(image: dict[str, Any] | None) -> str:
     """The server-side path of an image input that skipped Gradio's preprocessing.
 
-    `/upload` runs with `preprocess=False` so that the engine, not Gradio's PIL call, is the one
-    place that opens the file and judges it (unreadable, too many pixels); Gradio has already moved
-    the file into its upload cache and checked that it lives there.
+    The image events run with `preprocess=False` so that the engine, not Gradio's PIL call, is the
+    one place that opens the file and judges it (unreadable, too many pixels). Gradio checks only
+    the payloads tagged as its `FileData` (an upload: a file in its upload folder); an untagged
+    `{"path": ...}` from a client reaches us as it was sent. So the path must name a file inside the
+    upload folder, once links are resolved, or it is refused with one text whatever it names.
     """
     if image is None or not image.get("path"):
         raise gr.Error("No image was given: choose an image first.", print_exception=False)
-    return str(image["path"])
+    path = str(image["path"])
+    if not is_upload(path):
+        log.warning("refused an image path outside the upload folder")
+        raise gr.Error(NOT_UPLOADED, print_exception=False)
+    return path
+
+
+def is_upload(path: str) -> bool:
+    """Whether `path` is a file that Gradio received: in its upload folder, links resolved."""
+    try:
+        file = Path(path).resolve()
+        return file.is_relative_to(Path(get_upload_folder()).resolve()) and file.is_file()
+    except (OSError, ValueError):  # NUL bytes, names too long, loops of links
+        return False
 
 
 class ChatHandlers:
@@ -62,25 +82,31 @@ class ChatHandlers:
     def _session(self, session: ChatSession | None) -> ChatSession:
         return self.chat.new_session() if session is None else session
 
-    def upload(self, image: dict[str, Any] | None, session: ChatSession | None) -> tuple[str, ChatSession]:
-        """`/upload`: add an image turn to the conversation; returns a status line."""
+    def upload(
+        self, image: dict[str, Any] | None, session: ChatSession | None
+    ) -> tuple[str, ChatSession, str]:
+        """`/upload`: add an image turn to the conversation; returns a status line (and, kept on
+        the server for `show_image`, the checked path of the image)."""
         session = self._session(session)
+        path = _image_path(image)
         try:
-            self.chat.upload_image(session, _image_path(image))
+            self.chat.upload_image(session, path)
         except InputError as error:
             raise _user_error(error) from error
         count = session.n_images
         noun = "image" if count == 1 else "images"
-        return f"Image received ({count} {noun} in this chat). Ask a question about it.", session
+        return f"Image received ({count} {noun} in this chat). Ask a question about it.", session, path
 
-    def upload_pending(self, image: dict[str, Any] | None, session: ChatSession | None) -> tuple[Any, Any]:
+    def upload_pending(
+        self, image: dict[str, Any] | None, session: ChatSession | None
+    ) -> tuple[Any, Any, Any]:
         """Before a message is sent: upload the image waiting in the image box, if any.
 
         The box empties after each upload, so an image there (an example just picked, a file dropped
         in) has not been sent yet; pressing Enter then means "about this image".
         """
         if image is None or not image.get("path"):
-            return gr.skip(), session
+            return gr.skip(), session, None
         return self.upload(image, session)
 
     def sampling_controls(self, do_sample: bool) -> tuple[Any, Any]:
@@ -121,11 +147,15 @@ class ChatHandlers:
         for answer in self._start(session, message, generation):
             yield answer, session
 
-    def show_image(self, image: str | None, history: list[Message]) -> tuple[None, list[Message]]:
-        """After a successful upload: the image joins the chat and the image box empties."""
-        if image is None:
+    def show_image(self, uploaded: str | None, history: list[Message]) -> tuple[None, list[Message]]:
+        """After a successful upload: the image joins the chat and the image box empties.
+
+        `uploaded` is the path `upload` checked, held in server-side state: the image box's own
+        value comes from the client and is never shown back as a file.
+        """
+        if uploaded is None:
             return None, history
-        return None, [*history, {"role": "user", "content": {"path": image}}]
+        return None, [*history, {"role": "user", "content": {"path": uploaded}}]
 
     def send(
         self,

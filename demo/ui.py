@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 import gradio as gr
+from starlette.middleware import Middleware
 
 from demo.examples import example_rows
 from demo.handlers import ChatHandlers
+from minigpt4.hosts import AllowedHosts, HostCheck
 
 if TYPE_CHECKING:
     from minigpt4.chat import Chat
@@ -31,6 +34,7 @@ def build_demo(chat: Chat) -> gr.Blocks:
     model = {"concurrency_id": "model", "concurrency_limit": chat.max_concurrent_answers}
     with gr.Blocks(title="MiniGPT-4") as demo:
         session = gr.State(None, time_to_live=SESSION_TTL_S)
+        uploaded = gr.State(None, time_to_live=SESSION_TTL_S)  # the path the last upload checked
         gr.Markdown(INTRO)
         gr.Markdown(handlers.model_status(), elem_id="model-status")
         with gr.Row():
@@ -78,18 +82,23 @@ def build_demo(chat: Chat) -> gr.Blocks:
 
         generation = [num_beams, temperature, top_p, max_new_tokens, do_sample]
         upload.click(
-            handlers.upload, [image, session], [status, session], api_name="upload", preprocess=False, **model
-        ).success(handlers.show_image, [image, chatbot], [image, chatbot], api_visibility="private")
+            handlers.upload,
+            [image, session],
+            [status, session, uploaded],
+            api_name="upload",
+            preprocess=False,
+            **model,
+        ).success(handlers.show_image, [uploaded, chatbot], [image, chatbot], api_visibility="private")
         do_sample.change(
             handlers.sampling_controls, do_sample, [temperature, top_p], api_visibility="private", queue=False
         )
         # Enter with an image still in the box (an example just picked): upload it, then ask.
         sending = (
             text.submit(
-                handlers.upload_pending, [image, session], [status, session],
+                handlers.upload_pending, [image, session], [status, session, uploaded],
                 api_visibility="private", preprocess=False, **model,
             )
-            .success(handlers.show_image, [image, chatbot], [image, chatbot], api_visibility="private")
+            .success(handlers.show_image, [uploaded, chatbot], [image, chatbot], api_visibility="private")
             .success(
                 handlers.send, [text, session, chatbot, *generation], [text, session, chatbot],
                 api_visibility="private", show_progress="hidden", **model,
@@ -104,9 +113,24 @@ def build_demo(chat: Chat) -> gr.Blocks:
     return demo
 
 
-def launch(chat: Chat, *, host: str, port: int | None, share: bool, block: bool = True) -> gr.Blocks:
-    """Build the app for `chat` and serve it; with `block=False` it returns once the server is up."""
+def launch(
+    chat: Chat,
+    *,
+    host: str,
+    port: int | None,
+    share: bool,
+    block: bool = True,
+    allowed_hosts: Sequence[str] = (),
+) -> gr.Blocks:
+    """Build the app for `chat` and serve it; with `block=False` it returns once the server is up.
+
+    Requests addressed to a host name other than localhost, `host`, `allowed_hosts` and the
+    environment's (`minigpt4.hosts`) get 400: a page elsewhere cannot drive the app by DNS
+    rebinding. A share link's gradio.live names are added with `share`.
+    """
     demo = build_demo(chat)
+    extra = [*allowed_hosts, *(["*.gradio.live"] if share else [])]
+    hosts = AllowedHosts.for_server(host, extra)
     demo.launch(
         server_name=host,
         server_port=port,
@@ -114,5 +138,6 @@ def launch(chat: Chat, *, host: str, port: int | None, share: bool, block: bool 
         max_file_size=chat.max_image_bytes,
         prevent_thread_lock=not block,
         theme=gr.themes.Soft(),
+        app_kwargs={"middleware": [Middleware(HostCheck, allowed=hosts)]},
     )
     return demo

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import shutil
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -211,12 +212,16 @@ def test_sampling_sliders_are_enabled_only_by_the_sample_box_beside_them(tiny_ch
     ]
 
 
-def test_sending_with_an_image_in_the_box_uploads_it_first(tiny_chat) -> None:
+def test_sending_with_an_image_in_the_box_uploads_it_first(tiny_chat, tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setenv("GRADIO_TEMP_DIR", str(tmp_path))  # Gradio's upload folder
+    picked = tmp_path / "0123abcd" / CAT.name  # where Gradio copies an example that was picked
+    picked.parent.mkdir()
+    shutil.copy(CAT, picked)
     handlers = ChatHandlers(tiny_chat)
-    status, session = handlers.upload_pending({"path": str(CAT)}, None)  # an example was picked
-    assert "1 image" in status and session.n_images == 1
-    skipped, same = handlers.upload_pending(None, session)  # nothing waiting: nothing to do
-    assert same is session and session.n_images == 1 and skipped is not None
+    status, session, uploaded = handlers.upload_pending({"path": str(picked)}, None)
+    assert "1 image" in status and session.n_images == 1 and uploaded == str(picked)
+    skipped, same, nothing = handlers.upload_pending(None, session)  # nothing waiting: nothing to do
+    assert same is session and session.n_images == 1 and skipped is not None and nothing is None
     config = build_demo(tiny_chat).config
     by_elem = {c["props"].get("elem_id"): c["id"] for c in config["components"]}
     first = next(d for d in config["dependencies"] if d["targets"] == [(by_elem["message"], "submit")])

@@ -245,7 +245,11 @@ def test_local_and_http_images_when_enabled(tiny_chat: Any, model: str, tmp_path
     threading.Thread(target=images.serve_forever, daemon=True).start()
     recorder = RecordingChat(tiny_chat)
     app = create_app(
-        recorder, max_image_bytes=MAX_IMAGE_BYTES, local_image_dir=tmp_path, allow_http_images=True
+        recorder,
+        max_image_bytes=MAX_IMAGE_BYTES,
+        local_image_dir=tmp_path,
+        allow_http_images=True,
+        allow_private_images=True,  # the image server is on this machine
     )
     try:
         with running(app) as url:

@@ -127,7 +127,9 @@ def test_requests_over_the_limits_are_refused_before_any_work(
 @pytest.mark.slow
 def test_a_slow_image_url_has_one_deadline_for_the_whole_download(tiny_chat: Any, model: str) -> None:
     with ImageServer(drip_interval_s=0.05, drip_bytes=400) as images:  # 20 s of dripping in all
-        app = create_app(tiny_chat, allow_http_images=True, image_fetch_timeout_s=1.0)
+        app = create_app(
+            tiny_chat, allow_http_images=True, allow_private_images=True, image_fetch_timeout_s=1.0
+        )
         with running(app) as url:
             reply = httpx.post(f"{url}{CHAT}", json=image_body(model, f"{images.url}/drip"), timeout=30)
             assert_error(reply, 400, "the download took over 1 s")
@@ -140,7 +142,12 @@ def test_a_slow_image_url_has_one_deadline_for_the_whole_download(tiny_chat: Any
 def test_a_request_fetching_images_holds_a_place_in_the_queue(tiny_chat: Any, model: str) -> None:
     with ImageServer(drip_interval_s=0.05, drip_bytes=200) as images:  # 10 s of dripping in all
         app = create_app(
-            tiny_chat, allow_http_images=True, image_fetch_timeout_s=3.0, max_queue=0, max_running=1
+            tiny_chat,
+            allow_http_images=True,
+            allow_private_images=True,
+            image_fetch_timeout_s=3.0,
+            max_queue=0,
+            max_running=1,
         )
         with running(app) as url, ThreadPoolExecutor(1) as pool:
             slow = pool.submit(
@@ -157,7 +164,10 @@ def test_a_request_fetching_images_holds_a_place_in_the_queue(tiny_chat: Any, mo
 
 @pytest.mark.slow
 def test_redirects_are_not_followed(tiny_chat: Any, model: str) -> None:
-    with ImageServer() as images, running(create_app(tiny_chat, allow_http_images=True)) as url:
+    with (
+        ImageServer() as images,
+        running(create_app(tiny_chat, allow_http_images=True, allow_private_images=True)) as url,
+    ):
         reply = httpx.post(f"{url}{CHAT}", json=image_body(model, f"{images.url}/redirect"), timeout=30)
         assert_error(reply, 400, "does not follow redirects")
         assert "/red.png" in reply.json()["error"]["message"]
@@ -171,7 +181,9 @@ def test_redirects_are_not_followed(tiny_chat: Any, model: str) -> None:
 @pytest.mark.slow
 def test_a_client_that_leaves_during_a_fetch_stops_it(tiny_chat: Any, model: str) -> None:
     with ImageServer(drip_interval_s=0.05, drip_bytes=400) as images:  # 20 s of dripping in all
-        app = create_app(tiny_chat, allow_http_images=True, image_fetch_timeout_s=30.0)
+        app = create_app(
+            tiny_chat, allow_http_images=True, allow_private_images=True, image_fetch_timeout_s=30.0
+        )
         with running(app) as url:
             with pytest.raises(httpx.ReadTimeout):
                 httpx.post(f"{url}{CHAT}", json=image_body(model, f"{images.url}/drip"), timeout=1.0)

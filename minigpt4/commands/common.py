@@ -77,6 +77,20 @@ def add_threads_arg(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def add_allowed_hosts_arg(parser: argparse.ArgumentParser) -> None:
+    """`--allowed-hosts`: host names the server answers besides localhost and its --host (DNS
+    rebinding defence; IP addresses are always answered). See `minigpt4.hosts`."""
+    parser.add_argument(
+        "--allowed-hosts",
+        type=lambda text: [name for name in text.split(",") if name.strip()],
+        default=[],
+        metavar="NAMES",
+        help="comma-separated host names this server answers besides localhost and --host, e.g. "
+        "myhost.example,*.example.org; '*' answers any (also $MINIGPT4_ALLOWED_HOSTS; a Space's "
+        "$SPACE_HOST is added by itself)",
+    )
+
+
 def add_generation_args(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group(
         "generation (defaults: the preset's; --temperature and --top-p apply only when sampling)"

@@ -4,9 +4,14 @@ Each request is stateless: its messages are replayed into a fresh Chat session o
 thread, then the answer is generated there, piece by piece, and sent back as one JSON body or as
 server-sent events. The event loop only parses, fetches images and waits.
 
-A request's size is bounded (`RequestLimits`) before it takes a place in the queue; it holds that
-place while its images are fetched. A client that goes away stops its request in every phase:
-fetching, waiting, replaying the history, generating.
+What a hostile client can do is bounded before it costs anything: the Host header is checked
+first (`HostCheck`, against DNS rebinding), then the API key from the headers alone, then the
+body's size while it streams in (`BodyLimit`); the body is parsed on a worker thread, after a check
+of how much JSON structure it holds, so a request of millions of tiny messages is refused before it
+is built and the event loop keeps answering (`/health` too). A request's size is then bounded
+(`RequestLimits`) before it takes a place in the queue; it holds that place while its images are
+fetched. A client that goes away stops its request in every phase: fetching, waiting, replaying the
+history, generating.
 """
 
 from __future__ import annotations
@@ -24,14 +29,17 @@ from pathlib import Path
 
 from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response, StreamingResponse
-from pydantic import BaseModel
+from fastapi.openapi.docs import get_swagger_ui_html
+from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
+from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException
+from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from minigpt4.chat import Chat, ChatSession
 from minigpt4.errors import InputError
 from minigpt4.generation import GenerationParams
+from minigpt4.hosts import AllowedHosts, HostCheck
 from minigpt4.serve.messages import ImagePolicy, RequestLimits, Turn, fetch_images, replay, to_turns
 from minigpt4.serve.protocol import (
     APIError,
@@ -76,6 +84,8 @@ def create_app(
     max_request_bytes: int | None = None,
     limits: RequestLimits | None = None,
     image_fetch_timeout_s: float = 10.0,
+    allow_private_images: bool = False,
+    allowed_hosts: AllowedHosts | None = None,
 ) -> FastAPI:
     """An app serving `chat` as the model named `chat.preset_name`.
 
@@ -84,24 +94,37 @@ def create_app(
     `local_image_dir` and http(s) URLs only when enabled. Images are capped at `max_image_bytes`
     (default: the preset's limit) and request bodies at `max_request_bytes` (default: four images
     at the byte limit, base64-encoded); `limits` bound the messages, text and images of a request.
-    An http(s) image must arrive within `image_fetch_timeout_s` in all; redirects are refused.
+    An http(s) image must arrive within `image_fetch_timeout_s` in all; redirects are refused, and
+    so are hosts that resolve to a loopback, private or other non-public address unless
+    `allow_private_images`. Requests addressed to a host name not in `allowed_hosts` (default:
+    `localhost` and the environment's names; IP addresses always) get 400. With `api_key`, the
+    docs (`/docs`, `/openapi.json`) need the key too.
     """
     max_image_bytes = max_image_bytes or chat.max_image_bytes
     model_name = chat.preset_name
     started = now()
     scheduler = Scheduler(max_waiting=max_queue, workers=max_running or chat.max_concurrent_answers)
-    images = ImagePolicy(max_image_bytes, local_image_dir, allow_http_images, image_fetch_timeout_s)
+    images = ImagePolicy(
+        max_image_bytes, local_image_dir, allow_http_images, image_fetch_timeout_s, allow_private_images
+    )
     limits = limits or RequestLimits()
+    keyed = [Depends(_bearer_check(api_key))] if api_key else []
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
         yield
         scheduler.shutdown()
 
-    app = FastAPI(title="MiniGPT-4", lifespan=lifespan)
+    # With a key, the docs are served by routes of our own behind it.
+    docs = {"docs_url": None, "redoc_url": None, "openapi_url": None} if api_key else {}
+    app = FastAPI(title="MiniGPT-4", lifespan=lifespan, **docs)
+    # Added last, so it runs first: a request for a foreign host name is refused before anything else.
     app.add_middleware(BodyLimit, max_bytes=max_request_bytes or 4 * (max_image_bytes * 4 // 3) + 2**20)
+    app.add_middleware(HostCheck, allowed=allowed_hosts or AllowedHosts.for_server(None))
     _add_error_handlers(app)
-    v1 = APIRouter(prefix="/v1", dependencies=[Depends(_bearer_check(api_key))] if api_key else [])
+    v1 = APIRouter(prefix="/v1", dependencies=keyed)
+    if api_key:
+        _add_keyed_docs(app, keyed)
 
     @app.get("/health")
     async def health() -> dict[str, object]:
@@ -116,11 +139,22 @@ def create_app(
         _check_model(model_id, model_name)
         return ModelCard(id=model_name, created=started)
 
-    @v1.post("/chat/completions", response_model=None, responses={200: {"model": ChatCompletion}})
-    async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
+    @v1.post(
+        "/chat/completions",
+        response_model=None,
+        responses={200: {"model": ChatCompletion}},
+        openapi_extra={"requestBody": _REQUEST_BODY_SCHEMA},
+    )
+    async def chat_completions(request: Request) -> Response:
+        # The body is read here, after the key was checked from the headers (FastAPI reads a
+        # declared body before any dependency), and parsed off the event loop.
+        try:
+            raw = await request.body()
+        except ClientDisconnect:  # gone, or cut off by BodyLimit (which has answered 413)
+            return Response(status_code=499)
+        body = await asyncio.to_thread(parse_request, raw, limits)
         _check_model(body.model, model_name)
         params = _generation_params(chat.defaults, body)
-        limits.check(body.messages)
         turns = to_turns(body.messages)
         try:
             job = scheduler.admit()  # fetching images takes a place in the queue too
@@ -155,7 +189,68 @@ def create_app(
         return await _whole_answer(job, first, meta, request)
 
     app.include_router(v1)
+    _share_schemas(app)
     return app
+
+
+_REQUEST_BODY_SCHEMA = {
+    "required": True,
+    "content": {"application/json": {"schema": {"$ref": "#/components/schemas/ChatCompletionRequest"}}},
+}
+
+
+def parse_request(raw: bytes, limits: RequestLimits) -> ChatCompletionRequest:
+    """The request a body holds, checked against `limits`; an `APIError` (400) naming what is wrong.
+
+    The amount of JSON structure is bounded before parsing (`RequestLimits.check_body`), so the
+    work and memory of parsing stay proportional to what the server would accept.
+    """
+    if not raw.strip():
+        raise APIError(400, "the request body is empty: send a JSON object", code="invalid_json")
+    limits.check_body(raw)
+    try:
+        data = json.loads(raw)
+    except UnicodeDecodeError as e:
+        raise APIError(400, f"the request body is not UTF-8 ({e.reason})", code="invalid_json") from e
+    except json.JSONDecodeError as e:
+        position = len(e.doc[: e.pos].encode("utf-8", "surrogatepass"))  # characters → bytes
+        raise APIError(400, f"invalid JSON at byte {position}: {e.msg}", code="invalid_json") from e
+    except RecursionError as e:
+        raise APIError(400, "the request body nests too deeply", code="invalid_json") from e
+    try:
+        body = ChatCompletionRequest.model_validate(data)
+    except ValidationError as e:
+        raise _validation_error(e.errors()) from e
+    limits.check(body.messages, body.stop_strings)
+    return body
+
+
+def _add_keyed_docs(app: FastAPI, keyed: list) -> None:
+    """`/openapi.json` and `/docs` behind the API key (send it as for /v1)."""
+
+    @app.get("/openapi.json", include_in_schema=False, dependencies=keyed)
+    async def openapi() -> JSONResponse:
+        return JSONResponse(app.openapi())
+
+    @app.get("/docs", include_in_schema=False, dependencies=keyed)
+    async def docs() -> HTMLResponse:
+        return get_swagger_ui_html(openapi_url="/openapi.json", title="MiniGPT-4 API")
+
+
+def _share_schemas(app: FastAPI) -> None:
+    """Put the request model into the OpenAPI components (the route reads its body by hand)."""
+    build = app.openapi
+
+    def openapi() -> dict:
+        if app.openapi_schema is None:
+            schema = build()
+            defs = ChatCompletionRequest.model_json_schema(ref_template="#/components/schemas/{model}")
+            schemas = schema.setdefault("components", {}).setdefault("schemas", {})
+            schemas.update(defs.pop("$defs", {}))
+            schemas["ChatCompletionRequest"] = defs
+        return app.openapi_schema
+
+    app.openapi = openapi
 
 
 @dataclass(frozen=True)
@@ -354,7 +449,7 @@ def _add_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def invalid_request(_request: Request, error: RequestValidationError) -> JSONResponse:
-        return _error_response(_validation_error(error))
+        return _error_response(_validation_error(error.errors()))
 
     @app.exception_handler(HTTPException)
     async def http_error(_request: Request, error: HTTPException) -> JSONResponse:
@@ -365,16 +460,9 @@ def _add_error_handlers(app: FastAPI) -> None:
 _UNION_BRANCHES = {"str", "int", "float", "bool", "list", "dict", "function-after", "function-before"}
 
 
-def _validation_error(error: RequestValidationError) -> APIError:
+def _validation_error(errors: Sequence[dict]) -> APIError:
     """A 400 naming the first problem of a request: where it is (`messages[0].content`) and what."""
-    first = error.errors()[0]
-    if first["type"] == "json_invalid":
-        position = first["loc"][-1]
-        doc = error.body
-        if isinstance(doc, str) and isinstance(position, int):  # the offset is in characters
-            position = len(doc[:position].encode("utf-8", "surrogatepass"))
-        reason = first.get("ctx", {}).get("error", "")
-        return APIError(400, f"invalid JSON at byte {position}: {reason}", code="invalid_json")
+    first = errors[0]
     where = ""
     for part in first["loc"][1:] if first["loc"][:1] == ("body",) else first["loc"]:
         if isinstance(part, int):

@@ -10,7 +10,14 @@ from pathlib import Path
 
 import uvicorn
 
-from minigpt4.commands.common import CommandParser, add_model_args, chat_or_exit, check_model_args
+from minigpt4.commands.common import (
+    CommandParser,
+    add_allowed_hosts_arg,
+    add_model_args,
+    chat_or_exit,
+    check_model_args,
+)
+from minigpt4.hosts import AllowedHosts
 from minigpt4.serve.app import create_app
 from minigpt4.serve.messages import RequestLimits
 
@@ -48,8 +55,15 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--allow-http-images",
         action="store_true",
-        help="allow image_url to be an http(s) URL the server fetches",
+        help="allow image_url to be an http(s) URL the server fetches (public addresses only)",
     )
+    parser.add_argument(
+        "--allow-private-images",
+        action="store_true",
+        help="with --allow-http-images, also fetch from loopback, private and link-local addresses "
+        "(this machine and its network: only where every client may reach them)",
+    )
+    add_allowed_hosts_arg(parser)
     parser.add_argument(
         "--max-request-mb", type=float, help="largest request body (default: 4 images at the limit)"
     )
@@ -97,6 +111,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--port {args.port}: must be in 0..65535")
     if args.max_queue < 0:
         parser.error(f"--max-queue {args.max_queue}: must be ≥ 0")
+    if args.allow_private_images and not args.allow_http_images:
+        parser.error("--allow-private-images needs --allow-http-images")
     if args.max_request_mb is not None and args.max_request_mb <= 0:
         parser.error(f"--max-request-mb {args.max_request_mb}: must be > 0")
     check_model_args(parser, args)
@@ -113,6 +129,8 @@ def main(argv: list[str] | None = None) -> int:
         max_request_bytes=int(args.max_request_mb * 2**20) if args.max_request_mb else None,
         limits=RequestLimits(args.max_messages, args.max_text_chars, args.max_images),
         image_fetch_timeout_s=args.image_timeout,
+        allow_private_images=args.allow_private_images,
+        allowed_hosts=AllowedHosts.for_server(args.host, args.allowed_hosts),
     )
     uvicorn.run(app, host=args.host, port=args.port, log_level="info")
     return 0

@@ -5,7 +5,12 @@ into the next user message. Consecutive messages of one role are joined into one
 templates alternate user and assistant. Images are fetched before the request starts on the
 model's worker (it holds a place in the queue meanwhile), so the worker never waits on a network
 or a disk. An http(s) image has one deadline for its whole download, and redirects are not
-followed (a redirect could point into the server's own network).
+followed (a redirect could point into the server's own network). Its host name is resolved first,
+and every address it resolves to must be public (not loopback, private, link-local, multicast,
+reserved or unspecified, in any IPv6 wrapping of an IPv4 address); the download then connects to
+the address that was checked, so a name that changes its answer in between (DNS rebinding) cannot
+send it elsewhere. Every way of not reaching a host gets one text, so the API cannot be used to
+map which hosts and ports answer.
 """
 
 from __future__ import annotations
@@ -13,7 +18,10 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import ipaddress
+import logging
 import re
+import socket
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -27,7 +35,13 @@ from minigpt4.chat import Chat, ChatSession
 from minigpt4.errors import ImageError, InputError, MessageError
 from minigpt4.serve.protocol import ChatMessage, ImagePart
 
-_DATA_URL = re.compile(r"data:(?P<mime>[\w.+-]+/[\w.+-]+)?(?P<params>(;[^;,]*)*?);base64,(?P<data>.*)", re.S)
+log = logging.getLogger(__name__)
+
+_BASE64_ALPHABET = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/="
+_SCAN_CHUNK = 2**20
+_DATA_URL = re.compile(
+    r"(?i:data):(?P<mime>[\w.+-]+/[\w.+-]+)?(?P<params>(;[^;,]*)*?);base64,(?P<data>.*)", re.S
+)
 
 
 @dataclass(frozen=True)
@@ -38,6 +52,7 @@ class ImagePolicy:
     local_dir: Path | None = None  # file:// URLs and paths are allowed only under this folder
     allow_http: bool = False
     http_timeout_s: float = 10.0  # for the whole download of one image, not per read
+    allow_private: bool = False  # http(s) hosts on loopback / private / link-local addresses too
 
 
 @dataclass(frozen=True)
@@ -45,17 +60,43 @@ class RequestLimits:
     """How much one request may ask of the server, checked before it joins the queue."""
 
     max_messages: int = 256
-    max_text_chars: int = 200_000  # all the text of all the messages together
+    max_text_chars: int = 200_000  # all the text of all the messages (and the stop strings) together
     max_images: int = 8
 
-    def check(self, messages: Sequence[ChatMessage]) -> None:
+    @property
+    def max_structure_bytes(self) -> int:
+        """The most bytes of JSON structure a request within these limits needs (see `check_body`):
+        every text character escaped (`\\uXXXX`), and room for the keys, quotes and spaces of
+        each message, pretty-printed."""
+        return 6 * self.max_text_chars + 256 * self.max_messages + 2**16
+
+    def check_body(self, raw: bytes) -> None:
+        """Refuse, before parsing, a body with more JSON structure than any request within the limits.
+
+        Images travel as base64, and everything else is text (capped) or structure; structure is
+        made of the bytes outside base64's alphabet (quotes, commas, brackets, colons, spaces). A
+        body of millions of tiny messages, or of a huge array, is nearly all such bytes: counting
+        them (in C) keeps a hostile body from costing seconds and gigabytes to parse.
+        """
+        structure = sum(
+            len(raw[i : i + _SCAN_CHUNK].translate(None, _BASE64_ALPHABET))
+            for i in range(0, len(raw), _SCAN_CHUNK)  # chunks: other threads get the GIL between
+        )
+        if structure > self.max_structure_bytes:
+            raise MessageError(
+                f"the request holds {structure:,} bytes of JSON structure and text; this server takes "
+                f"at most {self.max_structure_bytes:,} (at most {self.max_messages:,} messages and "
+                f"{self.max_text_chars:,} characters of text): send fewer or shorter messages"
+            )
+
+    def check(self, messages: Sequence[ChatMessage], stop: Sequence[str] = ()) -> None:
         """Raise `MessageError` (a 400) when the messages ask for more than these limits allow."""
         if len(messages) > self.max_messages:
             raise MessageError(
                 f"the request has {len(messages):,} messages; this server takes at most "
                 f"{self.max_messages:,} per request: send fewer (older turns can be left out)"
             )
-        chars = images = 0
+        chars, images = sum(map(len, stop)), 0
         for message in messages:
             parts = [message.content] if isinstance(message.content, str) else message.content
             for part in parts:
@@ -67,8 +108,8 @@ class RequestLimits:
                     chars += len(part.text)
         if chars > self.max_text_chars:
             raise MessageError(
-                f"the messages hold {chars:,} characters of text; this server takes at most "
-                f"{self.max_text_chars:,} per request"
+                f"the messages and stop strings hold {chars:,} characters of text; this server takes "
+                f"at most {self.max_text_chars:,} per request"
             )
         if images > self.max_images:
             raise MessageError(
@@ -150,9 +191,18 @@ async def fetch_images(turns: Sequence[Turn], policy: ImagePolicy) -> None:
 
 async def fetch_image(url: str, policy: ImagePolicy) -> bytes:
     """The bytes an image URL names: http(s) downloads on the event loop, the rest on a thread."""
-    if urlparse(url).scheme in ("http", "https") and policy.allow_http:
+    if _scheme(url) in ("http", "https") and policy.allow_http:
         return await _read_http(url, policy)
     return await asyncio.to_thread(read_image_url, url, policy)
+
+
+def _scheme(url: str) -> str:
+    """The URL's scheme, lower case (schemes are case-insensitive); a URL that does not parse is
+    the client's error (`http://[::1` makes urlparse raise)."""
+    try:
+        return urlparse(url).scheme.lower()
+    except ValueError as e:
+        raise ImageError("the image URL is not a valid URL") from e
 
 
 def replay(
@@ -179,9 +229,9 @@ def replay(
 
 def read_image_url(url: str, policy: ImagePolicy) -> bytes:
     """The bytes an image URL names: a data: URL always; a file or http(s) URL when the policy allows."""
-    if url.startswith("data:"):
+    scheme = _scheme(url)
+    if scheme == "data":
         return _read_data_url(url, policy.max_bytes)
-    scheme = urlparse(url).scheme
     if scheme in ("http", "https"):
         if not policy.allow_http:
             raise ImageError("http(s) image URLs are disabled on this server; send the image as a data: URL")
@@ -217,35 +267,107 @@ def _read_data_url(url: str, max_bytes: int) -> bytes:
 def _read_local(path: str, policy: ImagePolicy) -> bytes:
     assert policy.local_dir is not None
     root = policy.local_dir.resolve()
-    file = (root / path).resolve()
-    if not file.is_relative_to(root):
-        raise ImageError(f"{path} is outside the image folder this server may read")
-    if not file.is_file():
-        raise ImageError(f"no image file {path} in the server's image folder")
-    size = file.stat().st_size
+    try:
+        file = (root / path).resolve()
+        inside = file.is_relative_to(root)
+        size = file.stat().st_size if inside and file.is_file() else None
+    except (OSError, ValueError):  # NUL bytes, lone surrogates, names too long, link loops
+        inside, size = True, None
+    if not inside:
+        raise ImageError("that path is outside the image folder this server may read")
+    if size is None:
+        raise ImageError("no such image file in the server's image folder")
     if size > policy.max_bytes:
         raise _too_big(policy.max_bytes)
-    return file.read_bytes()
+    try:
+        return file.read_bytes()
+    except OSError as e:
+        raise ImageError("the image file in the server's image folder cannot be read") from e
+
+
+UNREACHABLE = (
+    "could not fetch the image: its host cannot be reached, refused the connection, or is not one "
+    "this server may fetch from (only public addresses)"
+)
+
+
+@dataclass(frozen=True)
+class _Target:
+    """Where an http(s) image URL leads: the URL to connect to (host replaced by a checked
+    address), the Host header and TLS name of the original, and the URL as it may be shown."""
+
+    url: httpx.URL
+    host_header: str
+    tls_name: str
+    shown: str
+
+
+async def _resolve(url: str, policy: ImagePolicy) -> _Target:
+    try:
+        parsed = httpx.URL(url)
+        host, port = parsed.host, parsed.port or (443 if parsed.scheme == "https" else 80)
+    except (httpx.InvalidURL, ValueError, TypeError) as e:
+        raise ImageError("the image URL is not a valid URL") from e
+    shown = str(parsed.copy_with(username=None, password=None))
+    if not host:
+        raise ImageError("the image URL has no host")
+    try:
+        infos = await asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        addresses = [ipaddress.ip_address(info[4][0].partition("%")[0]) for info in infos]
+    except (OSError, UnicodeError, ValueError) as e:
+        log.info("image host %s did not resolve: %s", host, e)
+        raise ImageError(UNREACHABLE) from e
+    if not addresses or not (policy.allow_private or all(map(is_public_address, addresses))):
+        log.info("refused an image URL whose host %s resolves to %s", host, [str(a) for a in addresses])
+        raise ImageError(UNREACHABLE)
+    default_port = parsed.port is None
+    host_header = host if default_port else f"{host}:{port}"
+    if ":" in host and not host.startswith("["):
+        host_header = f"[{host}]" if default_port else f"[{host}]:{port}"
+    return _Target(parsed.copy_with(host=str(addresses[0])), host_header, host, shown)
+
+
+_NAT64 = ipaddress.ip_network("64:ff9b::/96")
+
+
+def is_public_address(address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
+    """Whether an address is on the public internet, unwrapping IPv4 carried in IPv6 (mapped,
+    6to4, Teredo, NAT64), so that `::ffff:127.0.0.1` counts as the loopback it is."""
+    if isinstance(address, ipaddress.IPv6Address):
+        inner = address.ipv4_mapped or address.sixtofour or (address.teredo or (None, None))[1]
+        if inner is None and address in _NAT64:
+            inner = ipaddress.IPv4Address(int(address) & 0xFFFFFFFF)
+        if inner is not None:
+            return is_public_address(inner)
+    return address.is_global and not address.is_multicast
 
 
 async def _read_http(url: str, policy: ImagePolicy) -> bytes:
     """Download an image with one deadline for the whole download; redirects are refused."""
+    target = await _resolve(url, policy)
     chunks: list[bytes] = []
     size = 0
     deadline_s = policy.http_timeout_s
     try:
         async with (
             asyncio.timeout(deadline_s),
-            httpx.AsyncClient(timeout=deadline_s) as client,
-            client.stream("GET", url, follow_redirects=False) as response,
+            httpx.AsyncClient(timeout=deadline_s, trust_env=False) as client,
+            client.stream(
+                "GET",
+                target.url,
+                headers={"Host": target.host_header},
+                extensions={"sni_hostname": target.tls_name},
+                follow_redirects=False,
+            ) as response,
         ):
             if response.is_redirect:
                 where = response.headers.get("location", "elsewhere")
                 raise ImageError(
-                    f"could not fetch {url}: it redirects (HTTP {response.status_code}) to {where}, "
-                    "and this server does not follow redirects; give the image's final URL"
+                    f"could not fetch {target.shown}: it redirects (HTTP {response.status_code}) to "
+                    f"{where}, and this server does not follow redirects; give the image's final URL"
                 )
-            response.raise_for_status()
+            if response.status_code >= 400:
+                raise ImageError(f"could not fetch {target.shown}: HTTP {response.status_code}")
             declared = response.headers.get("content-length", "")
             if declared.isdigit() and int(declared) > policy.max_bytes:
                 raise _too_big(policy.max_bytes)
@@ -255,7 +377,8 @@ async def _read_http(url: str, policy: ImagePolicy) -> bytes:
                     raise _too_big(policy.max_bytes)
                 chunks.append(chunk)
     except (TimeoutError, httpx.TimeoutException) as e:
-        raise ImageError(f"could not fetch {url}: the download took over {deadline_s:g} s") from e
-    except httpx.HTTPError as e:
-        raise ImageError(f"could not fetch {url}: {e}") from e
+        raise ImageError(f"could not fetch {target.shown}: the download took over {deadline_s:g} s") from e
+    except (httpx.HTTPError, OSError) as e:
+        log.info("image download from %s failed: %s", target.shown, e)
+        raise ImageError(UNREACHABLE) from e
     return b"".join(chunks)

@@ -103,11 +103,14 @@ def _json_type(value: object) -> str:
 
 
 class StreamOptions(BaseModel):
+    model_config = ConfigDict(strict=True)
+
     include_usage: bool = False
 
 
 class ChatCompletionRequest(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    # Strict, as OpenAI's API is: `max_tokens: true` or `n: "1"` is the client's mistake, not a 1.
+    model_config = ConfigDict(extra="ignore", strict=True)
 
     model: str
     messages: list[ChatMessage] = Field(min_length=1)
