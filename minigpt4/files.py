@@ -6,10 +6,13 @@ one, never half of one; readers that look for the final name never see a partial
 
 from __future__ import annotations
 
+import logging
 import os
 import secrets
 from collections.abc import Callable
 from pathlib import Path
+
+log = logging.getLogger(__name__)
 
 
 def temporary_name(path: Path) -> Path:
@@ -42,3 +45,21 @@ def write_text_atomic(path: Path, text: str) -> None:
 def write_bytes_atomic(path: Path, data: bytes) -> None:
     """Write `data` whole or not at all."""
     write_atomic(path, lambda tmp: tmp.write_bytes(data))
+
+
+def drop_torn_line(path: Path) -> None:
+    """Cut a last line that a killed writer left without its newline, so that the next line
+    appended starts on a line of its own instead of being glued to the fragment (losing both)."""
+    if not path.is_file():
+        return
+    with path.open("rb+") as f:
+        size = f.seek(0, os.SEEK_END)
+        if size == 0:
+            return
+        f.seek(size - 1)
+        if f.read(1) == b"\n":
+            return
+        f.seek(0)
+        keep = f.read().rfind(b"\n") + 1
+        f.truncate(keep)
+    log.warning("%s: dropped a torn last line (%d bytes) left by an interrupted write", path, size - keep)

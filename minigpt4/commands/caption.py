@@ -2,7 +2,8 @@
 
 Writes one JSON line per image ({"image", "caption", "prompt", "preset"}), flushed as each is
 done. Re-running with the same --out skips images already described, so an interrupted run
-continues where it stopped. Only JSON lines go to standard output; progress (one step per image),
+continues where it stopped. Under `torchrun --nproc_per_node N` (or `accelerate launch`) each
+process captions its share into a part beside --out, and the first merges them into --out. Only JSON lines go to standard output; progress (one step per image),
 messages and errors go to standard error. Unreadable images are reported and skipped; the exit
 status is then 1. A wrong flag, preset, `--options` key, device, `--out` or checkpoint stops the
 command before any image is read, with one line naming it and exit status 2.
@@ -11,11 +12,11 @@ command before any image is read, with one line naming it and exit status 2.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
-import os
 import sys
-from collections.abc import Iterable
+import time
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from tqdm import tqdm
@@ -30,6 +31,7 @@ from minigpt4.commands.common import (
     check_model_args,
     params_from_args,
 )
+from minigpt4.commands.ranks import Rank, RankedJsonl, RowSink, job_digest, read_rows
 from minigpt4.errors import InputError
 
 log = logging.getLogger(__name__)
@@ -62,35 +64,12 @@ def _identity(path: Path | str) -> Path:
     return Path(path).resolve()
 
 
-def done_images(out: Path) -> set[Path]:
-    """The files already captioned in an output file (a torn last line from a killed run is ignored)."""
-    if not out.is_file():
-        return set()
-    done = set()
-    for line in out.read_text(encoding="utf-8", errors="replace").splitlines():
-        try:
-            done.add(_identity(json.loads(line)["image"]))
-        except (json.JSONDecodeError, KeyError, TypeError, ValueError, OSError):
-            continue
-    return done
-
-
-def drop_torn_line(out: Path) -> None:
-    """Cut a last line that a killed run left without its newline, so the next record starts on a
-    line of its own instead of being glued to the fragment (which would lose both)."""
-    if not out.is_file():
-        return
-    with out.open("rb+") as f:
-        size = f.seek(0, os.SEEK_END)
-        if size == 0:
-            return
-        f.seek(size - 1)
-        if f.read(1) == b"\n":
-            return
-        f.seek(0)
-        keep = f.read().rfind(b"\n") + 1
-        f.truncate(keep)
-        log.warning("%s: dropped a torn last line (%d bytes) left by an interrupted run", out, size - keep)
+def image_key(row: dict) -> Path | None:
+    """The file a caption row is about (None for a row that names none)."""
+    try:
+        return _identity(row["image"])
+    except (KeyError, TypeError, ValueError, OSError):
+        return None
 
 
 def check_out(out: Path | None) -> str | None:
@@ -143,20 +122,42 @@ def main(argv: list[str]) -> int:
     images = find_images(args.images)
     if not images:
         parser.error(f"no image files in {' '.join(args.images)}")
-    done = done_images(args.out) if args.out else set()
-    todo = [p for p in images if _identity(p) not in done]
-    if len(todo) < len(images):
-        log.info("%d of %d images already in %s: skipped", len(images) - len(todo), len(images), args.out)
-    if not todo:
-        return 0
-    chat = chat_or_exit(args)
-    params = params_from_args(chat, args)
+    rank = Rank.from_env()
+    if rank.world > 1 and args.out is None:
+        parser.error(f"--out is required with {rank.world} processes (each writes a part beside it)")
+    if args.out is None:
+        return _caption(args, images, images, None, rank)
+    job = job_digest([str(p) for p in images], args.prompt, args.cfg_path, args.options, rank.world)
+    ranked = RankedJsonl(args.out, rank, image_key, job)
+    in_out = {image_key(row) for row in read_rows(args.out)}
+    pending = [p for p in images if _identity(p) not in in_out]
+    if len(pending) < len(images):
+        log.info("%d of %d images already in %s: skipped", len(images) - len(pending), len(images), args.out)
+    done = ranked.done_keys()
+    todo = [p for p in rank.share(images) if _identity(p) not in done]
+    failed = _caption(args, pending, todo, ranked, rank)
+    if rank.main:  # alone too: rows a job of several processes left in parts join --out
+        ranked.merge([_identity(p) for p in images])
+    return failed
+
+
+def _caption(
+    args: argparse.Namespace, pending: list[Path], todo: list[Path], ranked: RankedJsonl | None, rank: Rank
+) -> int:
+    """Caption `todo` (this rank's share of the `pending` images) into its file; the exit status."""
+    if rank.world > 1:
+        log.info(
+            "%s: %d images of its share to caption (%d pending in all)", rank.name, len(todo), len(pending)
+        )
+    chat = None
+    if todo:
+        args.device = rank.device(args.device)
+        chat = chat_or_exit(args)
+        params = params_from_args(chat, args)
     failed = 0
-    if args.out:
-        drop_torn_line(args.out)
-    out = args.out.open("a", encoding="utf-8") if args.out else sys.stdout
-    try:
-        for path in tqdm(todo, desc="captioning", unit="img", file=sys.stderr, disable=False):
+    started = time.perf_counter()
+    with _sink(ranked, len(pending)) as sink:
+        for path in todo:
             session = chat.new_session()
             try:
                 chat.upload_image(session, path)
@@ -165,6 +166,7 @@ def main(argv: list[str]) -> int:
             except InputError as exc:
                 failed += 1
                 log.error("%s: skipped: %s", path, exc)
+                sink.advance()
                 continue
             record = {
                 "image": str(path),
@@ -172,11 +174,24 @@ def main(argv: list[str]) -> int:
                 "prompt": args.prompt,
                 "preset": chat.preset_name,
             }
-            out.write(json.dumps(record, ensure_ascii=False) + "\n")
-            out.flush()
-    finally:
-        if out is not sys.stdout:
-            out.close()
+            sink.write(record)
+            sink.advance()
+    if todo:
+        seconds = time.perf_counter() - started
+        log.info(
+            "%s: %d images in %.1f s (%.2f images/s)", rank.name, len(todo), seconds, len(todo) / seconds
+        )
     if failed:
         log.error("%d of %d images could not be read", failed, len(todo))
     return 1 if failed else 0
+
+
+@contextmanager
+def _sink(ranked: RankedJsonl | None, total: int) -> Iterator[RowSink]:
+    """Rows to standard output (no --out), or to --out / this rank's part."""
+    if ranked is not None:
+        with ranked.rows(total, "captioning", "img") as sink:
+            yield sink
+        return
+    with tqdm(total=total, desc="captioning", unit="img", file=sys.stderr) as bar:
+        yield RowSink(sys.stdout, bar, None, sync=False)

@@ -1,5 +1,6 @@
 """Step 1: describe every image with the stage-1 model, the paper's way (DESIGN §5.2).
 
+Under `torchrun` / `accelerate launch` each process describes its share (`minigpt4.commands.ranks`).
 The model is asked the paper's prompt; while the joined answer has fewer than `min_words` words it is
 asked "Continue" in the same conversation, for at most `max_rounds` answers in all.
 """
@@ -14,12 +15,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from tqdm import tqdm
-
 from minigpt4.chat import Chat
 from minigpt4.commands.common import add_generation_args, add_model_args, chat_from_args
+from minigpt4.commands.ranks import Rank, RankedJsonl, RowSink, job_digest
 from minigpt4.conversation import Conversation
-from minigpt4.curate.records import CurateError, JsonlWriter, WorkDir, count_words, latest_by_id, read_jsonl
+from minigpt4.curate.records import CurateError, WorkDir, count_words, latest_by_id, read_jsonl
 from minigpt4.curate.sources import SourceImage, iter_source
 from minigpt4.errors import InputError
 from minigpt4.eval.answer import BatchAnswerer
@@ -126,44 +126,70 @@ def generate(
     settings: GenerateSettings,
     total: int | None = None,
     limit: int | None = None,
+    rank: Rank | None = None,
+    job: str = "",
 ) -> dict[str, int]:
     """Describe each image not yet in `work.generate`, appending each record as its batch finishes.
 
     `load_chat` is called only when there is an image left to describe. An image the model cannot
-    read gets a record with its `error`. Returns counts: done before, described, errors.
+    read gets a record with its `error`. With several processes (`rank`), each describes every
+    `world`-th of the images not yet described into its part, and the first merges the parts (see
+    `minigpt4.commands.ranks`; `job` names the run in the markers). Returns counts: done before,
+    described, errors.
     """
-    done = set(latest_by_id(read_jsonl(work.generate)))
+    rank = rank or Rank()
+    in_out = set(latest_by_id(read_jsonl(work.generate)))
+    ranked = RankedJsonl(work.generate, rank, lambda record: record.get("image_id"), job)
+    done = ranked.done_keys()
     counts = {"already_done": 0, "described": 0, "errors": 0}
+    order: list[str] = []
     chat = None
-    with JsonlWriter(work.generate) as out, tqdm(total=total, desc="generate", unit="img") as bar:
-        for batch in _pending_batches(images, done, settings.batch_size, limit, counts, bar):
+    with ranked.rows(total if rank.world == 1 else None, "generate", "img") as sink:
+        for batch in _pending_batches(
+            images, in_out, done, rank, settings.batch_size, limit, counts, order, sink
+        ):
             chat = chat or load_chat()
             for record in describe_records(chat, batch, settings):
-                out.write(record)
+                sink.write(record)
                 counts["errors" if "error" in record else "described"] += 1
-            bar.update(len(batch))
+            sink.advance(len(batch))
+    if rank.main:
+        ranked.merge(order)
     return counts
 
 
 def _pending_batches(
     images: Iterator[SourceImage],
-    done: set[str],
+    in_out: set[str],
+    done: set,
+    rank: Rank,
     batch_size: int,
     limit: int | None,
     counts: dict[str, int],
-    bar: tqdm,
+    order: list[str],
+    sink: RowSink,
 ) -> Iterator[list[SourceImage]]:
-    """Batches of the images not done yet (shard images unpacked), at most `limit` images in all."""
+    """Batches of this rank's images not done yet (shard images unpacked).
+
+    The images not yet in the output are numbered in source order (`order`), at most `limit` of
+    them; this rank takes every `world`-th and skips those its part (or an older run's) holds.
+    """
     batch: list[SourceImage] = []
-    taken = 0
     for item in images:
+        if item.image_id in in_out:
+            counts["already_done"] += 1
+            if rank.world == 1:
+                sink.advance()
+            continue
+        if limit is not None and len(order) >= limit:
+            break
+        order.append(item.image_id)
+        if (len(order) - 1) % rank.world != rank.rank:
+            continue
         if item.image_id in done:
             counts["already_done"] += 1
-            bar.update()
+            sink.advance()
             continue
-        if limit is not None and taken >= limit:
-            break
-        taken += 1
         if item.data is not None:
             _write_once(item.path, item.data)
         batch.append(item)
@@ -217,7 +243,21 @@ def run(args: argparse.Namespace, work: WorkDir) -> int:
     overrides = tuple((k, v) for k, v in chosen.items() if v is not None)
     settings = GenerateSettings(args.min_words, args.max_rounds, overrides, args.batch_size)
     images, total = iter_source(args.source, work.images)
-    counts = generate(lambda: chat_from_args(args), images, work, settings, total=total, limit=args.limit)
+    rank = Rank.from_env()
+    args.device = rank.device(args.device)
+    job = job_digest(args.source, settings, args.limit, args.cfg_path, args.options, rank.world)
+    counts = generate(
+        lambda: chat_from_args(args),
+        images,
+        work,
+        settings,
+        total=total,
+        limit=args.limit,
+        rank=rank,
+        job=job,
+    )
+    if not rank.main:
+        return 0
     print(
         f"generate: {counts['described']} described, {counts['errors']} unreadable, "
         f"{counts['already_done']} already done → {work.generate}"

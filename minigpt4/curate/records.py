@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from minigpt4.errors import InputError
+from minigpt4.files import drop_torn_line
 
 log = logging.getLogger(__name__)
 
@@ -104,7 +105,7 @@ class JsonlWriter:
     def __init__(self, path: Path):
         self.path = path
         path.parent.mkdir(parents=True, exist_ok=True)
-        _cut_partial_last_line(path)
+        drop_torn_line(path)
         self._file = path.open("a", encoding="utf-8")
         self._lock = threading.Lock()
 
@@ -123,18 +124,6 @@ class JsonlWriter:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-
-
-def _cut_partial_last_line(path: Path) -> None:
-    if not path.exists():
-        return
-    data = path.read_bytes()
-    if not data or data.endswith(b"\n"):
-        return
-    keep = data.rfind(b"\n") + 1
-    log.warning("%s: dropping a partial last line of %d bytes (an interrupted write)", path, len(data) - keep)
-    with path.open("r+b") as f:
-        f.truncate(keep)
 
 
 _WORD = re.compile(r"\S+")

@@ -8,6 +8,10 @@ file, a VQAv2 questions file (with `--annotations`) or a POPE jsonl file; `--ima
 folder. The follow-up task asks a first question, keeps the model's answer in the conversation and
 scores its answer to a second question by option accuracy. Answers are greedy, in batches. The results JSON records the scores, every prediction, the
 config, the data files with their digests and the git commit.
+
+Under `torchrun --nproc_per_node N` (or `accelerate launch`) each process answers its share of the
+samples into a part beside `<out>.answers.jsonl` (a re-run redoes only unanswered samples); the
+first process merges the parts, scores all the answers once and writes the results.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ import torch
 from tqdm import tqdm
 
 from minigpt4.commands.common import add_model_args, chat_from_args
+from minigpt4.commands.ranks import Rank, RankedJsonl, job_digest, read_rows
 from minigpt4.config import resolve_preset
 from minigpt4.errors import ConfigError, ImageError
 from minigpt4.eval import evalset
@@ -195,7 +200,7 @@ def asker(task: str, answerer: BatchAnswerer, prompt: str) -> Callable[[Sequence
 
 
 def answer_all(
-    answer_batch: Callable[[Sequence], list], samples: Sequence, batch_size: int
+    answer_batch: Callable[[Sequence], list], samples: Sequence, batch_size: int, progress: bool = True
 ) -> tuple[list, list, list[dict]]:
     """Greedy answers from `answer_batch`, `batch_size` samples at a time, with a progress bar.
 
@@ -205,7 +210,7 @@ def answer_all(
     answered: list = []
     answers: list = []
     skipped: list[dict] = []
-    with tqdm(total=len(samples), desc="answering", unit="q") as bar:
+    with tqdm(total=len(samples), desc="answering", unit="q", disable=not progress) as bar:
         for start in range(0, len(samples), batch_size):
             batch = samples[start : start + batch_size]
             try:
@@ -220,6 +225,53 @@ def answer_all(
                         log.error("%s: skipped: %s", sample.image, e)
                         skipped.append({"image": str(sample.image), "error": str(e)})
             bar.update(len(batch))
+    return answered, answers, skipped
+
+
+def answer_ranked(
+    answer_batch: Callable[[Sequence], list], samples: Sequence, batch_size: int, ranked: RankedJsonl
+) -> tuple[list, list, list[dict]] | None:
+    """`answer_all` over processes: this rank answers its share into its part; the first rank
+    merges every part and returns all the answers (in sample order); the others return None."""
+    rank = ranked.rank
+    done = ranked.done_keys()
+    mine = [i for i in rank.share(range(len(samples))) if i not in done]
+    in_out = {row.get("index") for row in read_rows(ranked.out)}
+    log.info("%s: %d of %d samples to answer", rank.name, len(mine), len(samples))
+    started = time.perf_counter()
+    with ranked.rows(len(samples) - len(in_out), "answering", "q") as sink:
+        for start in range(0, len(mine), batch_size):
+            indices = mine[start : start + batch_size]
+            batch = [samples[i] for i in indices]
+            answered, answers, skipped = answer_all(answer_batch, batch, batch_size, progress=False)
+            by_sample = {id(sample): answer for sample, answer in zip(answered, answers, strict=True)}
+            errors = {s["image"]: s for s in skipped}
+            for i, sample in zip(indices, batch, strict=True):
+                if id(sample) in by_sample:
+                    sink.write({"index": i, "answer": by_sample[id(sample)]})
+                else:
+                    sink.write(
+                        {"index": i, "skipped": errors.get(str(sample.image), {"image": str(sample.image)})}
+                    )
+            sink.advance(len(batch))
+    if mine:
+        seconds = time.perf_counter() - started
+        log.info(
+            "%s: %d answers in %.1f s (%.2f answers/s)", rank.name, len(mine), seconds, len(mine) / seconds
+        )
+    if not rank.main:
+        return None
+    ranked.merge(range(len(samples)))
+    rows = {row["index"]: row for row in read_rows(ranked.out)}
+    answered, answers, skipped = [], [], []
+    for i, sample in enumerate(samples):
+        row = rows.get(i)
+        if row is None or "skipped" in row:
+            skipped.append((row or {}).get("skipped", {"image": str(sample.image), "error": "not answered"}))
+            continue
+        answered.append(sample)
+        answer = row["answer"]
+        answers.append(tuple(answer) if isinstance(answer, list) else answer)  # follow-ups: pairs
     return answered, answers, skipped
 
 
@@ -293,13 +345,29 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
+    rank = Rank.from_env()
     started = time.time()
     try:
+        args.device = rank.device(args.device)
         chat = chat_from_args(args)  # loaded only once the inputs are known good
         answerer = BatchAnswerer(chat, max_new_tokens)
     except ConfigError as e:
         return _fail(str(e))
-    samples, answers, skipped = answer_all(asker(args.task, answerer, prompt), samples, args.batch_size)
+    out = args.out or Path("outputs") / "eval" / f"{chat.preset_name}_{args.task}.json"
+    ask = asker(args.task, answerer, prompt)
+    if rank.world == 1:
+        samples, answers, skipped = answer_all(ask, samples, args.batch_size)
+    else:
+        job = job_digest(args.task, describe_data(files), args.limit, args.cfg_path, args.options, prompt,
+                         max_new_tokens, rank.world)  # fmt: skip
+        answers_file = out.with_name(out.stem + ".answers.jsonl")
+        answers_file.parent.mkdir(parents=True, exist_ok=True)
+        ranked = RankedJsonl(answers_file, rank, lambda row: row.get("index"), job)
+        merged = answer_ranked(ask, samples, args.batch_size, ranked)
+        if merged is None:
+            return 0  # the first process scores and writes the results
+        samples, answers, skipped = merged
+        answers_file.unlink()
     if not samples:
         return _fail(f"none of the {len(skipped)} images could be read")
     metrics, records = score(args.task, samples, answers, meteor=False if args.no_meteor else None)
@@ -323,7 +391,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         "predictions": records,
         "skipped": skipped,
     }
-    out = args.out or Path("outputs") / "eval" / f"{chat.preset_name}_{args.task}.json"
     write_json(out, results)
     width = max(len(name) for name, _ in metric_rows(metrics))
     print(f"{args.task} on {files.data} ({len(samples)} samples), preset {chat.preset_name}")
