@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from importlib.util import find_spec
 from pathlib import Path
 
 import torch
@@ -66,6 +67,22 @@ def load_tokenizer(cfg: LLMConfig):
     return tokenizer
 
 
+def check_low_resource(cfg: LLMConfig, device: torch.device) -> None:
+    """`low_resource` (8-bit weights) needs CUDA and bitsandbytes: say so before anything loads."""
+    if not cfg.low_resource:
+        return
+    if device.type != "cuda":
+        raise ConfigError(
+            "model.llm.low_resource: 8-bit loading needs a CUDA GPU (bitsandbytes); "
+            "set low_resource: false to run on the CPU"
+        )
+    if find_spec("bitsandbytes") is None:
+        raise ConfigError(
+            "model.llm.low_resource: 8-bit loading needs the bitsandbytes package: "
+            "pip install bitsandbytes (or set low_resource: false for fp16)"
+        )
+
+
 def load_llm(cfg: LLMConfig, tokenizer, device: torch.device, seed: int = 0) -> torch.nn.Module:
     """The frozen causal LM: random (from `random_init`), or `from_pretrained` (hub id, dir, GGUF)."""
     dtype = llm_dtype(cfg.dtype, device)
@@ -83,11 +100,7 @@ def load_llm(cfg: LLMConfig, tokenizer, device: torch.device, seed: int = 0) -> 
         source, kwargs = _pretrained(cfg, cfg.pretrained)
         kwargs["dtype"] = dtype
         if cfg.low_resource:
-            if device.type != "cuda":
-                raise ConfigError(
-                    "model.llm.low_resource: 8-bit loading needs a CUDA GPU (bitsandbytes); "
-                    "set low_resource: false to run on the CPU"
-                )
+            check_low_resource(cfg, device)
             from transformers import BitsAndBytesConfig  # noqa: PLC0415
 
             kwargs["quantization_config"] = BitsAndBytesConfig(load_in_8bit=True)
@@ -132,6 +145,7 @@ def build_runtime(cfg: ModelConfig, model: MiniGPT4) -> DecodeRuntime:
 def build_model(cfg: ModelConfig, device: str | torch.device | None = None) -> MiniGPT4:
     """Everything a model config names, loaded and frozen; only the projection (+LoRA) trains."""
     device = pick_device(str(device) if device is not None else None)
+    check_low_resource(cfg.llm, device)
     tokenizer = load_tokenizer(cfg.llm)
     torch.manual_seed(cfg.seed)
     vision = build_vision(cfg.vision, device)

@@ -85,19 +85,35 @@ def _short(keys: list[str], n: int = 8) -> str:
 # --- BLIP-2 in Hugging Face layout -------------------------------------------------------------
 
 
-def _hf_file(source: str, filename: str) -> Path | None:
-    """A file of a local HF directory or of a hub repo (downloaded on demand); None if absent."""
+def _hf_file(source: str, filename: str, required: bool = True) -> Path | None:
+    """A file of a local HF directory or of a hub repo (downloaded on demand); None if absent.
+
+    Offline, a file the cache lacks cannot be said to be absent: for a `required` file that is
+    an error saying so, not a missing file.
+    """
     local = resolve_path(source)
     if local.is_dir():
         path = local / filename
         return path if path.is_file() else None
     from huggingface_hub import hf_hub_download  # noqa: PLC0415
-    from huggingface_hub.errors import EntryNotFoundError  # noqa: PLC0415
+    from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError  # noqa: PLC0415
 
     try:
         return Path(hf_hub_download(source, filename))
+    except LocalEntryNotFoundError as exc:  # before its base class, EntryNotFoundError
+        if not required:
+            return None
+        raise WeightsError(offline_message(source, filename)) from exc
     except EntryNotFoundError:
         return None
+
+
+def offline_message(repo: str, filename: str) -> str:
+    return (
+        f"{repo}: {filename} is not in the local Hugging Face cache and the hub cannot be reached "
+        "(offline: HF_HUB_OFFLINE is set or there is no network); download it once with network "
+        "access, or name a local copy in the config"
+    )
 
 
 def read_blip2_config(source: str) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -117,7 +133,7 @@ def read_hf_blip2_tensors(source: str) -> dict[str, torch.Tensor]:
     With a sharded checkpoint only the shards that hold them are read (or downloaded): the LLM
     half of a BLIP-2 model (~20 GB for Flan-T5-XXL) is never touched.
     """
-    index_path = _hf_file(source, "model.safetensors.index.json")
+    index_path = _hf_file(source, "model.safetensors.index.json", required=False)
     if index_path is not None:
         weight_map = json.loads(index_path.read_text())["weight_map"]
         shards = sorted({f for k, f in weight_map.items() if k.startswith(HF_BLIP2_PREFIXES)})
@@ -313,11 +329,16 @@ def copy_trainable(src: str | Path, dst: str | Path, dtype: torch.dtype) -> Path
 def hub_file(spec: str) -> Path:
     """`hf://org/repo/path/in/repo` → the file, downloaded once into the HF cache."""
     from huggingface_hub import hf_hub_download  # noqa: PLC0415
+    from huggingface_hub.errors import LocalEntryNotFoundError  # noqa: PLC0415
 
     parts = spec.removeprefix(HF_PREFIX).split("/")
     if len(parts) < 3:
         raise WeightsError(f"{spec}: expected hf://org/repo/file")
-    return Path(hf_hub_download("/".join(parts[:2]), "/".join(parts[2:])))
+    repo, filename = "/".join(parts[:2]), "/".join(parts[2:])
+    try:
+        return Path(hf_hub_download(repo, filename))
+    except LocalEntryNotFoundError as exc:
+        raise WeightsError(offline_message(repo, filename)) from exc
 
 
 def read_trainable(path: str | Path) -> dict[str, torch.Tensor]:

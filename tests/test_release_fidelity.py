@@ -14,7 +14,9 @@ import torch
 
 from minigpt4.build import build_model
 from minigpt4.config import load_eval_config
+from minigpt4.errors import ConfigError
 from minigpt4.train import loop
+from minigpt4.weights import WeightsError
 
 pytest_plugins = ["train_helpers"]  # fixtures: tiny_data, tiny_config, tiny_model, one_thread
 
@@ -87,3 +89,40 @@ def test_lora_dropout_runs_in_training_while_the_frozen_llm_stays_in_eval_mode()
     assert not torch.equal(first, layer(x)), "dropout changes the adapter's input in training"
     model.eval()
     assert torch.equal(layer(x), layer(x))
+
+
+# --- load-time errors ------------------------------------------------------------------------------
+
+
+def test_low_resource_without_bitsandbytes_stops_before_any_weights_load(monkeypatch):
+    from minigpt4 import build
+
+    def no_weights(*args, **kwargs):
+        raise AssertionError("weights were loaded before the check")
+
+    monkeypatch.setattr(build, "find_spec", lambda name: None)
+    monkeypatch.setattr(build, "build_vision", no_weights)
+    monkeypatch.setattr(build, "load_llm", no_weights)
+    cfg = load_eval_config(
+        "minigpt4_tiny_random",
+        ["model.llm.low_resource=true", "model.llm.pretrained=org/model", "model.llm.random_init=null"],
+    )
+    with pytest.raises(ConfigError, match="needs the bitsandbytes package"):
+        build_model(cfg.model, "cuda")
+    with pytest.raises(ConfigError, match="needs a CUDA GPU"):
+        build_model(cfg.model, "cpu")
+
+
+@pytest.mark.parametrize("read", ["blip2", "projection"])
+def test_offline_without_the_file_in_the_cache_says_so(monkeypatch, read):
+    from huggingface_hub import constants
+
+    from minigpt4.weights import read_hf_blip2_tensors, read_trainable
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)  # never the network, whatever the environment
+    with pytest.raises(WeightsError, match="not in the local Hugging Face cache") as info:
+        if read == "blip2":
+            read_hf_blip2_tensors("minigpt4-tests/not-in-any-cache")
+        else:
+            read_trainable("hf://minigpt4-tests/not-in-any-cache/pretrained_minigpt4.pth")
+    assert "safetensors weights are required" not in str(info.value)
