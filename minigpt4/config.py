@@ -277,12 +277,13 @@ def check_model_files(cfg: ModelConfig, where: str) -> None:
             continue
         if not resolve_path(value).exists():
             raise ConfigError(f"{where}: {key}: directory {value!r} not found")
-    if (
-        cfg.vision.pretrained is None
-        and cfg.vision.lavis_checkpoint is None
-        and cfg.vision.random_init is None
-    ) and cfg.vision.kind.startswith("blip2"):
-        raise ConfigError(f"{where}: model.vision needs pretrained, lavis_checkpoint or random_init")
+    vision = cfg.vision
+    sources = {"pretrained": vision.pretrained, "lavis_checkpoint": vision.lavis_checkpoint}
+    if vision.kind == "blip2_patches":  # no Q-Former: the EVA ViT file alone is enough
+        sources["eva_vit_checkpoint"] = vision.eva_vit_checkpoint
+    sources["random_init"] = vision.random_init
+    if vision.kind.startswith("blip2") and all(v is None for v in sources.values()):
+        raise ConfigError(f"{where}: model.vision needs one of {', '.join(sources)}")
     if cfg.llm.pretrained is None and cfg.llm.random_init is None:
         raise ConfigError(f"{where}: model.llm needs pretrained or random_init")
     if cfg.llm.pretrained is None and cfg.llm.tokenizer is None:

@@ -61,6 +61,7 @@ def assign_tensors(
     """
     own = module.state_dict()
     unexpected = sorted(k for k in tensors if k not in own)
+    used = {}
     for key, value in tensors.items():
         if key not in own:
             continue
@@ -69,7 +70,9 @@ def assign_tensors(
                 f"{source}: {key} has shape {tuple(value.shape)} in the checkpoint but "
                 f"{tuple(own[key].shape)} in the model"
             )
-    module.load_state_dict({k: v for k, v in tensors.items() if k in own}, strict=False)
+        used[key] = value.to(own[key].dtype) if value.is_floating_point() else value
+    # A module made on the meta device takes the tensors themselves as its weights.
+    module.load_state_dict(used, strict=False, assign=any(t.is_meta for t in own.values()))
     missing = sorted(k for k in own if k not in tensors)
     if missing and require_all:
         raise WeightsError(f"{source}: {len(missing)} weights missing from the checkpoint: {_short(missing)}")
@@ -257,7 +260,15 @@ def _unreadable(path: str | Path, exc: Exception) -> WeightsError:
 def torch_load(path: str | Path) -> dict[str, torch.Tensor]:
     """`torch.load` with `weights_only=True`; unwraps the `{"model": …}` layout of LAVIS/MiniGPT-4 files."""
     try:
-        state = torch.load(str(path), map_location="cpu", weights_only=True)
+        # Memory-mapped: a tensor is read from the file when used, not all of them up front.
+        state = torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
+    except RuntimeError as exc:
+        if "mmap" not in str(exc):  # mmap needs the zip format of torch ≥ 1.6: read older files whole
+            raise _unreadable(path, exc) from exc
+        try:
+            state = torch.load(str(path), map_location="cpu", weights_only=True)
+        except Exception as exc2:  # noqa: BLE001
+            raise _unreadable(path, exc2) from exc2
     except Exception as exc:  # a damaged file can fail in any of the unpickler's ways
         raise _unreadable(path, exc) from exc
     if isinstance(state, dict) and isinstance(state.get("model"), dict):
@@ -267,8 +278,20 @@ def torch_load(path: str | Path) -> dict[str, torch.Tensor]:
     return state
 
 
+def has_blip2_weights(cfg: VisionConfig) -> bool:
+    """Whether a vision config names weights to load (else it is randomly initialised)."""
+    return any(p is not None for p in (cfg.pretrained, cfg.eva_vit_checkpoint, cfg.lavis_checkpoint))
+
+
 def load_blip2_weights(module: nn.Module, cfg: VisionConfig) -> None:
-    """Fill a `Blip2Vision` from whatever the config names (HF, LAVIS, EVA .pth); random otherwise."""
+    """Fill a `Blip2Vision` from whatever the config names (HF, LAVIS, EVA .pth); random otherwise.
+
+    The module may live on the meta device: the tensors, cast to its dtypes as they are taken,
+    become its weights. For `blip2_patches` (the LLaMA-2 variant) `ln_vision` is the identity
+    LayerNorm whatever the files hold: the original never loads BLIP-2 for that variant, so its
+    `ln_vision` is a fresh, frozen LayerNorm (weight 1, bias 0) and its projection was trained on
+    features normalised by it.
+    """
     tensors: dict[str, torch.Tensor] = {}
     sources = []
     if cfg.pretrained is not None:
@@ -284,7 +307,17 @@ def load_blip2_weights(module: nn.Module, cfg: VisionConfig) -> None:
     if not sources:
         return  # random initialisation (tiny presets)
     if cfg.kind == "blip2_patches":
-        tensors = {k: v for k, v in tensors.items() if not k.startswith(("qformer.", "query_tokens"))}
+        unused = ("qformer.", "query_tokens", "ln_vision.")
+        ignored = sorted(k for k in tensors if k.startswith("ln_vision."))
+        if ignored:
+            log.info("blip2_patches: %s left out: ln_vision is the identity LayerNorm", ", ".join(ignored))
+        tensors = {k: v for k, v in tensors.items() if not k.startswith(unused)}
+        width = module.ln_vision.normalized_shape[0]
+        tensors["ln_vision.weight"], tensors["ln_vision.bias"] = torch.ones(width), torch.zeros(width)
+    own = module.state_dict()
+    for key, value in tensors.items():  # one tensor at a time, while this dict is its only holder
+        if key in own and value.is_floating_point():
+            tensors[key] = value.to(own[key].dtype)
     assign_tensors(module, tensors, " + ".join(sources), require_all=True)
     log.info("vision weights loaded from %s", " + ".join(sources))
 
