@@ -7,16 +7,23 @@ release weights are never available to the tests: see the README for what only t
 
 from __future__ import annotations
 
+import copy
+import json
 import os
+from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import save_file
 
 from minigpt4.build import build_model
-from minigpt4.config import load_eval_config
+from minigpt4.config import VisionConfig, load_eval_config
 from minigpt4.errors import ConfigError
 from minigpt4.train import loop
+from minigpt4.vision import build_vision
 from minigpt4.weights import WeightsError
+
+ROOT = Path(__file__).resolve().parent.parent
 
 pytest_plugins = ["train_helpers"]  # fixtures: tiny_data, tiny_config, tiny_model, one_thread
 
@@ -126,3 +133,158 @@ def test_offline_without_the_file_in_the_cache_says_so(monkeypatch, read):
         else:
             read_trainable("hf://minigpt4-tests/not-in-any-cache/pretrained_minigpt4.pth")
     assert "safetensors weights are required" not in str(info.value)
+
+
+# --- the ViT's precision and how it loads -------------------------------------------------------------
+
+TINY_VIT = dict(
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=2,
+    image_size=224,
+    patch_size=14,
+)
+TINY_QFORMER = dict(
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=2,
+    cross_attention_frequency=2,
+)
+
+
+def _tiny_blip2_vision():
+    torch.manual_seed(0)
+    cfg = VisionConfig(num_query_tokens=4, random_init={"vision": TINY_VIT, "qformer": TINY_QFORMER})
+    return build_vision(cfg, torch.device("cpu"))
+
+
+def test_vit_halves_only_conv_and_linear_weights_and_matches_the_originals_autocast_recipe():
+    reference = _tiny_blip2_vision()
+    ours = copy.deepcopy(reference)
+    ours.halve_vit(torch.bfloat16)  # float16 on CUDA; on the CPU autocast computes in bfloat16
+    owners = dict(ours.visual_encoder.named_modules())
+    for name, param in ours.visual_encoder.named_parameters():
+        halved = isinstance(owners[name.rpartition(".")[0]], (torch.nn.Conv2d, torch.nn.Linear))
+        assert param.dtype == (torch.bfloat16 if halved else torch.float32), name
+    assert {p.dtype for p in [*ours.ln_vision.parameters(), *ours.qformer.parameters()]} == {torch.float32}
+
+    residual = []
+    ours.visual_encoder.encoder.layers[0].register_forward_hook(lambda m, i, o: residual.append(o.dtype))
+    pixels = torch.randn(2, 3, 224, 224)
+    with torch.no_grad():
+        got = ours(pixels)
+        # The original's encode_img: fp32 weights, one autocast block around ViT, ln_vision, Q-Former.
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            patches = reference.ln_vision(reference.visual_encoder(pixel_values=pixels).last_hidden_state)
+            queries = reference.query_tokens.expand(2, -1, -1)
+            expected = reference.qformer(
+                query_embeds=queries, encoder_hidden_states=patches
+            ).last_hidden_state
+        everything_halved = copy.deepcopy(reference)
+        everything_halved.visual_encoder.to(torch.bfloat16)
+        drifted = everything_halved(pixels)
+    assert residual == [torch.float32], "the residual stream stays fp32"
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got, expected.float(), rtol=1e-5, atol=1e-5)
+    assert (drifted - expected).abs().max() > 100 * (got - expected).abs().max() + 1e-4
+
+
+def test_the_vit_is_halved_before_it_moves_to_the_gpu(monkeypatch):
+    from minigpt4.vision import Blip2Vision
+
+    moved = []
+    to = torch.nn.Module.to
+
+    def record_moves(self, *args, **kwargs):
+        target = args[0] if args else kwargs.get("device")
+        if isinstance(self, Blip2Vision) and isinstance(target, torch.device) and target.type == "cuda":
+            moved.append(self.visual_encoder.embeddings.patch_embedding.weight.dtype)
+            return self  # no GPU here: the move is only recorded
+        return to(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.Module, "to", record_moves)
+    cfg = VisionConfig(num_query_tokens=4, random_init={"vision": TINY_VIT, "qformer": TINY_QFORMER})
+    vision = build_vision(cfg, torch.device("cuda"))
+    assert moved == [torch.float16]
+    assert vision.ln_vision.weight.dtype == torch.float32
+
+
+def _save_as_hf_blip2(vision, directory):
+    """A `Blip2Vision`'s weights in the HF BLIP-2 layout (names and config.json), as the hub has them."""
+    directory.mkdir()
+    names = {"visual_encoder.": "vision_model.", "ln_vision.": "vision_model.post_layernorm."}
+    tensors = {}
+    for key, value in vision.state_dict().items():
+        prefix = next((p for p in names if key.startswith(p)), "")
+        tensors[names.get(prefix, "") + key.removeprefix(prefix)] = value.contiguous()
+    save_file(tensors, str(directory / "model.safetensors"))
+    (directory / "config.json").write_text(
+        json.dumps({"vision_config": TINY_VIT, "qformer_config": TINY_QFORMER})
+    )
+    return directory
+
+
+def test_vision_weights_are_assigned_into_a_module_made_on_the_meta_device(tmp_path, monkeypatch):
+    """No randomly initialised fp32 copy is made beside the checkpoint's tensors."""
+    from minigpt4 import vision as vision_module
+
+    reference = _tiny_blip2_vision()
+    directory = _save_as_hf_blip2(reference, tmp_path / "blip2")
+    made_on = []
+    original_init = vision_module.Blip2Vision.__init__
+
+    def record(self, *args, **kwargs):
+        original_init(self, *args, **kwargs)
+        made_on.append({p.device.type for p in self.parameters()})
+
+    monkeypatch.setattr(vision_module.Blip2Vision, "__init__", record)
+    loaded = build_vision(VisionConfig(pretrained=str(directory), num_query_tokens=4), torch.device("cpu"))
+    assert made_on == [{"meta"}]
+    assert {p.device.type for p in loaded.parameters()} == {"cpu"}
+    expected = reference.state_dict()
+    for key, value in loaded.state_dict().items():
+        torch.testing.assert_close(value, expected[key], rtol=0, atol=0, msg=key)
+
+
+PEAK_SCRIPT = """
+import sys, torch
+sys.path.insert(0, sys.argv[1])
+from minigpt4.config import VisionConfig
+from minigpt4.vision import build_vision
+
+def rss(field):
+    return next(int(line.split()[1]) * 1024 for line in open("/proc/self/status") if line.startswith(field))
+
+base = rss("VmRSS:")
+build_vision(VisionConfig(kind="blip2_patches", pretrained=sys.argv[2]), torch.device("cpu"))
+print(rss("VmHWM:") - base)
+"""
+
+
+def test_loading_the_vision_never_holds_two_copies_of_its_weights(tmp_path):
+    """Peak memory of a load, measured in a fresh process: at most one copy of the weights."""
+    import subprocess
+    import sys
+
+    from transformers import Blip2VisionConfig, Blip2VisionModel
+
+    vit = dict(TINY_VIT, hidden_size=512, intermediate_size=2048, num_hidden_layers=8, num_attention_heads=8)
+    model = Blip2VisionModel(Blip2VisionConfig(**vit))
+    directory = tmp_path / "blip2"
+    directory.mkdir()
+    save_file(
+        {"vision_model." + k: v.contiguous() for k, v in model.state_dict().items()},
+        str(directory / "model.safetensors"),
+    )
+    (directory / "config.json").write_text(json.dumps({"vision_config": vit}))
+    size = (directory / "model.safetensors").stat().st_size  # about 100 MB
+    out = subprocess.run(
+        [sys.executable, "-c", PEAK_SCRIPT, str(ROOT), str(directory)],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    peak = int(out.stdout.split()[-1])
+    assert peak < 1.3 * size, f"loading {size / 2**20:.0f} MB of weights peaked at {peak / 2**20:.0f} MB"
