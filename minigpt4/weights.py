@@ -397,14 +397,33 @@ def read_trainable(path: str | Path) -> dict[str, torch.Tensor]:
     return tensors
 
 
+# The original saves a checkpoint as its state dict less the frozen *parameters*: the buffers of its
+# frozen modules stay (BERT's position_ids, the rotary inv_freq of the LLaMA of its transformers).
+ORIGINAL_FROZEN_MODULES = ("visual_encoder.", "ln_vision.", "Qformer.", "llama_model.")
+ORIGINAL_BUFFER_NAMES = ("position_ids", "inv_freq")
+
+
+def _is_buffer(key: str, own_buffers: set[str]) -> bool:
+    """A buffer of our model, or one the original's frozen modules hold."""
+    if key in own_buffers:
+        return True
+    return key.startswith(ORIGINAL_FROZEN_MODULES) and key.rpartition(".")[2] in ORIGINAL_BUFFER_NAMES
+
+
 def load_trainable(model: nn.Module, path: str | Path) -> None:
     """Load projection (and LoRA) weights into `model`, checking names and shapes.
 
-    Accepts the released MiniGPT-4 files (`{"model": {"llama_proj.weight", "llama_proj.bias"}}`)
-    and the safetensors written by `save_trainable`. Weights holding NaN or inf are refused.
+    Accepts the released MiniGPT-4 files (`{"model": {"llama_proj.weight", "llama_proj.bias"}}`,
+    buffers of the original's frozen modules ignored and logged by name) and the safetensors written
+    by `save_trainable`. Any other unexpected key, and weights holding NaN or inf, are refused.
     """
     tensors = read_trainable(path)
     expected = set(model.trainable_state_dict())
+    own_buffers = {name for name, _ in model.named_buffers()}
+    buffers = sorted(k for k in set(tensors) - expected if _is_buffer(k, own_buffers))
+    if buffers:
+        log.info("%s: %d buffers ignored (not trained weights): %s", path, len(buffers), ", ".join(buffers))
+        tensors = {k: v for k, v in tensors.items() if k not in buffers}
     unexpected = sorted(set(tensors) - expected)
     if unexpected:
         hint = (

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import pickle
+import re
 
 import pytest
 import torch
@@ -400,3 +401,26 @@ def test_llama2_presets_documented_eva_vit_fallback_loads(trained_ln_blip2, pixe
         load_eval_config(
             "minigpt4_llama2_7b", ["model.vision.pretrained=null", "model.projection.checkpoint=null"]
         )
+
+
+def test_a_checkpoint_saved_as_the_original_does_loads_and_its_buffers_are_named(
+    tiny_model, tmp_path, caplog
+):
+    """The original's saving code drops frozen parameters only: the buffers of its modules remain."""
+    weight = torch.randn_like(tiny_model.llama_proj.weight)
+    buffers = {
+        "Qformer.bert.embeddings.position_ids": torch.arange(512).unsqueeze(0),
+        "llama_model.model.layers.0.self_attn.rotary_emb.inv_freq": torch.rand(8),
+        "llama_model.model.layers.1.self_attn.rotary_emb.inv_freq": torch.rand(8),
+    }
+    state = {"llama_proj.weight": weight, "llama_proj.bias": torch.zeros(64), **buffers}
+    torch.save({"model": state, "epoch": 3, "config": {"run": {"amp": True}}}, tmp_path / "checkpoint_3.pth")
+    with caplog.at_level("INFO", logger="minigpt4.weights"):
+        load_trainable(tiny_model, tmp_path / "checkpoint_3.pth")
+    torch.testing.assert_close(tiny_model.llama_proj.weight.data, weight)
+    logged = "\n".join(r.getMessage() for r in caplog.records)
+    assert all(key in logged for key in buffers)
+    for extra in ("Qformer.bert.encoder.layer.0.attention.self.query.weight", "llama_proj.inv_freq"):
+        torch.save({"model": {**state, extra: torch.zeros(8)}}, tmp_path / "extra.pth")
+        with pytest.raises(WeightsError, match=f"keys the model does not have: {re.escape(extra)}"):
+            load_trainable(tiny_model, tmp_path / "extra.pth")
