@@ -56,11 +56,20 @@ def _pretrained(cfg: LLMConfig, name: str) -> tuple[str, dict]:
     return source, {"gguf_file": cfg.gguf_file}
 
 
-def load_tokenizer(cfg: LLMConfig):
+# The original MiniGPT-4 ran transformers 4.28 / 4.30, whose LLaMA tokenizer split text at special
+# tokens and gave every piece sentencepiece's "▁" prefix: "<s>[INST]" → "<s>", "▁[", … Newer
+# transformers default to legacy=False ("<s>", "["), so its templates ask for the old behaviour.
+LEGACY_TOKENIZER_TEMPLATES = ("vicuna0", "llama2")
+
+
+def load_tokenizer(cfg: LLMConfig, template: str | None = None):
+    """The LLM's tokenizer; for the original's templates, LLaMA tokenizers tokenize as it did."""
     name = cfg.tokenizer or cfg.pretrained
     if name is None:
         raise ConfigError("model.llm.tokenizer is required when the LLM is randomly initialised")
     source, kwargs = _pretrained(cfg, name) if not cfg.tokenizer else (_source(name), {})
+    if template in LEGACY_TOKENIZER_TEMPLATES:
+        kwargs["legacy"] = True  # read by LLaMA (sentencepiece) tokenizers only
     tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
@@ -146,7 +155,7 @@ def build_model(cfg: ModelConfig, device: str | torch.device | None = None) -> M
     """Everything a model config names, loaded and frozen; only the projection (+LoRA) trains."""
     device = pick_device(str(device) if device is not None else None)
     check_low_resource(cfg.llm, device)
-    tokenizer = load_tokenizer(cfg.llm)
+    tokenizer = load_tokenizer(cfg.llm, cfg.template)
     torch.manual_seed(cfg.seed)
     vision = build_vision(cfg.vision, device)
     llm = load_llm(cfg.llm, tokenizer, device, seed=cfg.seed)

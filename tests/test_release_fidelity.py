@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+import re
 from pathlib import Path
 
 import pytest
@@ -288,3 +289,70 @@ def test_loading_the_vision_never_holds_two_copies_of_its_weights(tmp_path):
     )
     peak = int(out.stdout.split()[-1])
     assert peak < 1.3 * size, f"loading {size / 2**20:.0f} MB of weights peaked at {peak / 2**20:.0f} MB"
+
+
+# --- prompt token ids -------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def llama_tokenizer_dir(tmp_path_factory):
+    """A tiny LLaMA tokenizer: sentencepiece BPE trained here with LLaMA's settings, saved as the hub's
+    LLaMA repositories hold it (tokenizer.model + a config that says legacy: false, as newer ones do)."""
+    import io
+
+    import sentencepiece as spm
+
+    lines = [
+        "Give the following image: <Img>ImageContent</Img>. You will be able to see the image once I "
+        "provide it to you. Please answer my questions.",
+        "###Human: <Img></Img> Describe this image in detail. ###Assistant: A red square on a table.",
+        "[INST] <Img></Img> What is in the picture? [/INST] The colour is red, the shape a square.",
+    ] * 20
+    proto = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(lines), model_writer=proto, vocab_size=400, model_type="bpe",
+        byte_fallback=True, split_digits=True, add_dummy_prefix=True, remove_extra_whitespaces=False,
+        normalization_rule_name="identity", unk_id=0, bos_id=1, eos_id=2, pad_id=-1, minloglevel=2,
+    )  # fmt: skip
+    directory = tmp_path_factory.mktemp("llama_tokenizer")
+    (directory / "tokenizer.model").write_bytes(proto.getvalue())
+    config = {
+        "tokenizer_class": "LlamaTokenizer", "add_bos_token": True, "add_eos_token": False, "legacy": False,
+        "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>",
+    }  # fmt: skip
+    (directory / "tokenizer_config.json").write_text(json.dumps(config))
+    return directory, spm.SentencePieceProcessor(model_proto=proto.getvalue())
+
+
+def _original_ids(sp, prompt: str, n_image_tokens: int) -> list[int]:
+    """The ids the original's LLaMA tokenizer (transformers 4.28 / 4.30) gave a prompt: each text
+    segment split at the special tokens' text and each piece encoded by sentencepiece; BOS first."""
+    from minigpt4.model import IMAGE_PLACEHOLDER, IMAGE_TOKEN_ID
+
+    special = {"<s>": sp.bos_id(), "</s>": sp.eos_id(), "<unk>": sp.unk_id()}
+    ids = [sp.bos_id()]
+    for i, segment in enumerate(prompt.split(IMAGE_PLACEHOLDER)):
+        if i:
+            ids += [IMAGE_TOKEN_ID] * n_image_tokens
+        for piece in re.split("(<s>|</s>|<unk>)", segment):
+            ids += [special[piece]] if piece in special else sp.encode(piece) if piece else []
+    return ids
+
+
+@pytest.mark.parametrize("template", ["vicuna0", "llama2"])
+def test_prompt_token_ids_match_the_originals_llama_tokenizer(llama_tokenizer_dir, template):
+    from minigpt4.conversation import Conversation, get_template
+
+    directory, sp = llama_tokenizer_dir
+    cfg = load_eval_config(
+        "minigpt4_tiny_random", [f"model.llm.tokenizer={directory}", f"model.template={template}"]
+    )
+    model = build_model(cfg.model, "cpu")
+    conversation = Conversation(get_template(template))
+    conversation.add_image()
+    conversation.add_user("What is in the picture?")
+    conversation.add_assistant("A red square.")
+    conversation.add_user("And its colour?")
+    prompt = conversation.render(model.tokenizer)
+    assert prompt.count("<s>") == (2 if template == "llama2" else 0)
+    assert model.tokenize_prompt(prompt, 1) == _original_ids(sp, prompt, model.n_image_tokens)
