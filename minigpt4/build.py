@@ -10,6 +10,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
 from minigpt4.config import LLMConfig, ModelConfig, resolve_path
+from minigpt4.decode.kv_budget import KVBudget, default_kv_positions, kv_bytes_per_position
 from minigpt4.decode.runtime import DecodeRuntime, TorchRuntime
 from minigpt4.decode_weights import add_half_decode_weights
 from minigpt4.errors import ConfigError
@@ -148,7 +149,25 @@ def build_runtime(cfg: ModelConfig, model: MiniGPT4) -> DecodeRuntime:
         log.info(
             "model.llm.runtime: llama_cpp is for the CPU; on %s decoding with transformers", model.device
         )
-    return TorchRuntime(model.llm, llm.max_sequences)
+    return TorchRuntime(model.llm, llm.max_sequences, kv_budget(cfg, model))
+
+
+def kv_budget(cfg: ModelConfig, model: MiniGPT4) -> KVBudget:
+    """The cap on cached key/value positions: `model.llm.kv_cache_positions`, or one sized to the
+    device (room for `max_sequences` whole contexts, fewer where the free GPU memory holds fewer)."""
+    llm = model.llm
+    per_position = kv_bytes_per_position(llm.config, llm.get_input_embeddings().weight.dtype)
+    positions = cfg.llm.kv_cache_positions
+    if positions is None:
+        free = torch.cuda.mem_get_info(model.device)[0] if model.device.type == "cuda" else None
+        positions = default_kv_positions(cfg.max_context_tokens, cfg.llm.max_sequences, per_position, free)
+    elif positions < cfg.max_context_tokens:
+        raise ConfigError(
+            f"model.llm.kv_cache_positions ({positions:,}) must hold at least one whole context "
+            f"(model.max_context_tokens: {cfg.max_context_tokens:,})"
+        )
+    log.info("KV budget: %d positions (%.2f GB)", positions, positions * per_position / 1e9)
+    return KVBudget(positions)
 
 
 def build_model(cfg: ModelConfig, device: str | torch.device | None = None) -> MiniGPT4:

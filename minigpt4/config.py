@@ -81,6 +81,10 @@ class LLMConfig:
     # through llama-cpp-python: quantised weights, several answers in one step).
     runtime: str = "transformers"
     max_sequences: int = 8  # answers decoded together at most (more wait for a free place)
+    # transformers runtime: key/value positions cached by all conversations together (null: room for
+    # max_sequences whole contexts, fewer where the free GPU memory holds fewer); idle ones lose theirs
+    # first, least recently used first
+    kv_cache_positions: int | None = None
     # llama_cpp: decode from the GGUF converted once to f16 | q8_0 | q4_0 (null: as the file is; with
     # model.lora the adapters are merged into the f16 file, which null then decodes)
     runtime_weights: str | None = None
@@ -99,6 +103,8 @@ class LLMConfig:
             )
         if self.max_sequences < 1:
             raise ConfigError(f"model.llm.max_sequences must be ≥ 1, got {self.max_sequences}")
+        if self.kv_cache_positions is not None and self.kv_cache_positions < 1:
+            raise ConfigError(f"model.llm.kv_cache_positions must be ≥ 1, got {self.kv_cache_positions}")
         if self.decode_dtype not in (None, "float16", "bfloat16"):
             raise ConfigError(
                 f"model.llm.decode_dtype must be float16, bfloat16 or null; got {self.decode_dtype!r}"
