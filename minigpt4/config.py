@@ -33,7 +33,8 @@ class VisionConfig:
     kind: str = "blip2"
     # HF id or directory of a BLIP-2 model: only its vision/Q-Former/query-token tensors are read.
     pretrained: str | None = None
-    # Original LAVIS checkpoints (DESIGN §2): Q-Former + query tokens + ln_vision (+ ViT when present).
+    # Original LAVIS checkpoints (docs/original.md): Q-Former + query tokens + ln_vision (+ ViT when
+    # present); the EVA ViT-g file alone (eva_vit_g.pth). kind blip2_patches needs only the ViT.
     lavis_checkpoint: str | None = None
     eva_vit_checkpoint: str | None = None
     num_query_tokens: int = 32

@@ -356,3 +356,68 @@ def test_prompt_token_ids_match_the_originals_llama_tokenizer(llama_tokenizer_di
     prompt = conversation.render(model.tokenizer)
     assert prompt.count("<s>") == (2 if template == "llama2" else 0)
     assert model.tokenize_prompt(prompt, 1) == _original_ids(sp, prompt, model.n_image_tokens)
+
+
+# --- the README's memory table -----------------------------------------------------------------------
+
+CUDA_CONTEXT_GB = 0.5
+
+
+def test_the_readmes_memory_table_adds_up():
+    """Weights (LLM fp16 or 8-bit, fp16 ViT, fp32 Q-Former), CUDA context, and KV at 2,000 tokens."""
+    from transformers import (
+        Blip2QFormerConfig,
+        Blip2QFormerModel,
+        Blip2VisionConfig,
+        Blip2VisionModel,
+        LlamaConfig,
+        LlamaForCausalLM,
+    )
+
+    from minigpt4.decode.kv_budget import kv_bytes_per_position
+    from minigpt4.vision import EVA_VIT_G, QFORMER_BASE
+
+    def count(module):
+        return sum(p.numel() for p in module.parameters())
+
+    with torch.device("meta"):
+        vit_gb = count(Blip2VisionModel(Blip2VisionConfig(**EVA_VIT_G))) * 2 / 1e9
+        qformer = Blip2QFormerModel(Blip2QFormerConfig(encoder_hidden_size=1408, **QFORMER_BASE))
+        qformer_gb = (count(qformer) + 32 * 768) * 4 / 1e9
+        sizes = {
+            "7b": LlamaConfig(),
+            "13b": LlamaConfig(
+                hidden_size=5120, intermediate_size=13824, num_hidden_layers=40, num_attention_heads=40
+            ),
+        }
+        llms = {}
+        for name, config in sizes.items():
+            llm = LlamaForCausalLM(config)
+            total = count(llm)
+            int8 = sum(m.weight.numel() for m in llm.model.layers.modules() if isinstance(m, torch.nn.Linear))
+            kv = kv_bytes_per_position(config, torch.float16) * 2000 / 1e9
+            llms[name] = (
+                total * 2 / 1e9,
+                (int8 + 2 * (total - int8)) / 1e9,
+                kv,
+            )  # 8-bit: embeddings stay fp16
+    projection_llama2 = 5632 * 4096 * 4 / 1e9
+    vision = {
+        "vicuna0_7b": vit_gb + qformer_gb,
+        "vicuna0_13b": vit_gb + qformer_gb,
+        "llama2_7b": vit_gb + projection_llama2,
+    }
+    rows = {
+        line.split("|")[1]: [float(re.search(r"([\d.]+) GB", cell).group(1)) for cell in line.split("|")[2:6]]
+        for line in (ROOT / "README.md").read_text(encoding="utf-8").splitlines()
+        if line.startswith("| `minigpt4_") and line.count("GB") >= 4
+    }
+    checked = set()
+    for label, figures in rows.items():
+        preset = re.search(r"minigpt4_(vicuna0_7b|vicuna0_13b|llama2_7b)", label).group(1)
+        fp16, int8, kv = llms["13b" if "13b" in preset else "7b"]
+        base = vision[preset] + CUDA_CONTEXT_GB
+        expected = [fp16 + base, fp16 + base + kv, int8 + base, int8 + base + kv]
+        assert figures == pytest.approx(expected, abs=0.3), label
+        checked.add(preset)
+    assert checked == set(vision)
