@@ -424,3 +424,13 @@ def test_a_checkpoint_saved_as_the_original_does_loads_and_its_buffers_are_named
         torch.save({"model": {**state, extra: torch.zeros(8)}}, tmp_path / "extra.pth")
         with pytest.raises(WeightsError, match=f"keys the model does not have: {re.escape(extra)}"):
             load_trainable(tiny_model, tmp_path / "extra.pth")
+
+
+def test_pth_files_load_memory_mapped_and_in_the_legacy_torch_format(tiny_model, tmp_path):
+    weight = torch.randn_like(tiny_model.llama_proj.weight)
+    state = {"model": {"llama_proj.weight": weight, "llama_proj.bias": torch.zeros(64)}}
+    torch.save(state, tmp_path / "zip.pth")
+    torch.save(state, tmp_path / "legacy.pth", _use_new_zipfile_serialization=False)  # torch < 1.6 files
+    for name in ("zip.pth", "legacy.pth"):
+        load_trainable(tiny_model, tmp_path / name)
+        torch.testing.assert_close(tiny_model.llama_proj.weight.data, weight)
