@@ -267,7 +267,7 @@ def torch_load(path: str | Path) -> dict[str, torch.Tensor]:
             raise _unreadable(path, exc) from exc
         try:
             state = torch.load(str(path), map_location="cpu", weights_only=True)
-        except Exception as exc2:  # noqa: BLE001
+        except Exception as exc2:  # damaged in another way too
             raise _unreadable(path, exc2) from exc2
     except Exception as exc:  # a damaged file can fail in any of the unpickler's ways
         raise _unreadable(path, exc) from exc
