@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import logging
+from importlib.util import find_spec
 from pathlib import Path
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
 from minigpt4.config import LLMConfig, ModelConfig, resolve_path
+from minigpt4.decode.kv_budget import KVBudget, default_kv_positions, kv_bytes_per_position
 from minigpt4.decode.runtime import DecodeRuntime, TorchRuntime
 from minigpt4.decode_weights import add_half_decode_weights
 from minigpt4.errors import ConfigError
@@ -55,15 +57,40 @@ def _pretrained(cfg: LLMConfig, name: str) -> tuple[str, dict]:
     return source, {"gguf_file": cfg.gguf_file}
 
 
-def load_tokenizer(cfg: LLMConfig):
+# The original MiniGPT-4 ran transformers 4.28 / 4.30, whose LLaMA tokenizer split text at special
+# tokens and gave every piece sentencepiece's "▁" prefix: "<s>[INST]" → "<s>", "▁[", … Newer
+# transformers default to legacy=False ("<s>", "["), so its templates ask for the old behaviour.
+LEGACY_TOKENIZER_TEMPLATES = ("vicuna0", "llama2")
+
+
+def load_tokenizer(cfg: LLMConfig, template: str | None = None):
+    """The LLM's tokenizer; for the original's templates, LLaMA tokenizers tokenize as it did."""
     name = cfg.tokenizer or cfg.pretrained
     if name is None:
         raise ConfigError("model.llm.tokenizer is required when the LLM is randomly initialised")
     source, kwargs = _pretrained(cfg, name) if not cfg.tokenizer else (_source(name), {})
+    if template in LEGACY_TOKENIZER_TEMPLATES:
+        kwargs["legacy"] = True  # read by LLaMA (sentencepiece) tokenizers only
     tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
+
+
+def check_low_resource(cfg: LLMConfig, device: torch.device) -> None:
+    """`low_resource` (8-bit weights) needs CUDA and bitsandbytes: say so before anything loads."""
+    if not cfg.low_resource:
+        return
+    if device.type != "cuda":
+        raise ConfigError(
+            "model.llm.low_resource: 8-bit loading needs a CUDA GPU (bitsandbytes); "
+            "set low_resource: false to run on the CPU"
+        )
+    if find_spec("bitsandbytes") is None:
+        raise ConfigError(
+            "model.llm.low_resource: 8-bit loading needs the bitsandbytes package: "
+            "pip install bitsandbytes (or set low_resource: false for fp16)"
+        )
 
 
 def load_llm(cfg: LLMConfig, tokenizer, device: torch.device, seed: int = 0) -> torch.nn.Module:
@@ -83,11 +110,7 @@ def load_llm(cfg: LLMConfig, tokenizer, device: torch.device, seed: int = 0) -> 
         source, kwargs = _pretrained(cfg, cfg.pretrained)
         kwargs["dtype"] = dtype
         if cfg.low_resource:
-            if device.type != "cuda":
-                raise ConfigError(
-                    "model.llm.low_resource: 8-bit loading needs a CUDA GPU (bitsandbytes); "
-                    "set low_resource: false to run on the CPU"
-                )
+            check_low_resource(cfg, device)
             from transformers import BitsAndBytesConfig  # noqa: PLC0415
 
             kwargs["quantization_config"] = BitsAndBytesConfig(load_in_8bit=True)
@@ -126,13 +149,32 @@ def build_runtime(cfg: ModelConfig, model: MiniGPT4) -> DecodeRuntime:
         log.info(
             "model.llm.runtime: llama_cpp is for the CPU; on %s decoding with transformers", model.device
         )
-    return TorchRuntime(model.llm, llm.max_sequences)
+    return TorchRuntime(model.llm, llm.max_sequences, kv_budget(cfg, model))
+
+
+def kv_budget(cfg: ModelConfig, model: MiniGPT4) -> KVBudget:
+    """The cap on cached key/value positions: `model.llm.kv_cache_positions`, or one sized to the
+    device (room for `max_sequences` whole contexts, fewer where the free GPU memory holds fewer)."""
+    llm = model.llm
+    per_position = kv_bytes_per_position(llm.config, llm.get_input_embeddings().weight.dtype)
+    positions = cfg.llm.kv_cache_positions
+    if positions is None:
+        free = torch.cuda.mem_get_info(model.device)[0] if model.device.type == "cuda" else None
+        positions = default_kv_positions(cfg.max_context_tokens, cfg.llm.max_sequences, per_position, free)
+    elif positions < cfg.max_context_tokens:
+        raise ConfigError(
+            f"model.llm.kv_cache_positions ({positions:,}) must hold at least one whole context "
+            f"(model.max_context_tokens: {cfg.max_context_tokens:,})"
+        )
+    log.info("KV budget: %d positions (%.2f GB)", positions, positions * per_position / 1e9)
+    return KVBudget(positions)
 
 
 def build_model(cfg: ModelConfig, device: str | torch.device | None = None) -> MiniGPT4:
     """Everything a model config names, loaded and frozen; only the projection (+LoRA) trains."""
     device = pick_device(str(device) if device is not None else None)
-    tokenizer = load_tokenizer(cfg.llm)
+    check_low_resource(cfg.llm, device)
+    tokenizer = load_tokenizer(cfg.llm, cfg.template)
     torch.manual_seed(cfg.seed)
     vision = build_vision(cfg.vision, device)
     llm = load_llm(cfg.llm, tokenizer, device, seed=cfg.seed)

@@ -342,6 +342,8 @@ class Chat:
         )
         session.last_prompt_tokens = len(ids)
         session.last_answer_tokens, session.last_finish_reason = 0, "length"
+        beams = self.runtime.max_beams(len(ids) + max_new_tokens, params.num_beams)  # one cache per beam
+        params = replace(params, num_beams=beams)
         if params.num_beams > 1:
             session.sequence, session.cache_atoms = None, []
             session.last_prefill_tokens = len(atoms)

@@ -34,7 +34,8 @@ class VisionConfig:
     kind: str = "blip2"
     # HF id or directory of a BLIP-2 model: only its vision/Q-Former/query-token tensors are read.
     pretrained: str | None = None
-    # Original LAVIS checkpoints (DESIGN §2): Q-Former + query tokens + ln_vision (+ ViT when present).
+    # Original LAVIS checkpoints (docs/original.md): Q-Former + query tokens + ln_vision (+ ViT when
+    # present); the EVA ViT-g file alone (eva_vit_g.pth). kind blip2_patches needs only the ViT.
     lavis_checkpoint: str | None = None
     eva_vit_checkpoint: str | None = None
     num_query_tokens: int = 32
@@ -82,6 +83,10 @@ class LLMConfig:
     # through llama-cpp-python: quantised weights, several answers in one step).
     runtime: str = "transformers"
     max_sequences: int = 8  # answers decoded together at most (more wait for a free place)
+    # transformers runtime: key/value positions cached by all conversations together (null: room for
+    # max_sequences whole contexts, fewer where the free GPU memory holds fewer); idle ones lose theirs
+    # first, least recently used first
+    kv_cache_positions: int | None = None
     # llama_cpp: decode from the GGUF converted once to f16 | q8_0 | q4_0 (null: as the file is; with
     # model.lora the adapters are merged into the f16 file, which null then decodes)
     runtime_weights: str | None = None
@@ -100,6 +105,8 @@ class LLMConfig:
             )
         if self.max_sequences < 1:
             raise ConfigError(f"model.llm.max_sequences must be ≥ 1, got {self.max_sequences}")
+        if self.kv_cache_positions is not None and self.kv_cache_positions < 1:
+            raise ConfigError(f"model.llm.kv_cache_positions must be ≥ 1, got {self.kv_cache_positions}")
         if self.decode_dtype not in (None, "float16", "bfloat16"):
             raise ConfigError(
                 f"model.llm.decode_dtype must be float16, bfloat16 or null; got {self.decode_dtype!r}"
@@ -282,12 +289,13 @@ def check_model_files(cfg: ModelConfig, where: str) -> None:
             continue
         if not resolve_path(value).exists():
             raise ConfigError(f"{where}: {key}: directory {value!r} not found")
-    if (
-        cfg.vision.pretrained is None
-        and cfg.vision.lavis_checkpoint is None
-        and cfg.vision.random_init is None
-    ) and cfg.vision.kind.startswith("blip2"):
-        raise ConfigError(f"{where}: model.vision needs pretrained, lavis_checkpoint or random_init")
+    vision = cfg.vision
+    sources = {"pretrained": vision.pretrained, "lavis_checkpoint": vision.lavis_checkpoint}
+    if vision.kind == "blip2_patches":  # no Q-Former: the EVA ViT file alone is enough
+        sources["eva_vit_checkpoint"] = vision.eva_vit_checkpoint
+    sources["random_init"] = vision.random_init
+    if vision.kind.startswith("blip2") and all(v is None for v in sources.values()):
+        raise ConfigError(f"{where}: model.vision needs one of {', '.join(sources)}")
     if cfg.llm.pretrained is None and cfg.llm.random_init is None:
         raise ConfigError(f"{where}: model.llm needs pretrained or random_init")
     if cfg.llm.pretrained is None and cfg.llm.tokenizer is None:

@@ -37,10 +37,16 @@ class MiniGPT4(nn.Module):
         return self.llama_proj.weight.device
 
     def train(self, mode: bool = True) -> MiniGPT4:
-        """Only the projection (and LoRA) trains: the frozen parts stay in eval mode."""
+        """Only the projection (and LoRA) trains: the frozen parts stay in eval mode.
+
+        LoRA's own dropout follows `mode`: it regularises the adapters, which do train.
+        """
         super().train(mode)
         self.vision.eval()
         self.llm.eval()
+        for name, module in self.llm.named_modules():
+            if name.endswith("lora_dropout"):
+                module.train(mode)
         return self
 
     # --- images -------------------------------------------------------------------------------

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
+from contextlib import nullcontext
 
 import numpy as np
 import torch
@@ -18,7 +19,7 @@ from transformers import Blip2QFormerConfig, Blip2QFormerModel, Blip2VisionConfi
 
 from minigpt4.config import VisionConfig
 from minigpt4.errors import ConfigError
-from minigpt4.weights import load_blip2_weights, read_blip2_config
+from minigpt4.weights import has_blip2_weights, load_blip2_weights, read_blip2_config
 
 log = logging.getLogger(__name__)
 
@@ -82,6 +83,7 @@ class Blip2Vision(nn.Module):
     ) -> None:
         super().__init__()
         self.image_size = image_size
+        self.vit_half_dtype: torch.dtype | None = None  # set by `halve_vit`
         self.visual_encoder = Blip2VisionModel(vision_config)
         # ln_vision lives outside the ViT so that it stays in fp32 when the ViT runs in fp16.
         self.visual_encoder.post_layernorm = nn.Identity()
@@ -103,12 +105,39 @@ class Blip2Vision(nn.Module):
     def preprocess(self, images: Sequence[Image.Image]) -> torch.Tensor:
         return clip_preprocess(images, self.image_size)
 
-    def vit_dtype(self) -> torch.dtype:
-        return self.visual_encoder.embeddings.patch_embedding.weight.dtype
+    def halve_vit(self, dtype: torch.dtype = torch.float16) -> None:
+        """The original's ViT precision: only Conv and Linear weights (and biases) in `dtype`.
+
+        As the original's `convert_weights_to_fp16`: LayerNorms and the class and position
+        embeddings stay fp32, and `forward` runs under autocast, so the residual stream is fp32.
+        """
+        for module in self.visual_encoder.modules():
+            if isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Linear)):
+                module.to(dtype)
+        self.vit_half_dtype = dtype
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        patches = self.visual_encoder(pixel_values=pixel_values.to(self.vit_dtype())).last_hidden_state
-        patches = self.ln_vision(patches.float())
+        pixel_values = pixel_values.float()
+        if self.vit_half_dtype is None:
+            return self._features(pixel_values)
+        # The original encodes images (ViT, ln_vision, Q-Former) in one autocast block.
+        with torch.autocast(pixel_values.device.type, dtype=self.vit_half_dtype):
+            return self._features(pixel_values).float()
+
+    def _vit(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """The ViT's last hidden states. The embeddings are EVA's: HF's Blip2 casts the class and
+        position embeddings to the patch weights' dtype, which would make a halved ViT's residual
+        stream fp16; here they stay fp32, as in the original."""
+        embeddings = self.visual_encoder.embeddings
+        patches = embeddings.patch_embedding(pixel_values.to(embeddings.patch_embedding.weight.dtype))
+        patches = patches.flatten(2).transpose(1, 2)
+        cls = embeddings.class_embedding.expand(patches.shape[0], 1, -1)
+        hidden = torch.cat([cls, patches.to(cls.dtype)], dim=1)
+        hidden = hidden + embeddings.position_embedding[:, : hidden.shape[1]]
+        return self.visual_encoder.encoder(inputs_embeds=hidden).last_hidden_state
+
+    def _features(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        patches = self.ln_vision(self._vit(pixel_values))
         if not self.use_qformer:
             patches = patches[:, 1:, :]
             batch, n, dim = patches.shape
@@ -142,7 +171,13 @@ def build_vision(cfg: VisionConfig, device: torch.device) -> nn.Module:
     """Build (and load, when weights are named) the frozen vision side of a config."""
     if cfg.kind in ("blip2", "blip2_patches"):
         vision_config, qformer_config = blip2_configs(cfg)
-        module = Blip2Vision(vision_config, qformer_config, cfg.num_query_tokens, cfg.image_size)
+        # With weights to load, the module is made on the meta device and the checkpoint's tensors
+        # become its weights: no random fp32 copy lives beside them (about half the peak memory).
+        with torch.device("meta") if has_blip2_weights(cfg) else nullcontext():
+            module = Blip2Vision(vision_config, qformer_config, cfg.num_query_tokens, cfg.image_size)
+        # Halved before it moves: a 4.4 GB fp32 ViT never passes through the GPU.
+        if device.type == "cuda" and cfg.dtype in ("auto", "float16"):
+            module.halve_vit(torch.float16)
         load_blip2_weights(module, cfg)
     elif cfg.kind == "efficientnet_lite":
         from minigpt4.lite.vision import EfficientNetLiteVision  # noqa: PLC0415
@@ -153,7 +188,5 @@ def build_vision(cfg: VisionConfig, device: torch.device) -> nn.Module:
             f"model.vision.kind: unknown kind {cfg.kind!r} (known: blip2, blip2_patches, efficientnet_lite)"
         )
     module.to(device)
-    if device.type == "cuda" and cfg.dtype in ("auto", "float16") and isinstance(module, Blip2Vision):
-        module.visual_encoder.half()
     module.requires_grad_(False)
     return module.eval()

@@ -61,6 +61,7 @@ def assign_tensors(
     """
     own = module.state_dict()
     unexpected = sorted(k for k in tensors if k not in own)
+    used = {}
     for key, value in tensors.items():
         if key not in own:
             continue
@@ -69,7 +70,9 @@ def assign_tensors(
                 f"{source}: {key} has shape {tuple(value.shape)} in the checkpoint but "
                 f"{tuple(own[key].shape)} in the model"
             )
-    module.load_state_dict({k: v for k, v in tensors.items() if k in own}, strict=False)
+        used[key] = value.to(own[key].dtype) if value.is_floating_point() else value
+    # A module made on the meta device takes the tensors themselves as its weights.
+    module.load_state_dict(used, strict=False, assign=any(t.is_meta for t in own.values()))
     missing = sorted(k for k in own if k not in tensors)
     if missing and require_all:
         raise WeightsError(f"{source}: {len(missing)} weights missing from the checkpoint: {_short(missing)}")
@@ -85,19 +88,35 @@ def _short(keys: list[str], n: int = 8) -> str:
 # --- BLIP-2 in Hugging Face layout -------------------------------------------------------------
 
 
-def _hf_file(source: str, filename: str) -> Path | None:
-    """A file of a local HF directory or of a hub repo (downloaded on demand); None if absent."""
+def _hf_file(source: str, filename: str, required: bool = True) -> Path | None:
+    """A file of a local HF directory or of a hub repo (downloaded on demand); None if absent.
+
+    Offline, a file the cache lacks cannot be said to be absent: for a `required` file that is
+    an error saying so, not a missing file.
+    """
     local = resolve_path(source)
     if local.is_dir():
         path = local / filename
         return path if path.is_file() else None
     from huggingface_hub import hf_hub_download  # noqa: PLC0415
-    from huggingface_hub.errors import EntryNotFoundError  # noqa: PLC0415
+    from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError  # noqa: PLC0415
 
     try:
         return Path(hf_hub_download(source, filename))
+    except LocalEntryNotFoundError as exc:  # before its base class, EntryNotFoundError
+        if not required:
+            return None
+        raise WeightsError(offline_message(source, filename)) from exc
     except EntryNotFoundError:
         return None
+
+
+def offline_message(repo: str, filename: str) -> str:
+    return (
+        f"{repo}: {filename} is not in the local Hugging Face cache and the hub cannot be reached "
+        "(offline: HF_HUB_OFFLINE is set or there is no network); download it once with network "
+        "access, or name a local copy in the config"
+    )
 
 
 def read_blip2_config(source: str) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -117,7 +136,7 @@ def read_hf_blip2_tensors(source: str) -> dict[str, torch.Tensor]:
     With a sharded checkpoint only the shards that hold them are read (or downloaded): the LLM
     half of a BLIP-2 model (~20 GB for Flan-T5-XXL) is never touched.
     """
-    index_path = _hf_file(source, "model.safetensors.index.json")
+    index_path = _hf_file(source, "model.safetensors.index.json", required=False)
     if index_path is not None:
         weight_map = json.loads(index_path.read_text())["weight_map"]
         shards = sorted({f for k, f in weight_map.items() if k.startswith(HF_BLIP2_PREFIXES)})
@@ -241,7 +260,15 @@ def _unreadable(path: str | Path, exc: Exception) -> WeightsError:
 def torch_load(path: str | Path) -> dict[str, torch.Tensor]:
     """`torch.load` with `weights_only=True`; unwraps the `{"model": …}` layout of LAVIS/MiniGPT-4 files."""
     try:
-        state = torch.load(str(path), map_location="cpu", weights_only=True)
+        # Memory-mapped: a tensor is read from the file when used, not all of them up front.
+        state = torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
+    except RuntimeError as exc:
+        if "mmap" not in str(exc):  # mmap needs the zip format of torch ≥ 1.6: read older files whole
+            raise _unreadable(path, exc) from exc
+        try:
+            state = torch.load(str(path), map_location="cpu", weights_only=True)
+        except Exception as exc2:  # damaged in another way too
+            raise _unreadable(path, exc2) from exc2
     except Exception as exc:  # a damaged file can fail in any of the unpickler's ways
         raise _unreadable(path, exc) from exc
     if isinstance(state, dict) and isinstance(state.get("model"), dict):
@@ -251,8 +278,20 @@ def torch_load(path: str | Path) -> dict[str, torch.Tensor]:
     return state
 
 
+def has_blip2_weights(cfg: VisionConfig) -> bool:
+    """Whether a vision config names weights to load (else it is randomly initialised)."""
+    return any(p is not None for p in (cfg.pretrained, cfg.eva_vit_checkpoint, cfg.lavis_checkpoint))
+
+
 def load_blip2_weights(module: nn.Module, cfg: VisionConfig) -> None:
-    """Fill a `Blip2Vision` from whatever the config names (HF, LAVIS, EVA .pth); random otherwise."""
+    """Fill a `Blip2Vision` from whatever the config names (HF, LAVIS, EVA .pth); random otherwise.
+
+    The module may live on the meta device: the tensors, cast to its dtypes as they are taken,
+    become its weights. For `blip2_patches` (the LLaMA-2 variant) `ln_vision` is the identity
+    LayerNorm whatever the files hold: the original never loads BLIP-2 for that variant, so its
+    `ln_vision` is a fresh, frozen LayerNorm (weight 1, bias 0) and its projection was trained on
+    features normalised by it.
+    """
     tensors: dict[str, torch.Tensor] = {}
     sources = []
     if cfg.pretrained is not None:
@@ -268,7 +307,17 @@ def load_blip2_weights(module: nn.Module, cfg: VisionConfig) -> None:
     if not sources:
         return  # random initialisation (tiny presets)
     if cfg.kind == "blip2_patches":
-        tensors = {k: v for k, v in tensors.items() if not k.startswith(("qformer.", "query_tokens"))}
+        unused = ("qformer.", "query_tokens", "ln_vision.")
+        ignored = sorted(k for k in tensors if k.startswith("ln_vision."))
+        if ignored:
+            log.info("blip2_patches: %s left out: ln_vision is the identity LayerNorm", ", ".join(ignored))
+        tensors = {k: v for k, v in tensors.items() if not k.startswith(unused)}
+        width = module.ln_vision.normalized_shape[0]
+        tensors["ln_vision.weight"], tensors["ln_vision.bias"] = torch.ones(width), torch.zeros(width)
+    own = module.state_dict()
+    for key, value in tensors.items():  # one tensor at a time, while this dict is its only holder
+        if key in own and value.is_floating_point():
+            tensors[key] = value.to(own[key].dtype)
     assign_tensors(module, tensors, " + ".join(sources), require_all=True)
     log.info("vision weights loaded from %s", " + ".join(sources))
 
@@ -313,11 +362,16 @@ def copy_trainable(src: str | Path, dst: str | Path, dtype: torch.dtype) -> Path
 def hub_file(spec: str) -> Path:
     """`hf://org/repo/path/in/repo` → the file, downloaded once into the HF cache."""
     from huggingface_hub import hf_hub_download  # noqa: PLC0415
+    from huggingface_hub.errors import LocalEntryNotFoundError  # noqa: PLC0415
 
     parts = spec.removeprefix(HF_PREFIX).split("/")
     if len(parts) < 3:
         raise WeightsError(f"{spec}: expected hf://org/repo/file")
-    return Path(hf_hub_download("/".join(parts[:2]), "/".join(parts[2:])))
+    repo, filename = "/".join(parts[:2]), "/".join(parts[2:])
+    try:
+        return Path(hf_hub_download(repo, filename))
+    except LocalEntryNotFoundError as exc:
+        raise WeightsError(offline_message(repo, filename)) from exc
 
 
 def read_trainable(path: str | Path) -> dict[str, torch.Tensor]:
@@ -343,14 +397,33 @@ def read_trainable(path: str | Path) -> dict[str, torch.Tensor]:
     return tensors
 
 
+# The original saves a checkpoint as its state dict less the frozen *parameters*: the buffers of its
+# frozen modules stay (BERT's position_ids, the rotary inv_freq of the LLaMA of its transformers).
+ORIGINAL_FROZEN_MODULES = ("visual_encoder.", "ln_vision.", "Qformer.", "llama_model.")
+ORIGINAL_BUFFER_NAMES = ("position_ids", "inv_freq")
+
+
+def _is_buffer(key: str, own_buffers: set[str]) -> bool:
+    """A buffer of our model, or one the original's frozen modules hold."""
+    if key in own_buffers:
+        return True
+    return key.startswith(ORIGINAL_FROZEN_MODULES) and key.rpartition(".")[2] in ORIGINAL_BUFFER_NAMES
+
+
 def load_trainable(model: nn.Module, path: str | Path) -> None:
     """Load projection (and LoRA) weights into `model`, checking names and shapes.
 
-    Accepts the released MiniGPT-4 files (`{"model": {"llama_proj.weight", "llama_proj.bias"}}`)
-    and the safetensors written by `save_trainable`. Weights holding NaN or inf are refused.
+    Accepts the released MiniGPT-4 files (`{"model": {"llama_proj.weight", "llama_proj.bias"}}`,
+    buffers of the original's frozen modules ignored and logged by name) and the safetensors written
+    by `save_trainable`. Any other unexpected key, and weights holding NaN or inf, are refused.
     """
     tensors = read_trainable(path)
     expected = set(model.trainable_state_dict())
+    own_buffers = {name for name, _ in model.named_buffers()}
+    buffers = sorted(k for k in set(tensors) - expected if _is_buffer(k, own_buffers))
+    if buffers:
+        log.info("%s: %d buffers ignored (not trained weights): %s", path, len(buffers), ", ".join(buffers))
+        tensors = {k: v for k, v in tensors.items() if k not in buffers}
     unexpected = sorted(set(tensors) - expected)
     if unexpected:
         hint = (

@@ -1,4 +1,4 @@
-"""The import structure of the project (DESIGN §6): imports run downward only, and there are no cycles.
+"""The import structure of the project: imports run downward only, and there are no cycles.
 
 The graph is read from the source (every `import`, also those inside functions, but not those under
 `if TYPE_CHECKING:`), so a lazy import that closes a cycle is caught too.

@@ -97,7 +97,7 @@ def test_two_processes_read_their_own_shards_and_train_like_one_process(tiny_dat
     ]
     proc = _torchrun([*args, f"run.output_dir={tmp_path / 'two'}"])
     if proc.returncode != 0 and ("SIGABRT" in proc.stderr or HUNG in proc.stderr):
-        # DESIGN §8: gloo teardown aborts about one run in 20 on this machine, and once in a while a
+        # gloo teardown aborts about one run in 20 on this machine, and once in a while a
         # rank never exits (seen once in ~40 runs); one retry absorbs either.
         proc = _torchrun([*args, f"run.output_dir={tmp_path / 'two-again'}"])
     out = proc.stdout + proc.stderr

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import pickle
+import re
 
 import pytest
 import torch
@@ -11,6 +13,7 @@ from transformers import Blip2Config, Blip2ForConditionalGeneration, LlamaForCau
 
 from minigpt4.build import build_model
 from minigpt4.config import VisionConfig, load_eval_config
+from minigpt4.errors import ConfigError
 from minigpt4.vision import build_vision
 from minigpt4.weights import WeightsError, copy_trainable, load_trainable, save_trainable
 
@@ -311,3 +314,123 @@ def test_lavis_and_released_projection_files_rebuild_the_tiny_model(tiny_model, 
             rebuilt(input_ids=ids, pixel_values=pixels).logits,
             tiny_model(input_ids=ids, pixel_values=pixels).logits,
         )
+
+
+# --- the LLaMA-2 variant: ln_vision is the identity LayerNorm ---------------------------------------
+
+
+@pytest.fixture(scope="module")
+def trained_ln_blip2(hf_blip2, tmp_path_factory):
+    """The tiny BLIP-2 with a post_layernorm that is not the identity (as a trained one is), saved."""
+    import copy
+
+    model = copy.deepcopy(hf_blip2[0])
+    torch.manual_seed(3)
+    with torch.no_grad():
+        model.vision_model.post_layernorm.weight.uniform_(0.5, 1.5)
+        model.vision_model.post_layernorm.bias.normal_()
+    directory = tmp_path_factory.mktemp("blip2_trained_ln")
+    model.save_pretrained(directory, max_shard_size="100KB")
+    return model, directory
+
+
+def _identity_ln_patches(model, pixels):
+    """The original LLaMA-2 variant's features: ViT → a fresh LayerNorm(eps 1e-5) → 4-patch groups."""
+    with torch.no_grad():
+        patches = model.vision_model(pixel_values=pixels, output_hidden_states=True).hidden_states[-1]
+    patches = torch.nn.functional.layer_norm(patches, (patches.shape[-1],), eps=1e-5)[:, 1:]
+    return patches.reshape(patches.shape[0], -1, 4 * patches.shape[-1])
+
+
+@pytest.mark.parametrize("source", ["hf", "lavis", "eva_vit"])
+def test_llama2_variant_keeps_the_identity_ln_vision_from_every_source(
+    trained_ln_blip2, pixels, tmp_path, source
+):
+    model, directory = trained_ln_blip2
+    lavis = _to_lavis(model)
+    if source == "hf":
+        cfg = VisionConfig(kind="blip2_patches", pretrained=str(directory))
+    elif source == "lavis":
+        torch.save({"model": lavis}, tmp_path / "blip2.pth")
+        cfg = VisionConfig(
+            kind="blip2_patches", lavis_checkpoint=str(tmp_path / "blip2.pth"), random_init={"vision": VISION}
+        )
+    else:  # eva_vit_g.pth holds the ViT only: no ln_vision at all
+        vit = {
+            k.removeprefix("visual_encoder."): v for k, v in lavis.items() if k.startswith("visual_encoder.")
+        }
+        torch.save(vit, tmp_path / "eva_vit_g.pth")
+        cfg = VisionConfig(
+            kind="blip2_patches",
+            eva_vit_checkpoint=str(tmp_path / "eva_vit_g.pth"),
+            random_init={"vision": VISION},
+        )
+    ours = build_vision(cfg, torch.device("cpu"))
+    assert torch.equal(ours.ln_vision.weight, torch.ones(32)) and torch.equal(
+        ours.ln_vision.bias, torch.zeros(32)
+    )
+    assert ours.ln_vision.eps == 1e-5
+    torch.testing.assert_close(ours(pixels), _identity_ln_patches(model, pixels))
+
+
+def test_llama2_presets_documented_eva_vit_fallback_loads(trained_ln_blip2, pixels, tmp_path):
+    model, _ = trained_ln_blip2
+    vit = {
+        k.removeprefix("visual_encoder."): v
+        for k, v in _to_lavis(model).items()
+        if k.startswith("visual_encoder.")
+    }
+    torch.save(vit, tmp_path / "eva_vit_g.pth")
+    cfg = load_eval_config(
+        "minigpt4_llama2_7b",
+        [
+            "model.vision.pretrained=null",
+            f"model.vision.eva_vit_checkpoint={tmp_path / 'eva_vit_g.pth'}",
+            "model.projection.checkpoint=null",  # the released projection is not here
+        ],
+    )
+    assert cfg.model.vision.pretrained is None
+    # The preset's ViT is EVA ViT-g (1B weights): build its vision side at the tiny test size.
+    tiny = dataclasses.replace(cfg.model.vision, random_init={"vision": VISION})
+    torch.testing.assert_close(
+        build_vision(tiny, torch.device("cpu"))(pixels), _identity_ln_patches(model, pixels)
+    )
+    with pytest.raises(
+        ConfigError, match="model.vision needs one of pretrained, lavis_checkpoint, eva_vit_checkpoint"
+    ):
+        load_eval_config(
+            "minigpt4_llama2_7b", ["model.vision.pretrained=null", "model.projection.checkpoint=null"]
+        )
+
+
+def test_a_checkpoint_saved_as_the_original_does_loads_and_its_buffers_are_named(
+    tiny_model, tmp_path, caplog
+):
+    """The original's saving code drops frozen parameters only: the buffers of its modules remain."""
+    weight = torch.randn_like(tiny_model.llama_proj.weight)
+    buffers = {
+        "Qformer.bert.embeddings.position_ids": torch.arange(512).unsqueeze(0),
+        "llama_model.model.layers.0.self_attn.rotary_emb.inv_freq": torch.rand(8),
+        "llama_model.model.layers.1.self_attn.rotary_emb.inv_freq": torch.rand(8),
+    }
+    state = {"llama_proj.weight": weight, "llama_proj.bias": torch.zeros(64), **buffers}
+    torch.save({"model": state, "epoch": 3, "config": {"run": {"amp": True}}}, tmp_path / "checkpoint_3.pth")
+    with caplog.at_level("INFO", logger="minigpt4.weights"):
+        load_trainable(tiny_model, tmp_path / "checkpoint_3.pth")
+    torch.testing.assert_close(tiny_model.llama_proj.weight.data, weight)
+    logged = "\n".join(r.getMessage() for r in caplog.records)
+    assert all(key in logged for key in buffers)
+    for extra in ("Qformer.bert.encoder.layer.0.attention.self.query.weight", "llama_proj.inv_freq"):
+        torch.save({"model": {**state, extra: torch.zeros(8)}}, tmp_path / "extra.pth")
+        with pytest.raises(WeightsError, match=f"keys the model does not have: {re.escape(extra)}"):
+            load_trainable(tiny_model, tmp_path / "extra.pth")
+
+
+def test_pth_files_load_memory_mapped_and_in_the_legacy_torch_format(tiny_model, tmp_path):
+    weight = torch.randn_like(tiny_model.llama_proj.weight)
+    state = {"model": {"llama_proj.weight": weight, "llama_proj.bias": torch.zeros(64)}}
+    torch.save(state, tmp_path / "zip.pth")
+    torch.save(state, tmp_path / "legacy.pth", _use_new_zipfile_serialization=False)  # torch < 1.6 files
+    for name in ("zip.pth", "legacy.pth"):
+        load_trainable(tiny_model, tmp_path / name)
+        torch.testing.assert_close(tiny_model.llama_proj.weight.data, weight)

@@ -1,4 +1,4 @@
-"""Step 5: approved records → the `cc_sbu_align` layout that stage-2 training reads (DESIGN §4).
+"""Step 5: approved records → the `cc_sbu_align` layout that stage-2 training reads.
 
     OUT/filter_cap.json   {"annotations": [{"image_id": …, "caption": …}, …]}
     OUT/image/{image_id}.jpg

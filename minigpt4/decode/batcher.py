@@ -23,6 +23,7 @@ from typing import Any
 
 import torch
 
+from minigpt4.decode.kv_budget import KVBudgetError
 from minigpt4.decode.runtime import DecodeRuntime, Sequence
 from minigpt4.generation import GenerationParams, choose_token
 
@@ -137,12 +138,23 @@ class Batcher:
                 self._active, self._waiting = [], []
 
     def _admit(self) -> None:
+        """Prefill waiting requests in order while the runtime has a sequence and room for them."""
         still_waiting = []
         for request in self._waiting:
             if request.cancelled.is_set():
                 self._finish(request)
-            elif len(self._active) < self.runtime.max_sequences:
-                self._prefill(request)
+            elif not still_waiting and len(self._active) < self.runtime.max_sequences:
+                try:
+                    fits = self.runtime.reserve(
+                        request.sequence, len(request.atoms) + request.params.max_new_tokens
+                    )
+                except KVBudgetError as e:  # larger than the whole budget: it could never start
+                    self._finish(request, e)
+                    continue
+                if fits:
+                    self._prefill(request)
+                else:
+                    still_waiting.append(request)  # and the later ones wait behind it
             else:
                 still_waiting.append(request)
         self._waiting = still_waiting
@@ -157,6 +169,7 @@ class Batcher:
         except Exception as e:  # noqa: BLE001 (handed to the reader, who raises it)
             log.exception("prefill failed")
             request.fed = []
+            self.runtime.release(seq)  # what the failed prefill left must not stay held
             self._finish(request, e)
             return
         request.prefilled = len(request.atoms) - keep

@@ -169,6 +169,12 @@ class LlamaCppRuntime:
             self._slots[seq.slot] = None
         seq.slot, seq.length = None, 0
 
+    def reserve(self, seq: LlamaSequence, positions: int) -> bool:
+        return True  # every slot holds a whole context: a sequence admitted has its room
+
+    def max_beams(self, context_positions: int, asked: int) -> int:
+        return asked  # beam search runs in transformers, beside this context
+
     def _touch(self, seq: LlamaSequence) -> None:
         self._clock += 1
         seq.last_used = self._clock

@@ -14,6 +14,7 @@ from typing import Protocol
 import torch
 from transformers import DynamicCache
 
+from minigpt4.decode.kv_budget import KVBudget
 from minigpt4.decode_weights import decode_weight_tensors
 
 
@@ -32,6 +33,14 @@ class DecodeRuntime(Protocol):
     def new_sequence(self) -> Sequence: ...
 
     def release(self, seq: Sequence) -> None: ...
+
+    def reserve(self, seq: Sequence, positions: int) -> bool:
+        """Room for `seq` to hold `positions` (prompt + answer) now? It may free idle sequences."""
+        ...
+
+    def max_beams(self, context_positions: int, asked: int) -> int:
+        """How many beams of `context_positions` each the runtime's memory allows (≤ `asked`)."""
+        ...
 
     def prefill(self, seq: Sequence, embeds: torch.Tensor, keep: int) -> torch.Tensor:
         """Keep the first `keep` positions of `seq`, append `embeds` (n, hidden); logits (vocab,)."""
@@ -55,6 +64,7 @@ class TorchSequence:
 class TorchRuntime:
     """A transformers causal LM; each sequence is a `DynamicCache`.
 
+    With a `KVBudget` the positions all sequences cache together are capped (see kv_budget.py).
     A step runs the sequences one after another: their caches have different lengths, and padding
     them into one batch every step would copy every cache each token. On a GPU the per-sequence
     steps still overlap with the host's work; on a CPU the llama.cpp runtime batches for real.
@@ -63,15 +73,27 @@ class TorchRuntime:
     name = "transformers"
     batched = False
 
-    def __init__(self, llm: torch.nn.Module, max_sequences: int = 8) -> None:
+    def __init__(
+        self, llm: torch.nn.Module, max_sequences: int = 8, kv_budget: KVBudget | None = None
+    ) -> None:
         self.llm = llm
         self.max_sequences = max_sequences
+        self.kv_budget = kv_budget  # None: no cap on the positions cached (tests, one-off scripts)
 
     def new_sequence(self) -> TorchSequence:
-        return TorchSequence()
+        seq = TorchSequence()
+        if self.kv_budget is not None:
+            self.kv_budget.track(seq)
+        return seq
 
     def release(self, seq: TorchSequence) -> None:
         seq.cache = DynamicCache()
+
+    def reserve(self, seq: TorchSequence, positions: int) -> bool:
+        return self.kv_budget is None or self.kv_budget.reserve(seq, positions, self.release)
+
+    def max_beams(self, context_positions: int, asked: int) -> int:
+        return asked if self.kv_budget is None else self.kv_budget.max_beams(context_positions, asked)
 
     @torch.no_grad()
     def prefill(self, seq: TorchSequence, embeds: torch.Tensor, keep: int) -> torch.Tensor:

@@ -22,7 +22,7 @@ MIXED_PRECISION = ("auto", "no", "fp16", "bf16")
 
 @dataclass
 class RunConfig:
-    """Batch, the schedule of DESIGN §4 (linear warmup, then cosine), checkpoints and logging."""
+    """Batch, the original's schedule (linear warmup, then cosine), checkpoints and logging."""
 
     output_dir: str
     batch_size: int  # per process, per micro-batch

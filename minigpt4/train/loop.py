@@ -15,6 +15,7 @@ import hashlib
 import json
 import logging
 import math
+import os
 import sys
 import time
 from collections.abc import Iterator
@@ -29,6 +30,7 @@ from accelerate.utils import gather_object, set_seed
 from tqdm import tqdm
 
 from minigpt4.build import build_model
+from minigpt4.config import ModelConfig
 from minigpt4.data.labels import supervised_tokens
 from minigpt4.data.loader import BatchPlan, build_loader, process_shards
 from minigpt4.errors import ConfigError
@@ -48,6 +50,7 @@ log = logging.getLogger(__name__)
 
 FINAL_WEIGHTS = "projection.safetensors"
 METRICS = "metrics.jsonl"
+CUBLAS_WORKSPACE_CONFIG = ":4096:8"  # the setting PyTorch documents for deterministic cuBLAS
 
 
 class TrainingError(RuntimeError):
@@ -104,15 +107,15 @@ def train(
 ) -> TrainResult:
     """Run (or continue) the training a config describes; see the module docstring."""
     run = cfg.run
+    if run.deterministic:
+        use_deterministic_algorithms()
     accelerator = make_accelerator(run, cpu)
     world, rank = accelerator.num_processes, accelerator.process_index
     global_micro = check_batch_layout(cfg, world)
     global_batch = global_micro * run.grad_accum_steps
     output_dir = Path(run.output_dir)
-    if run.deterministic:
-        torch.use_deterministic_algorithms(True)
 
-    model = build_model(cfg.model, device=accelerator.device)
+    model = build_model(model_config_for(run, cfg.model), device=accelerator.device)
     model.train()
     progress = _Progress()
     resume_from, state = _resume_from(output_dir, resume)
@@ -186,6 +189,28 @@ def train(
     accelerator.wait_for_everyone()
     accelerator.end_training()  # also destroys the process group of a multi-process run
     return result
+
+
+def use_deterministic_algorithms() -> None:
+    """`torch.use_deterministic_algorithms(True)`, with the cuBLAS workspace it needs on CUDA.
+
+    Without `CUBLAS_WORKSPACE_CONFIG` the first cuBLAS matmul of a deterministic run raises. It is
+    read when cuBLAS starts, so it is set here, before any model is built; a value already in the
+    environment is kept.
+    """
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", CUBLAS_WORKSPACE_CONFIG)
+    torch.use_deterministic_algorithms(True)
+
+
+def model_config_for(run: RunConfig, model: ModelConfig) -> ModelConfig:
+    """The model a run builds: under bf16 mixed precision an `auto` LLM dtype means bfloat16.
+
+    `auto` is float16 on CUDA; frozen float16 weights under bf16 autocast would keep the LLM's
+    norms and residual stream in float16's narrow range, which is what bf16 was chosen to avoid.
+    """
+    if run.mixed_precision == "bf16" and model.llm.dtype == "auto":
+        return dataclasses.replace(model, llm=dataclasses.replace(model.llm, dtype="bfloat16"))
+    return model
 
 
 def make_accelerator(run: RunConfig, cpu: bool = False) -> Accelerator:
