@@ -102,31 +102,31 @@ class RankedJsonl:
     def _count_file(self, rank: int) -> Path:
         return self.part(rank).with_name(self.part(rank).name + ".count")
 
-    def done_keys(self) -> set[Hashable]:
-        """Inputs already written: in the output, in this rank's part, and in parts a run with
-        another number of processes left behind (no rank of this run writes those)."""
-        files = [self.out, self.part()] + [
-            p
-            for p in self.out.parent.glob(f"{self.out.name}.part-*-of-*")
-            if _is_stale_part(p, self.rank.world)
-        ]
+    def done_keys(self, in_output: bool = True) -> set[Hashable]:
+        """Inputs already written: in the output (unless `in_output` is False: a caller that judges
+        the output's rows itself), in this rank's part, and in parts a run with another number of
+        processes left behind (no rank of this run writes those)."""
+        files = [self.out] if in_output else []
+        files += [self.part()] + [p for p in self._parts() if _is_stale_part(p, self.rank.world)]
         return {self.key(row) for path in files for row in read_rows(path)}
 
     @contextmanager
-    def rows(self, total: int, desc: str, unit: str) -> Iterator[RowSink]:
+    def rows(self, total: int | None, desc: str, unit: str) -> Iterator[RowSink]:
         """Write this rank's rows; one progress bar (`total` inputs, on rank 0 for all ranks).
 
         Rows go to this rank's part (the output itself when alone), one flushed line each. On leaving,
         the rank marks itself done and rank 0 waits, its bar still counting, until every rank of
         this job is; then call `merge` on rank 0.
         """
-        alone = self.rank.world == 1
+        # Alone, rows go straight to the output, unless a job of several processes left parts: then
+        # into a part too, so that the merge puts every row in input order.
+        alone = self.rank.world == 1 and not self._parts()
         path = self.out if alone else self.part()
         path.parent.mkdir(parents=True, exist_ok=True)
         if not alone:
             self._marker(self.rank.rank).unlink(missing_ok=True)
         drop_torn_line(path)
-        label = desc if alone else f"{desc} (all {self.rank.world} ranks)"
+        label = desc if self.rank.world == 1 else f"{desc} (all {self.rank.world} ranks)"
         with (
             path.open("a", encoding="utf-8") as f,
             tqdm(total=total, desc=label, unit=unit, file=sys.stderr, disable=not self.rank.main) as bar,
@@ -145,6 +145,10 @@ class RankedJsonl:
                 time.sleep(POLL_S)
             sink.refresh()
 
+    def _parts(self) -> list[Path]:
+        found = sorted(self.out.parent.glob(f"{self.out.name}.part-*-of-*"))
+        return [p for p in found if not p.name.endswith((".done", ".count"))]
+
     def global_count(self) -> int:
         return sum(_read_count(self._count_file(r)) for r in range(self.rank.world))
 
@@ -153,8 +157,7 @@ class RankedJsonl:
 
     def merge(self, order: Sequence[Hashable]) -> int:
         """Append every part's rows to the output in input order, each input once, then remove the parts."""
-        parts = sorted(self.out.parent.glob(f"{self.out.name}.part-*-of-*"))
-        parts = [p for p in parts if not p.name.endswith((".done", ".count"))]
+        parts = self._parts()
         if not parts:
             return 0
         rows: dict[Hashable, Row] = {}
@@ -207,7 +210,8 @@ class RowSink:
 
     def refresh(self) -> None:
         if self.ranked is not None and not self.bar.disable:
-            self.bar.n = min(self.ranked.global_count(), self.bar.total or 0)
+            count = self.ranked.global_count()
+            self.bar.n = count if self.bar.total is None else min(count, self.bar.total)
             self.bar.refresh()
 
 
@@ -232,10 +236,7 @@ def read_rows(path: Path) -> Iterable[Row]:
 
 
 def _is_stale_part(path: Path, world: int) -> bool:
-    name = path.name
-    if name.endswith((".done", ".count")):
-        return False
-    return not name.endswith(f"-of-{world:05d}")
+    return not path.name.endswith(f"-of-{world:05d}")
 
 
 def _read_text(path: Path) -> str | None:

@@ -24,9 +24,9 @@ from dataclasses import dataclass
 from typing import Any
 
 import httpx
-from tqdm import tqdm
 
-from minigpt4.curate.records import CurateError, JsonlWriter, WorkDir, latest_by_id, read_jsonl
+from minigpt4.commands.ranks import Rank, RankedJsonl, RowSink, job_digest
+from minigpt4.curate.records import CurateError, WorkDir, latest_by_id, read_jsonl
 
 log = logging.getLogger(__name__)
 
@@ -182,6 +182,11 @@ class LocalChatModel:
         return [t.strip() for t in self.tokenizer.batch_decode(new_tokens, skip_special_tokens=True)]
 
 
+def _refine_key(record: dict[str, Any]) -> tuple[str, str]:
+    """A refinement belongs to one text of one image: re-generated text is refined anew."""
+    return record.get("image_id"), record.get("raw")
+
+
 def pending_items(work: WorkDir, retry_failed: bool) -> list[dict[str, Any]]:
     """Generated descriptions that have no refinement of their current text yet."""
     generated = [
@@ -199,7 +204,7 @@ def pending_items(work: WorkDir, retry_failed: bool) -> list[dict[str, Any]]:
 async def refine_remote(
     client: OpenAIChatClient,
     items: list[dict[str, Any]],
-    out: JsonlWriter,
+    out: RowSink,
     concurrency: int = 4,
     max_consecutive_failures: int = 5,
 ) -> dict[str, int]:
@@ -209,7 +214,6 @@ async def refine_remote(
     for item in items:
         queue.put_nowait(item)
     consecutive = 0
-    bar = tqdm(total=len(items), desc="refine", unit="text")
 
     async def worker() -> None:
         nonlocal consecutive
@@ -238,7 +242,7 @@ async def refine_remote(
                 counts["refined"] += 1
             consecutive = 0
             out.write(record)
-            bar.update()
+            out.advance()
 
     tasks = [asyncio.create_task(worker()) for _ in range(max(1, concurrency))]
     try:
@@ -247,30 +251,28 @@ async def refine_remote(
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
-        bar.close()
         await client.aclose()
     return counts
 
 
 def refine_local(
-    model: LocalChatModel, items: list[dict[str, Any]], out: JsonlWriter, batch_size: int = 4
+    model: LocalChatModel, items: list[dict[str, Any]], out: RowSink, batch_size: int = 4
 ) -> dict[str, int]:
     """Refine `items` with a local model, writing the records of each batch as it finishes."""
-    with tqdm(total=len(items), desc="refine", unit="text") as bar:
-        for start in range(0, len(items), batch_size):
-            batch = items[start : start + batch_size]
-            replies = model.complete_batch([refine_messages(item["raw"]) for item in batch])
-            for item, reply in zip(batch, replies, strict=True):
-                out.write(
-                    {
-                        "image_id": item["image_id"],
-                        "raw": item["raw"],
-                        "refined": reply,
-                        "backend": "local",
-                        "model": model.name,
-                    }
-                )
-            bar.update(len(batch))
+    for start in range(0, len(items), batch_size):
+        batch = items[start : start + batch_size]
+        replies = model.complete_batch([refine_messages(item["raw"]) for item in batch])
+        for item, reply in zip(batch, replies, strict=True):
+            out.write(
+                {
+                    "image_id": item["image_id"],
+                    "raw": item["raw"],
+                    "refined": reply,
+                    "backend": "local",
+                    "model": model.name,
+                }
+            )
+        out.advance(len(batch))
     return {"refined": len(items), "failed": 0, "left_for_next_run": 0}
 
 
@@ -309,11 +311,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace, work: WorkDir) -> int:
     """`curate refine`: rewrite the generated descriptions with a chat LLM."""
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one INFO line per request drowns the progress bar
-    items = pending_items(work, args.retry_failed)
-    if not items:
+    pending = pending_items(work, args.retry_failed)
+    if not pending:
         print(f"refine: nothing to do → {work.refine}")
         return 0
-    with JsonlWriter(work.refine) as out:
+    rank = Rank.from_env()
+    job = job_digest([(item["image_id"], item["raw"]) for item in pending], vars(args), rank.world)
+    ranked = RankedJsonl(work.refine, rank, _refine_key, job)
+    done = ranked.done_keys(in_output=False)  # pending_items judged the output (--retry-failed)
+    items = [item for item in rank.share(pending) if _refine_key(item) not in done]
+    log.info("%s: %d of %d descriptions to refine", rank.name, len(items), len(pending))
+    with ranked.rows(len(pending), "refine", "text") as out:
         if args.base_url:
             sampling = {
                 k: v
@@ -331,9 +339,17 @@ def run(args: argparse.Namespace, work: WorkDir) -> int:
             counts = asyncio.run(refine_remote(client, items, out, args.concurrency))
         else:
             model = LocalChatModel(
-                args.local_model, args.gguf_file, args.device, args.max_tokens or 400, args.temperature
+                args.local_model,
+                args.gguf_file,
+                rank.device(args.device),
+                args.max_tokens or 400,
+                args.temperature,
             )
             counts = refine_local(model, items, out, args.batch_size)
+    if rank.main:
+        ranked.merge([_refine_key(item) for item in pending])
+    else:
+        return 1 if counts["left_for_next_run"] else 0
     print(
         f"refine: {counts['refined']} refined, {counts['failed']} refused by the server, "
         f"{counts['left_for_next_run']} left for the next run → {work.refine}"

@@ -2,6 +2,7 @@
 
     python -m minigpt4 bench --cfg-path minigpt4_tiny_random [--json]
     python -m minigpt4 bench train …        # training speed (minigpt4.train.bench)
+    python -m minigpt4 bench replicas …     # N serve processes behind a round-robin (minigpt4.serve.replicas)
 
 Each figure is the fastest of `--repeats` runs (default 1, on 1 torch thread, so the default run
 finishes in a few minutes on a busy 2-core machine; other processes can only add time, so the minimum
@@ -479,6 +480,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if argv[:1] == ["train"]:
         train_bench = importlib.import_module("minigpt4.train.bench")
         return int(train_bench.main(argv[1:]) or 0)
+    if argv[:1] == ["replicas"]:
+        replicas = importlib.import_module("minigpt4.serve.replicas")
+        return int(replicas.main(argv[1:]) or 0)
     args = build_parser().parse_args(argv)
     for name in ("turns", "answer_tokens", "repeats", "threads", *(("sessions",) if args.sessions else ())):
         if getattr(args, name) < 1:

@@ -14,6 +14,7 @@ from minigpt4.commands.common import (
     CommandParser,
     add_allowed_hosts_arg,
     add_model_args,
+    add_threads_arg,
     chat_or_exit,
     check_model_args,
 )
@@ -30,6 +31,7 @@ def _parser() -> argparse.ArgumentParser:
         description="Serve a MiniGPT-4 preset over OpenAI's chat-completions API (POST /v1/chat/completions).",
     )
     add_model_args(parser)
+    add_threads_arg(parser)
     parser.add_argument(
         "--host", default="127.0.0.1", help="address to bind (default: %(default)s, this machine only)"
     )
