@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import save_file
+from vision_helpers import TINY_QFORMER, TINY_VIT
 
 from minigpt4.build import build_model
 from minigpt4.config import VisionConfig, load_eval_config
@@ -137,22 +138,6 @@ def test_offline_without_the_file_in_the_cache_says_so(monkeypatch, read):
 
 
 # --- the ViT's precision and how it loads -------------------------------------------------------------
-
-TINY_VIT = dict(
-    hidden_size=32,
-    intermediate_size=64,
-    num_hidden_layers=2,
-    num_attention_heads=2,
-    image_size=224,
-    patch_size=14,
-)
-TINY_QFORMER = dict(
-    hidden_size=32,
-    intermediate_size=64,
-    num_hidden_layers=2,
-    num_attention_heads=2,
-    cross_attention_frequency=2,
-)
 
 
 def _tiny_blip2_vision():

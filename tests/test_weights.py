@@ -10,6 +10,7 @@ import re
 import pytest
 import torch
 from transformers import Blip2Config, Blip2ForConditionalGeneration, LlamaForCausalLM
+from vision_helpers import TINY_QFORMER, TINY_VIT
 
 from minigpt4.build import build_model
 from minigpt4.config import VisionConfig, load_eval_config
@@ -17,21 +18,6 @@ from minigpt4.errors import ConfigError
 from minigpt4.vision import build_vision
 from minigpt4.weights import WeightsError, copy_trainable, load_trainable, save_trainable
 
-VISION = dict(
-    hidden_size=32,
-    intermediate_size=64,
-    num_hidden_layers=2,
-    num_attention_heads=2,
-    image_size=224,
-    patch_size=14,
-)
-QFORMER = dict(
-    hidden_size=32,
-    intermediate_size=64,
-    num_hidden_layers=2,
-    num_attention_heads=2,
-    cross_attention_frequency=2,
-)
 OPT = dict(
     model_type="opt",
     hidden_size=16,
@@ -48,7 +34,9 @@ OPT = dict(
 def hf_blip2(tmp_path_factory):
     """A tiny BLIP-2 saved by transformers itself (sharded), so the layout is the real one."""
     torch.manual_seed(1)
-    config = Blip2Config(vision_config=VISION, qformer_config=QFORMER, text_config=OPT, num_query_tokens=4)
+    config = Blip2Config(
+        vision_config=TINY_VIT, qformer_config=TINY_QFORMER, text_config=OPT, num_query_tokens=4
+    )
     model = Blip2ForConditionalGeneration(config).eval()
     directory = tmp_path_factory.mktemp("blip2")
     model.save_pretrained(directory, max_shard_size="100KB")
@@ -125,7 +113,9 @@ def test_lavis_layout_matches_transformers(hf_blip2, pixels, tmp_path):
     torch.save({"model": _to_lavis(model)}, path)
     ours = build_vision(
         VisionConfig(
-            lavis_checkpoint=str(path), num_query_tokens=4, random_init={"vision": VISION, "qformer": QFORMER}
+            lavis_checkpoint=str(path),
+            num_query_tokens=4,
+            random_init={"vision": TINY_VIT, "qformer": TINY_QFORMER},
         ),
         torch.device("cpu"),
     )
@@ -147,7 +137,7 @@ def test_separate_eva_vit_file_with_extra_block_loads(hf_blip2, pixels, tmp_path
             lavis_checkpoint=str(tmp_path / "blip2.pth"),
             eva_vit_checkpoint=str(tmp_path / "eva_vit_g.pth"),
             num_query_tokens=4,
-            random_init={"vision": VISION, "qformer": QFORMER},
+            random_init={"vision": TINY_VIT, "qformer": TINY_QFORMER},
         ),
         torch.device("cpu"),
     )
@@ -157,7 +147,7 @@ def test_separate_eva_vit_file_with_extra_block_loads(hf_blip2, pixels, tmp_path
 def test_missing_tensor_and_wrong_shape_are_named(hf_blip2, tmp_path):
     model, _ = hf_blip2
     lavis = _to_lavis(model)
-    cfg = dict(num_query_tokens=4, random_init={"vision": VISION, "qformer": QFORMER})
+    cfg = dict(num_query_tokens=4, random_init={"vision": TINY_VIT, "qformer": TINY_QFORMER})
     broken = dict(lavis)
     del broken["ln_vision.weight"]
     torch.save({"model": broken}, tmp_path / "missing.pth")
@@ -353,7 +343,9 @@ def test_llama2_variant_keeps_the_identity_ln_vision_from_every_source(
     elif source == "lavis":
         torch.save({"model": lavis}, tmp_path / "blip2.pth")
         cfg = VisionConfig(
-            kind="blip2_patches", lavis_checkpoint=str(tmp_path / "blip2.pth"), random_init={"vision": VISION}
+            kind="blip2_patches",
+            lavis_checkpoint=str(tmp_path / "blip2.pth"),
+            random_init={"vision": TINY_VIT},
         )
     else:  # eva_vit_g.pth holds the ViT only: no ln_vision at all
         vit = {
@@ -363,7 +355,7 @@ def test_llama2_variant_keeps_the_identity_ln_vision_from_every_source(
         cfg = VisionConfig(
             kind="blip2_patches",
             eva_vit_checkpoint=str(tmp_path / "eva_vit_g.pth"),
-            random_init={"vision": VISION},
+            random_init={"vision": TINY_VIT},
         )
     ours = build_vision(cfg, torch.device("cpu"))
     assert torch.equal(ours.ln_vision.weight, torch.ones(32)) and torch.equal(
@@ -391,7 +383,7 @@ def test_llama2_presets_documented_eva_vit_fallback_loads(trained_ln_blip2, pixe
     )
     assert cfg.model.vision.pretrained is None
     # The preset's ViT is EVA ViT-g (1B weights): build its vision side at the tiny test size.
-    tiny = dataclasses.replace(cfg.model.vision, random_init={"vision": VISION})
+    tiny = dataclasses.replace(cfg.model.vision, random_init={"vision": TINY_VIT})
     torch.testing.assert_close(
         build_vision(tiny, torch.device("cpu"))(pixels), _identity_ln_patches(model, pixels)
     )
