@@ -72,6 +72,20 @@ def image_key(row: dict) -> Path | None:
         return None
 
 
+def _other_job(out: Path, prompt: str, preset: str) -> str | None:
+    """Why the rows already in `out` cannot be resumed by this run (None when they can): they were
+    made with another prompt or preset, so skipping their images would keep answers to another
+    question."""
+    for row in read_rows(out):
+        made = (row.get("prompt"), row.get("preset"))
+        if made != (prompt, preset):
+            return (
+                f"--out {out} holds captions made with --prompt {made[0]!r} and preset {made[1]!r}, not "
+                f"{prompt!r} and {preset!r}: give another --out, or the same prompt and preset to continue it"
+            )
+    return None
+
+
 def check_out(out: Path | None) -> str | None:
     """Why `--out` cannot be written to (None when it can): tried by opening it, since permission
     bits do not tell root, or a file system such as /sys, what it may write."""
@@ -119,9 +133,14 @@ def main(argv: list[str]) -> int:
             f"--prompt is {len(args.prompt):,} characters long; the limit is {cfg.max_message_chars:,}"
         )
 
+    missing = [item for item in args.images if not Path(item).exists()]
+    if missing:
+        parser.error(f"no such file or folder: {', '.join(missing)}")
     images = find_images(args.images)
     if not images:
         parser.error(f"no image files in {' '.join(args.images)}")
+    if args.out is not None and (problem := _other_job(args.out, args.prompt, cfg.name)):
+        parser.error(problem)
     rank = Rank.from_env()
     if rank.world > 1 and args.out is None:
         parser.error(f"--out is required with {rank.world} processes (each writes a part beside it)")

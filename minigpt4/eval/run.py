@@ -210,6 +210,7 @@ def answer_all(
     answered: list = []
     answers: list = []
     skipped: list[dict] = []
+    started = time.perf_counter()
     with tqdm(total=len(samples), desc="answering", unit="q", disable=not progress) as bar:
         for start in range(0, len(samples), batch_size):
             batch = samples[start : start + batch_size]
@@ -225,6 +226,9 @@ def answer_all(
                         log.error("%s: skipped: %s", sample.image, e)
                         skipped.append({"image": str(sample.image), "error": str(e)})
             bar.update(len(batch))
+    if progress and samples:
+        seconds = time.perf_counter() - started
+        log.info("%d answers in %.1f s (%.2f answers/s)", len(samples), seconds, len(samples) / seconds)
     return answered, answers, skipped
 
 

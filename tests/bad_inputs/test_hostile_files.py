@@ -180,6 +180,31 @@ def test_caption_refuses_an_out_the_kernel_will_not_write_before_loading(tmp_pat
     assert not target.exists()
 
 
+def test_caption_names_a_missing_file_before_loading_the_model(tmp_path: Path, capsys, monkeypatch) -> None:
+    (image,) = _images(tmp_path / "images", 1)
+    monkeypatch.setattr("minigpt4.commands.caption.chat_or_exit", lambda args: pytest.fail("model loaded"))
+    with pytest.raises(SystemExit) as exit_:
+        caption_main([str(image), str(tmp_path / "nothere.jpg"), "--cfg-path", TINY])
+    assert exit_.value.code == 2
+    assert f"no such file or folder: {tmp_path / 'nothere.jpg'}" in capsys.readouterr().err
+
+
+def test_caption_will_not_resume_an_out_made_with_another_prompt(tmp_path: Path, capsys) -> None:
+    images = _images(tmp_path / "images", 2)
+    out = tmp_path / "captions.jsonl"
+    args = ["--cfg-path", TINY, "--greedy", "--max-new-tokens", "4", "--out", str(out)]
+    assert caption_main([str(images[0]), *args]) == 0
+    before = out.read_bytes()
+    with pytest.raises(SystemExit) as exit_:
+        caption_main([str(p) for p in images] + args + ["--prompt", "What colour is it?"])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert "holds captions made with --prompt 'Describe this image.'" in err and "What colour is it?" in err
+    assert out.read_bytes() == before
+    assert caption_main([str(p) for p in images] + args) == 0  # the same prompt continues it
+    assert len(_records(out)) == 2
+
+
 def test_checking_out_leaves_no_file_behind(tmp_path: Path) -> None:
     from minigpt4.commands.caption import check_out
 
