@@ -234,7 +234,7 @@ def _verse_lines(text: str, max_words: int) -> list[str]:
 
 
 def _items(text: str) -> int:
-    """How many items an answer gives: list lines, else sentences, else comma / "or" parts."""
+    """How many items an answer gives: the most of its list lines, its sentences, its comma / "or" parts."""
     listed = [line for line in lines(text) if re.match(r"^(?:[-•]|\d+[.)])\s*", line)]
     parts = [p for p in re.split(r",|;|\bor\b", text) if words(p)]
     return max(len(listed), len(sentences(text)), len(parts))

@@ -221,7 +221,7 @@ PHOTOS: tuple[Photo, ...] = (
         "camera.png",
         facts="The image is a black and white photo of a man in a dark coat looking through a camera on"
         " a tripod, on a lawn.",
-        also_named=("cameraman", "photographer"),
+        also_named=("man", "cameraman", "photographer"),
         colours=("black", "white", "gray", "silver"),
         people=True,
         colour=("gray", "grey", "silver", "black and white"),  # grey-scale; a silver camera and tripod

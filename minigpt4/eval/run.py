@@ -8,8 +8,9 @@ file, a VQAv2 questions file (with `--annotations`) or a POPE jsonl file; `--ima
 folder. The follow-up task asks a first question, keeps the model's answer in the conversation and
 scores its answer to a second question by option accuracy. The instruct task asks open instructions
 ("Write a haiku about it.") and, in the same run, the upper bound: the preset's LLM without the image
-and without LoRA, told the image's facts (minigpt4/eval/instruct.py, upper_bound.py). Answers are greedy, in batches. The results JSON records the scores, every prediction, the
-config, the data files with their digests and the git commit.
+and without LoRA, told the image's facts (minigpt4/eval/instruct.py, upper_bound.py). Answers are
+greedy, in batches. The results JSON records the scores, every prediction, the config, the data files
+with their digests and the git commit.
 """
 
 from __future__ import annotations
