@@ -4,7 +4,8 @@ Each question is put in the chat's template as a fresh conversation (image turn 
 the prompts are decoded together: by the chat's own batched runtime (llama.cpp) where it has one,
 else left-padded into one batch for `generate`. Answers stop and are
 cut at the template's stop strings like the chat's, so a batch gives what `Chat.answer` would give
-one at a time with greedy decoding.
+one at a time with greedy decoding. `answer_texts` asks without an image (the text-only upper bound
+of the open instructions).
 """
 
 from __future__ import annotations
@@ -54,6 +55,15 @@ class BatchAnswerer:
         """One answer per (image, question) pair; raises `ImageError` for an unreadable image."""
         return self._generate(images, [self.prompt_ids(q) for q in questions])
 
+    def answer_texts(self, questions: Sequence[str]) -> list[str]:
+        """One answer per question asked in a fresh conversation with no image."""
+        prompts = []
+        for question in questions:
+            conversation = Conversation(self.chat.template)
+            conversation.add_user(question)
+            prompts.append(self.chat.model.tokenize_prompt(conversation.render(self.chat.tokenizer), 0))
+        return self._generate(None, prompts)
+
     def answer_conversations(
         self, images: Sequence[Path], conversations: Sequence[Conversation]
     ) -> list[str]:
@@ -77,13 +87,21 @@ class BatchAnswerer:
         return list(zip(firsts, self.answer_conversations(images, conversations), strict=True))
 
     @torch.no_grad()
-    def _generate(self, images: Sequence[Path], prompts: Sequence[list[int]]) -> list[str]:
-        if len(images) != len(prompts):
+    def _generate(self, images: Sequence[Path] | None, prompts: Sequence[list[int]]) -> list[str]:
+        """Answers to `prompts`, one image each (`images` None: text only, no image)."""
+        if images is not None and len(images) != len(prompts):
             raise ValueError(f"{len(images)} images for {len(prompts)} prompts")
         model, chat = self.chat.model, self.chat
-        pixel_values = model.preprocess([load_image(path, chat.max_image_pixels) for path in images])
+        pixel_values = None
+        if images is not None:
+            pixel_values = model.preprocess([load_image(path, chat.max_image_pixels) for path in images])
         if chat.runtime.batched:  # the chat's own decoder (llama.cpp) decodes the whole batch together
-            answers = chat.decode_prompts(list(prompts), model.encode_images(pixel_values), self.params)
+            if pixel_values is None:  # no image: zero image vectors per prompt
+                hidden = model.llm.get_input_embeddings().embedding_dim
+                embeds = torch.zeros(len(prompts), 0, hidden)
+            else:
+                embeds = model.encode_images(pixel_values)
+            answers = chat.decode_prompts(list(prompts), embeds, self.params)
             return [self._clean(tokens) for tokens in answers]
         width = max(map(len, prompts))
         # Left padding keeps every prompt's last token in the last column, where generation continues.

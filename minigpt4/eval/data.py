@@ -8,6 +8,9 @@
 - POPE: JSON lines `{"question_id", "image", "text", "label": "yes"|"no"}`, optionally `"category"`.
 - Follow-ups (this project's): JSON lines `{"question_id", "image", "first_question", "question",
   "kind", "answers", "options"}`, optionally `"category"`: `answers` are the right ones of `options`.
+- Open instructions (this project's): JSON lines `{"question_id", "image", "kind", "instruction",
+  "category", "facts", "objects", "colours", "people", "animals"}`: the instruction's kind (one of
+  `minigpt4.eval.instruct.KINDS`) and what the image is known to show (`instruct.Truth`).
 
 Each reader checks the fields it needs and raises `DataError` naming the file and the entry.
 Writers write whole files or nothing (a temporary file renamed into place).
@@ -21,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from minigpt4.eval.instruct import KIND_NAMES, Truth
 from minigpt4.files import write_text_atomic
 
 logger = logging.getLogger(__name__)
@@ -67,6 +71,16 @@ class FollowupSample:
     answers: tuple[str, ...]  # the right options
     options: tuple[str, ...]  # the closed answer set
     category: str = ""
+
+
+@dataclass(frozen=True)
+class InstructSample:
+    question_id: int | str
+    image: Path
+    kind: str  # one of `instruct.KIND_NAMES`
+    instruction: str
+    category: str  # "scene" / "photo"
+    truth: Truth
 
 
 def write_json(path: Path, data: Any) -> None:
@@ -230,6 +244,38 @@ def read_followup(path: Path, image_root: Path) -> list[FollowupSample]:
                 answers=answers,
                 options=options,
                 category=str(entry.get("category", "")),
+            )
+        )
+    return samples
+
+
+def read_instruct(path: Path, image_root: Path) -> list[InstructSample]:
+    """One open instruction per line of an instruct JSON-lines file (see the module docstring)."""
+    samples = []
+    for where, entry in _json_lines(path):
+        kind = str(_field(entry, "kind", where))
+        if kind not in KIND_NAMES:
+            raise DataError(f"{where}: unknown kind {kind!r}; known: {', '.join(KIND_NAMES)}")
+        people, animals = _field(entry, "people", where), _field(entry, "animals", where)
+        if not isinstance(people, bool) or not isinstance(animals, bool):
+            raise DataError(f"{where}: 'people' and 'animals' must be true or false")
+        truth = Truth(
+            facts=str(_field(entry, "facts", where)),
+            objects=tuple(map(str, _field(entry, "objects", where))),
+            colours=tuple(map(str, _field(entry, "colours", where))),
+            people=people,
+            animals=animals,
+        )
+        if not truth.objects:
+            raise DataError(f"{where}: 'objects' must name the main object (one word or more)")
+        samples.append(
+            InstructSample(
+                question_id=_field(entry, "question_id", where),
+                image=_image_path(image_root, str(_field(entry, "image", where)), where),
+                kind=kind,
+                instruction=str(_field(entry, "instruction", where)),
+                category=str(entry.get("category", "")),
+                truth=truth,
             )
         )
     return samples

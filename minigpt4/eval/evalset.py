@@ -7,6 +7,9 @@
     out/vqa_questions.json VQAv2 questions (with a COCO-style "images" list naming each file)
     out/vqa_annotations.json VQAv2 annotations, ten answers per question
     out/pope.jsonl         POPE probes; category "random" / "adversarial" (scenes) or "photo"
+    out/instruct.jsonl     open instructions ("Write a haiku about it."), every kind of
+                           `minigpt4.eval.instruct.KINDS` about every image (photos: two phrasings),
+                           with the image's truth (facts, object words, colours, people, animals)
     out/followup.jsonl     two-turn conversations: "What is in this image?", then one follow-up about
                            colour, position or count with its closed answer set; category "scene" / "photo"
 
@@ -16,6 +19,7 @@ The same seed gives the same files on every machine.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import random
 import shutil
@@ -25,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from minigpt4.data import scenes
+from minigpt4.eval import instruct
 from minigpt4.eval.data import write_json
 from minigpt4.eval.photos import COLOUR_OPTIONS, PHOTOS
 from minigpt4.files import write_text_atomic
@@ -34,12 +39,15 @@ VQA_QUESTIONS_FILE = "vqa_questions.json"
 VQA_ANNOTATIONS_FILE = "vqa_annotations.json"
 POPE_FILE = "pope.jsonl"
 FOLLOWUP_FILE = "followup.jsonl"
+INSTRUCT_FILE = "instruct.jsonl"
 FIRST_QUESTION = "What is in this image?"
 PHOTO_FOLLOWUP = "What colour is it?"
 # Scene i gets a follow-up of kind i % 3 (`scenes.FOLLOWUP_KINDS`), so the kinds are balanced.
 IMAGES_DIR = "images"
 _PHOTO_ID_START = 1001
 _QUESTIONS_PER_SCENE = 3
+# Phrasings of each instruction kind per image: the photos are few, so they get more.
+_INSTRUCT_PHRASINGS = {"scene": 1, "photo": 2}
 
 
 @dataclass
@@ -53,6 +61,8 @@ class _Entry:
     probes: list[tuple[str, str, str]] = field(default_factory=list)  # (question, label, category)
     objects: tuple[str, ...] = ()  # words naming the main object (photos)
     followup: dict | None = None  # question, kind, answers (the right options), options, category
+    truth: instruct.Truth | None = None  # for open instructions
+    category: str = "scene"
 
 
 def _answer_type(answer: str) -> str:
@@ -104,6 +114,7 @@ def _scene_entries(images: Path, n_scenes: int, seed: int) -> list[_Entry]:
         kind = scenes.FOLLOWUP_KINDS[i % len(scenes.FOLLOWUP_KINDS)]
         question, answer = scenes.followup(scene, kind, followup_rng)
         entry.followup = _followup(question, kind, [answer], scenes.answer_options(question), "scene")
+        entry.truth = instruct.scene_truth(scene)
         entries.append(entry)
     return entries
 
@@ -117,6 +128,7 @@ def _photo_entries(images: Path) -> list[_Entry]:
         shutil.copyfile(Path(data_dir) / photo.file_name, images / file_name)
         qa = [(q, answers, ()) for q, answers in photo.questions]  # open questions
         entry = _Entry(_PHOTO_ID_START + i, file_name, list(photo.captions), qa, objects=photo.objects)
+        entry.truth, entry.category = instruct.photo_truth(photo), "photo"
         entry.probes = [(_probe_question(obj), label, "photo") for obj, label in photo.probes]
         if photo.colour:
             entry.followup = _followup(PHOTO_FOLLOWUP, "colour", photo.colour, COLOUR_OPTIONS, "photo")
@@ -182,10 +194,25 @@ def write_eval_set(out: Path, n_scenes: int = 24, seed: int = 0, photos: bool = 
         if e.followup
     ]
     write_text_atomic(out / FOLLOWUP_FILE, "".join(json.dumps(f) + "\n" for f in followups))
+
+    asked = [
+        {
+            "question_id": e.image_id * 100 + k,
+            "image": e.file_name,
+            "category": e.category,
+            "kind": kind,
+            "instruction": instruction,
+            **dataclasses.asdict(e.truth),
+        }
+        for j, e in enumerate(entries)
+        for k, (kind, instruction) in enumerate(instruct.instructions(j, _INSTRUCT_PHRASINGS[e.category]))
+    ]
+    write_text_atomic(out / INSTRUCT_FILE, "".join(json.dumps(a) + "\n" for a in asked))
     return {
         "images": len(entries),
         "captions": len(captions),
         "vqa": len(questions),
         "pope": len(probes),
         "followup": len(followups),
+        "instruct": len(asked),
     }

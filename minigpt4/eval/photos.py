@@ -21,6 +21,14 @@ class Photo:
     objects: tuple[str, ...] = ()
     # The right answers to "What colour is it?" about the main object, each one of `COLOUR_OPTIONS`.
     colour: tuple[str, ...] = ()
+    # For open instructions (minigpt4/eval/instruct.py): one or two sentences of what the picture
+    # shows; further words that name its main object; every colour a careful viewer could name in
+    # it (a colour word not listed is invented); whether it shows people or animals.
+    facts: str = ""
+    also_named: tuple[str, ...] = ()
+    colours: tuple[str, ...] = ()
+    people: bool = False
+    animals: bool = False
 
 
 # The closed answer set of the photos' colour follow-up. "black and white" is one option (a reply
@@ -46,6 +54,23 @@ def _all(answer: str) -> tuple[str, ...]:
 PHOTOS: tuple[Photo, ...] = (
     Photo(
         "astronaut.png",
+        facts="The image is a photo of a smiling woman astronaut in an orange space suit. Behind her are an"
+        " American flag and a model of the space shuttle; her black helmet is in front of her.",
+        also_named=("woman", "suit"),
+        colours=(
+            "orange",
+            "white",
+            "black",
+            "blue",
+            "red",
+            "gray",
+            "silver",
+            "brown",
+            "gold",
+            "purple",
+            "beige",
+        ),
+        people=True,
         colour=("orange",),
         objects=("astronaut", "spacesuit", "space suit"),
         captions=(
@@ -63,6 +88,24 @@ PHOTOS: tuple[Photo, ...] = (
     ),
     Photo(
         "chelsea.png",
+        facts="The image is a close-up photo of the face of a brown tabby cat with green eyes, looking to"
+        " the side.",
+        also_named=("kitty",),
+        # light brown and ginger fur with dark stripes, white whiskers, green-yellow eyes, a pink nose
+        colours=(
+            "brown",
+            "orange",
+            "black",
+            "white",
+            "gray",
+            "green",
+            "yellow",
+            "gold",
+            "beige",
+            "pink",
+            "red",
+        ),
+        animals=True,
         colour=("brown",),  # light brown fur with dark stripes
         objects=("cat", "kitten", "tabby"),
         captions=(
@@ -79,6 +122,10 @@ PHOTOS: tuple[Photo, ...] = (
     ),
     Photo(
         "coffee.png",
+        facts="The image is a photo of a cup of espresso on a red saucer with a metal spoon, on a wooden"
+        " table.",
+        also_named=("mug", "saucer"),
+        colours=("red", "brown", "white", "silver", "gray", "black", "orange", "gold", "beige"),
         colour=("red", "brown"),  # a dark red cup and saucer, brown coffee
         objects=("coffee", "espresso", "cappuccino", "cup"),
         captions=(
@@ -96,6 +143,10 @@ PHOTOS: tuple[Photo, ...] = (
     ),
     Photo(
         "rocket.jpg",
+        facts="The image is a photo of a white rocket on its launch pad at dusk, standing between tall"
+        " lattice towers, with bright lights on the pad.",
+        also_named=("spacecraft", "launch pad"),
+        colours=("white", "blue", "black", "gray", "silver", "yellow", "orange", "gold"),
         colour=("white",),
         objects=("rocket", "missile", "space shuttle"),
         captions=(
@@ -112,6 +163,23 @@ PHOTOS: tuple[Photo, ...] = (
     ),
     Photo(
         "motorcycle_left.png",
+        facts="The image is a photo of a red and black motorcycle parked in a cluttered garage, in front"
+        " of shelves with boxes.",
+        also_named=("bike",),
+        # boxes in brown, orange and yellow, a green-grey bench, a blue tarp, a white wall
+        colours=(
+            "red",
+            "black",
+            "silver",
+            "gray",
+            "white",
+            "brown",
+            "orange",
+            "beige",
+            "yellow",
+            "green",
+            "blue",
+        ),
         colour=("red",),
         objects=("motorcycle", "motorbike", "moped", "scooter"),
         captions=(
@@ -129,6 +197,12 @@ PHOTOS: tuple[Photo, ...] = (
     ),
     Photo(
         "coins.png",
+        facts="The image is a black and white photo of old coins arranged in four rows on a dark background.",
+        also_named=("money",),
+        colours=("black", "white", "gray", "silver"),
+        # the coins carry heads and figures: a person or an animal on them is not invented
+        people=True,
+        animals=True,
         colour=("gray", "grey", "silver", "black and white"),  # grey-scale photo of silver coins
         objects=("coin",),
         captions=(
@@ -145,6 +219,11 @@ PHOTOS: tuple[Photo, ...] = (
     ),
     Photo(
         "camera.png",
+        facts="The image is a black and white photo of a man in a dark coat looking through a camera on"
+        " a tripod, on a lawn.",
+        also_named=("man", "cameraman", "photographer"),
+        colours=("black", "white", "gray", "silver"),
+        people=True,
         colour=("gray", "grey", "silver", "black and white"),  # grey-scale; a silver camera and tripod
         objects=("camera", "tripod"),
         captions=(

@@ -1,4 +1,4 @@
-"""`python -m minigpt4 eval`: caption, VQA, POPE or follow-up scores of a preset on a data set.
+"""`python -m minigpt4 eval`: caption, VQA, POPE, follow-up or open-instruction scores of a preset.
 
     python -m minigpt4 make-data eval --out data/eval          # the offline eval set
     python -m minigpt4 eval --cfg-path minigpt4_tiny_random --task pope --data data/eval
@@ -6,8 +6,11 @@
 `--data` is an eval-set folder (standard file names, images in `images/`) or a file: a COCO caption
 file, a VQAv2 questions file (with `--annotations`) or a POPE jsonl file; `--images` names the image
 folder. The follow-up task asks a first question, keeps the model's answer in the conversation and
-scores its answer to a second question by option accuracy. Answers are greedy, in batches. The results JSON records the scores, every prediction, the
-config, the data files with their digests and the git commit.
+scores its answer to a second question by option accuracy. The instruct task asks open instructions
+("Write a haiku about it.") and, in the same run, the upper bound: the preset's LLM without the image
+and without LoRA, told the image's facts (minigpt4/eval/instruct.py, upper_bound.py). Answers are
+greedy, in batches. The results JSON records the scores, every prediction, the config, the data files
+with their digests and the git commit.
 
 Under `torchrun --nproc_per_node N` (or `accelerate launch`) each process answers its share of the
 samples into a part beside `<out>.answers.jsonl` (a re-run redoes only unanswered samples); the
@@ -31,14 +34,15 @@ from tqdm import tqdm
 
 from minigpt4.commands.common import add_model_args, chat_from_args
 from minigpt4.commands.ranks import Rank, RankedJsonl, job_digest, read_rows
-from minigpt4.config import resolve_preset
+from minigpt4.config import load_eval_config, resolve_preset
 from minigpt4.errors import ConfigError, ImageError
-from minigpt4.eval import evalset
+from minigpt4.eval import evalset, instruct
 from minigpt4.eval.answer import BatchAnswerer
 from minigpt4.eval.data import (
     DataError,
     read_captions,
     read_followup,
+    read_instruct,
     read_pope,
     read_vqa,
     write_json,
@@ -56,6 +60,7 @@ from minigpt4.eval.metrics import (
     vqa_metrics,
 )
 from minigpt4.eval.provenance import git_state, sha256_file
+from minigpt4.eval.upper_bound import BareLLM, told_prompt
 
 log = logging.getLogger(__name__)
 
@@ -75,6 +80,8 @@ TASKS = {
     "pope": Task(VQA_PROMPT, 10, evalset.POPE_FILE),
     # The follow-up is asked as a person would ask it; the same cap holds for the first answer.
     "followup": Task("{question}", 40, evalset.FOLLOWUP_FILE),
+    # Open instructions want room: a story or a detailed description runs to 100–150 tokens.
+    "instruct": Task("{question}", 160, evalset.INSTRUCT_FILE),
 }
 
 
@@ -106,13 +113,16 @@ def load_samples(task: str, files: DataFiles) -> list:
         return read_vqa(files.data, files.annotations, files.images)
     if task == "followup":
         return read_followup(files.data, files.images)
+    if task == "instruct":
+        return read_instruct(files.data, files.images)
     return read_pope(files.data, files.images)
 
 
 def score(task: str, samples: Sequence, answers: Sequence, meteor: bool | None) -> tuple[dict, list[dict]]:
     """The task's metrics and one record per sample (its prediction beside the ground truth).
 
-    An answer is a string, or for `followup` a pair (first answer, follow-up answer).
+    An answer is a string, or for `followup` a pair (first answer, follow-up answer), for `instruct`
+    a pair (the model's answer, the upper bound's).
     """
     pairs = list(zip(samples, answers, strict=True))
     if task == "caption":
@@ -167,12 +177,46 @@ def score(task: str, samples: Sequence, answers: Sequence, meteor: bool | None) 
             }
             for s, first, followup in zip(samples, firsts, followups, strict=True)
         ]
+    elif task == "instruct":
+        metrics, records = _score_instruct(samples, answers)
     else:
         metrics = pope_metrics(answers, [s.label for s in samples], [s.category for s in samples])
         records = [
             _question_record(s, a, read_as=pope_answer(a), label=s.label, category=s.category)
             for s, a in pairs
         ]
+    return metrics, records
+
+
+def _score_instruct(samples: Sequence, answers: Sequence[tuple[str, str]]) -> tuple[dict, list[dict]]:
+    model_answers, upper_answers = zip(*answers, strict=True)
+    kinds = [s.kind for s in samples]
+    truths = [s.truth for s in samples]
+    images = [s.image for s in samples]
+    model = instruct.check_answers(kinds, model_answers, truths, images)
+    upper = instruct.check_answers(kinds, upper_answers, truths, images)
+    metrics = instruct.instruct_metrics(kinds, [s.category for s in samples], model, upper)
+    records = [
+        {
+            "question_id": s.question_id,
+            "image": s.image.name,
+            "category": s.category,
+            "kind": s.kind,
+            "held_out": s.kind in instruct.HELD_OUT,
+            "instruction": s.instruction,
+            "answer": answer,
+            **instruct.checks_record(checks),
+            "upper_bound": {
+                "prompt": told_prompt(s.truth.facts, s.instruction),
+                "answer": upper_answer,
+                **instruct.checks_record(upper_checks),
+            },
+            "truth": dataclasses.asdict(s.truth),
+        }
+        for s, answer, upper_answer, checks, upper_checks in zip(
+            samples, model_answers, upper_answers, model, upper, strict=True
+        )
+    ]
     return metrics, records
 
 
@@ -186,8 +230,22 @@ def _question_record(sample, answer: str, **truth: Any) -> dict[str, Any]:
     }
 
 
-def asker(task: str, answerer: BatchAnswerer, prompt: str) -> Callable[[Sequence], list]:
-    """The function that answers a batch of the task's samples (`prompt` formats their question)."""
+def asker(
+    task: str, answerer: BatchAnswerer, prompt: str, upper: BareLLM | None = None
+) -> Callable[[Sequence], list]:
+    """The function that answers a batch of the task's samples (`prompt` formats their question);
+    for `instruct`, each answer comes with the upper bound's (`upper`) to the same instruction."""
+    if task == "instruct":
+        if upper is None:
+            raise ValueError("the instruct task needs the upper bound's answerer")
+
+        def both(batch: Sequence) -> list[tuple[str, str]]:
+            asked = [prompt.format(question=s.instruction) for s in batch]
+            answers = answerer.answer([s.image for s in batch], asked)
+            told = upper.answer([s.truth.facts for s in batch], asked)
+            return list(zip(answers, told, strict=True))
+
+        return both
     if task == "followup":
         return lambda batch: answerer.answer_followups(
             [s.image for s in batch],
@@ -313,7 +371,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=int, help="score only the first N samples")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument(
-        "--max-new-tokens", type=int, help="answer length cap (default: 40 caption/followup, 10 vqa/pope)"
+        "--max-new-tokens",
+        type=int,
+        help="answer length cap (default: 40 caption/followup, 10 vqa/pope, 160 instruct)",
     )
     p.add_argument(
         "--prompt", help="instruction; {question} is replaced by the question (followup: the second one)"
@@ -355,10 +415,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.device = rank.device(args.device)
         chat = chat_from_args(args)  # loaded only once the inputs are known good
         answerer = BatchAnswerer(chat, max_new_tokens)
+        upper = None
+        if args.task == "instruct":
+            upper = BareLLM(chat, load_eval_config(cfg_file, args.options).model, max_new_tokens)
     except ConfigError as e:
         return _fail(str(e))
     out = args.out or Path("outputs") / "eval" / f"{chat.preset_name}_{args.task}.json"
-    ask = asker(args.task, answerer, prompt)
+    ask = asker(args.task, answerer, prompt, upper)
     if rank.world == 1:
         samples, answers, skipped = answer_all(ask, samples, args.batch_size)
     else:
@@ -388,7 +451,18 @@ def main(argv: Sequence[str] | None = None) -> int:
             "max_new_tokens": max_new_tokens,
             "batch_size": args.batch_size,
             "decoding": {"do_sample": False, "repetition_penalty": chat.defaults.repetition_penalty},
-        },
+        }
+        | (
+            {
+                "upper_bound": {
+                    "image": False,
+                    "lora": False,
+                    "prompt": told_prompt("{facts}", "{instruction}"),
+                }
+            }
+            if upper
+            else {}
+        ),
         "data": describe_data(files) | {"limit": args.limit},
         "git": git_state(),
         "seconds": round(time.time() - started, 1),
@@ -396,10 +470,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         "skipped": skipped,
     }
     write_json(out, results)
-    width = max(len(name) for name, _ in metric_rows(metrics))
     print(f"{args.task} on {files.data} ({len(samples)} samples), preset {chat.preset_name}")
-    for name, value in metric_rows(metrics):
-        print(f"  {name:<{width}}  {value}")
+    if args.task == "instruct":
+        print(instruct.table(metrics))
+    else:
+        width = max(len(name) for name, _ in metric_rows(metrics))
+        for name, value in metric_rows(metrics):
+            print(f"  {name:<{width}}  {value}")
     print(f"results: {out}")
     if skipped:
         print(f"{len(skipped)} samples skipped: their image could not be read (listed in the results)")
