@@ -102,7 +102,7 @@ def round_robin(ports: Sequence[int]) -> Iterator[int]:
             while data := await reader.read(65536):
                 writer.write(data)
                 await writer.drain()
-        except ConnectionError:
+        except (ConnectionError, asyncio.CancelledError):
             pass
         finally:
             writer.close()
@@ -162,7 +162,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--replicas", type=int, default=2, help="serve processes of the second setup (%(default)s)"
     )
     p.add_argument("--clients", type=int, default=8, help="concurrent clients (%(default)s)")
-    p.add_argument("--requests", type=int, default=6, help="requests per client (%(default)s)")
+    p.add_argument("--requests", type=int, default=20, help="requests per client (%(default)s)")
     p.add_argument("--max-tokens", type=int, default=48, help="answer length (%(default)s)")
     p.add_argument("--threads", type=int, default=1, help="torch threads per serve process (%(default)s)")
     args = p.parse_args(argv)
