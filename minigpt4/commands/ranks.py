@@ -169,11 +169,12 @@ class RankedJsonl:
         drop_torn_line(self.out)
         with self.out.open("a", encoding="utf-8") as f:
             f.writelines(json.dumps(row, ensure_ascii=False) + "\n" for row in merged)
+            f.flush()
+            os.fsync(f.fileno())  # on disk before the parts go: a crash here re-merges, never loses
         for path in parts:
             for extra in (path, path.with_name(path.name + ".done"), path.with_name(path.name + ".count")):
                 extra.unlink(missing_ok=True)
-        if parts:
-            log.info("merged %d rows from %d parts into %s", len(merged), len(parts), self.out)
+        log.info("merged %d rows from %d parts into %s", len(merged), len(parts), self.out)
         return len(merged)
 
 
