@@ -52,8 +52,16 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     check_model_args(parser, args)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # Gradio's start-up checks, a line each
     chat = chat_or_exit(args)
-    launch(chat, host=args.host, port=args.port, share=args.share, allowed_hosts=args.allowed_hosts)
+    demo = launch(
+        chat, host=args.host, port=args.port, share=args.share, allowed_hosts=args.allowed_hosts, block=False
+    )
+    print(f"MiniGPT-4 ({chat.preset_name}) is running on {demo.local_url}", flush=True)
+    if demo.share_url:
+        print(f"public link (for 1 week): {demo.share_url}", flush=True)
+    print("Press Ctrl+C to stop." + ("" if args.share else " (--share also serves it through a public link)"))
+    demo.block_thread()
 
 
 if __name__ == "__main__":

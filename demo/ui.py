@@ -139,5 +139,6 @@ def launch(
         prevent_thread_lock=not block,
         theme=gr.themes.Soft(),
         app_kwargs={"middleware": [Middleware(HostCheck, allowed=hosts)]},
+        quiet=True,  # Gradio's own lines name launch() arguments; app.py says where the app runs
     )
     return demo

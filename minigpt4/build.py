@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import warnings
 from importlib.util import find_spec
 from pathlib import Path
 
@@ -186,16 +187,17 @@ def build_model(cfg: ModelConfig, device: str | torch.device | None = None) -> M
     if cfg.lora is not None:
         from peft import LoraConfig, get_peft_model  # noqa: PLC0415
 
-        llm = get_peft_model(
-            llm,
-            LoraConfig(
-                r=cfg.lora.r,
-                lora_alpha=cfg.lora.alpha,
-                lora_dropout=cfg.lora.dropout,
-                target_modules=list(cfg.lora.target_modules),
-                task_type="CAUSAL_LM",
-            ),
+        lora = LoraConfig(
+            r=cfg.lora.r,
+            lora_alpha=cfg.lora.alpha,
+            lora_dropout=cfg.lora.dropout,
+            target_modules=list(cfg.lora.target_modules),
+            task_type="CAUSAL_LM",
         )
+        with warnings.catch_warnings():
+            # peft 0.21 asks transformers 5.24 a deprecated question; nothing a user can act on.
+            warnings.filterwarnings("ignore", "`is_gradient_checkpointing` is deprecated", FutureWarning)
+            llm = get_peft_model(llm, lora)
     torch.manual_seed(cfg.seed)
     model = MiniGPT4(vision, llm, tokenizer)
     model.llama_proj.to(device)

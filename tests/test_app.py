@@ -150,6 +150,31 @@ def test_app_names_an_unknown_preset(capsys) -> None:
     assert "no_such_preset" in capsys.readouterr().err
 
 
+@pytest.mark.slow
+def test_a_normal_start_prints_only_where_the_app_runs() -> None:
+    """No Gradio hint naming launch() arguments, no per-request httpx lines, no FutureWarning."""
+    port = free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "app.py", "--cfg-path", "minigpt4_tiny_random", "--port", str(port), "--threads", "1"],
+        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )  # fmt: skip
+    try:
+        lines = []
+        for line in proc.stdout:
+            lines.append(line)
+            if "Press Ctrl+C" in line:
+                break
+        assert httpx.get(f"http://127.0.0.1:{port}/").status_code == 200
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+    out = "".join(lines)
+    assert f"MiniGPT-4 (minigpt4_tiny_random) is running on http://127.0.0.1:{port}/" in out
+    assert "--share also serves it" in out
+    for noise in ("share=True", "launch()", "httpx", "Warning", "Traceback"):
+        assert noise not in out, out
+
+
 def test_space_front_matter_matches_the_project() -> None:
     front_matter = yaml.safe_load((ROOT / "README.md").read_text(encoding="utf-8").split("---")[1])
     pins = dict(
