@@ -55,7 +55,7 @@ def test_rank_comes_from_torchruns_environment(monkeypatch) -> None:
 def _run_rank(out: Path, rank: Rank, items: list[int], job: str, stop_after: int | None = None) -> None:
     """A job writing {"i", "sq"} for its share; `stop_after` rows and it "crashes" (no marker)."""
     ranked = RankedJsonl(out, rank, _key, job)
-    done = ranked.done_keys()
+    done = {_key(row) for row in read_rows(out)} | ranked.done_keys()
     todo = [i for i in rank.share(items) if i not in done]
 
     class Crash(Exception):

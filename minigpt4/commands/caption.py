@@ -3,8 +3,9 @@
 Writes one JSON line per image ({"image", "caption", "prompt", "preset"}), flushed as each is
 done. Re-running with the same --out skips images already described, so an interrupted run
 continues where it stopped. Under `torchrun --nproc_per_node N` (or `accelerate launch`) each
-process captions its share into a part beside --out, and the first merges them into --out. Only JSON lines go to standard output; progress (one step per image),
-messages and errors go to standard error. Unreadable images are reported and skipped; the exit
+process captions its share into a part beside --out, and the first merges them into --out. Only
+JSON lines go to standard output; progress (one step per image), messages and errors go to
+standard error. Unreadable images are reported and skipped; the exit
 status is then 1. A wrong flag, preset, `--options` key, device, `--out` or checkpoint stops the
 command before any image is read, with one line naming it and exit status 2.
 """
@@ -72,11 +73,11 @@ def image_key(row: dict) -> Path | None:
         return None
 
 
-def _other_job(out: Path, prompt: str, preset: str) -> str | None:
-    """Why the rows already in `out` cannot be resumed by this run (None when they can): they were
+def _other_job(out: Path, rows: Iterable[dict], prompt: str, preset: str) -> str | None:
+    """Why the `rows` already in `out` cannot be resumed by this run (None when they can): they were
     made with another prompt or preset, so skipping their images would keep answers to another
     question."""
-    for row in read_rows(out):
+    for row in rows:
         made = (row.get("prompt"), row.get("preset"))
         if made != (prompt, preset):
             return (
@@ -102,7 +103,7 @@ def check_out(out: Path | None) -> str | None:
     except OSError as exc:
         return f"--out {out}: cannot be written ({exc.strerror or exc})"
     if not existed:
-        out.unlink()
+        out.unlink(missing_ok=True)  # the other ranks of a job try the same file at the same time
     return None
 
 
@@ -139,7 +140,8 @@ def main(argv: list[str]) -> int:
     images = find_images(args.images)
     if not images:
         parser.error(f"no image files in {' '.join(args.images)}")
-    if args.out is not None and (problem := _other_job(args.out, args.prompt, cfg.name)):
+    written = read_rows(args.out) if args.out is not None else []
+    if problem := _other_job(args.out, written, args.prompt, cfg.name):
         parser.error(problem)
     rank = Rank.from_env()
     if rank.world > 1 and args.out is None:
@@ -148,11 +150,11 @@ def main(argv: list[str]) -> int:
         return _caption(args, images, images, None, rank)
     job = job_digest([str(p) for p in images], args.prompt, args.cfg_path, args.options, rank.world)
     ranked = RankedJsonl(args.out, rank, image_key, job)
-    in_out = {image_key(row) for row in read_rows(args.out)}
+    in_out = {image_key(row) for row in written}
     pending = [p for p in images if _identity(p) not in in_out]
     if len(pending) < len(images):
         log.info("%d of %d images already in %s: skipped", len(images) - len(pending), len(images), args.out)
-    done = ranked.done_keys()
+    done = in_out | ranked.done_keys()
     todo = [p for p in rank.share(images) if _identity(p) not in done]
     failed = _caption(args, pending, todo, ranked, rank)
     if rank.main:  # alone too: rows a job of several processes left in parts join --out

@@ -102,12 +102,11 @@ class RankedJsonl:
     def _count_file(self, rank: int) -> Path:
         return self.part(rank).with_name(self.part(rank).name + ".count")
 
-    def done_keys(self, in_output: bool = True) -> set[Hashable]:
-        """Inputs already written: in the output (unless `in_output` is False: a caller that judges
-        the output's rows itself), in this rank's part, and in parts a run with another number of
-        processes left behind (no rank of this run writes those)."""
-        files = [self.out] if in_output else []
-        files += [self.part()] + [p for p in self._parts() if _is_stale_part(p, self.rank.world)]
+    def done_keys(self) -> set[Hashable]:
+        """Inputs already written to parts: this rank's, and those a run with another number of
+        processes left behind (no rank of this run writes those). The caller judges the output's
+        own rows, which it reads anyway."""
+        files = [self.part()] + [p for p in self._parts() if _is_stale_part(p, self.rank.world)]
         return {self.key(row) for path in files for row in read_rows(path)}
 
     @contextmanager

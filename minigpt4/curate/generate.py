@@ -140,7 +140,7 @@ def generate(
     rank = rank or Rank()
     in_out = set(latest_by_id(read_jsonl(work.generate)))
     ranked = RankedJsonl(work.generate, rank, lambda record: record.get("image_id"), job)
-    done = ranked.done_keys()
+    done = in_out | ranked.done_keys()
     counts = {"already_done": 0, "described": 0, "errors": 0}
     order: list[str] = []
     chat = None

@@ -318,7 +318,7 @@ def run(args: argparse.Namespace, work: WorkDir) -> int:
     rank = Rank.from_env()
     job = job_digest([(item["image_id"], item["raw"]) for item in pending], vars(args), rank.world)
     ranked = RankedJsonl(work.refine, rank, _refine_key, job)
-    done = ranked.done_keys(in_output=False)  # pending_items judged the output (--retry-failed)
+    done = ranked.done_keys()  # pending_items judged the output (and --retry-failed)
     items = [item for item in rank.share(pending) if _refine_key(item) not in done]
     log.info("%s: %d of %d descriptions to refine", rank.name, len(items), len(pending))
     with ranked.rows(len(pending), "refine", "text") as out:

@@ -296,9 +296,9 @@ def answer_ranked(
     """`answer_all` over processes: this rank answers its share into its part; the first rank
     merges every part and returns all the answers (in sample order); the others return None."""
     rank = ranked.rank
-    done = ranked.done_keys()
-    mine = [i for i in rank.share(range(len(samples))) if i not in done]
     in_out = {row.get("index") for row in read_rows(ranked.out)}
+    done = in_out | ranked.done_keys()
+    mine = [i for i in rank.share(range(len(samples))) if i not in done]
     log.info("%s: %d of %d samples to answer", rank.name, len(mine), len(samples))
     started = time.perf_counter()
     with ranked.rows(len(samples) - len(in_out), "answering", "q") as sink:

@@ -39,6 +39,7 @@ log = logging.getLogger(__name__)
 
 _BASE64_ALPHABET = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/="
 _SCAN_CHUNK = 2**20
+_SCHEME = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*):")  # RFC 3986
 _DATA_URL = re.compile(
     r"(?i:data):(?P<mime>[\w.+-]+/[\w.+-]+)?(?P<params>(;[^;,]*)*?);base64,(?P<data>.*)", re.S
 )
@@ -197,12 +198,17 @@ async def fetch_image(url: str, policy: ImagePolicy) -> bytes:
 
 
 def _scheme(url: str) -> str:
-    """The URL's scheme, lower case (schemes are case-insensitive); a URL that does not parse is
-    the client's error (`http://[::1` makes urlparse raise)."""
-    try:
-        return urlparse(url).scheme.lower()
-    except ValueError as e:
-        raise ImageError("the image URL is not a valid URL") from e
+    """The URL's scheme, lower case (schemes are case-insensitive). Read from its first characters,
+    so a data: URL of many megabytes is not copied to find it; an http(s) or file URL that does not
+    parse is the client's error (`http://[::1` makes urlparse raise)."""
+    match = _SCHEME.match(url)
+    scheme = match[1].lower() if match else ""
+    if scheme in ("http", "https", "file"):
+        try:
+            urlparse(url)
+        except ValueError as e:
+            raise ImageError("the image URL is not a valid URL") from e
+    return scheme
 
 
 def replay(
