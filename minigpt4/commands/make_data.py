@@ -3,6 +3,8 @@
 `make-data train` writes what the tiny training configs read (see minigpt4/data/make.py).
 `make-data eval` writes the offline eval set (see minigpt4/eval/evalset.py) to data/eval/.
 `make-data lite` writes the lite bridge's training data (see minigpt4/lite/data.py).
+`make-data lite-teach` writes the teacher-answered open instructions (see minigpt4/lite/teach.py).
+`make-data lite-mix` puts several stage-2 sets into one, with its features (see minigpt4/lite/mix.py).
 Every file is written to a temporary name and renamed, so an interrupted run leaves no half file.
 """
 
@@ -16,6 +18,8 @@ from pathlib import Path
 from minigpt4.data.make import write_cc_sbu_align, write_shards
 from minigpt4.eval.evalset import write_eval_set
 from minigpt4.lite.data import add_parser as add_lite_parser
+from minigpt4.lite.mix import add_parser as add_mix_parser
+from minigpt4.lite.teach import add_parser as add_teach_parser
 
 
 def make_train(args: argparse.Namespace) -> int:
@@ -58,6 +62,8 @@ def build_parser() -> argparse.ArgumentParser:
     evalset.add_argument("--no-photos", action="store_true", help="leave out scikit-image's photos")
     evalset.set_defaults(run=make_eval)
     add_lite_parser(sets)
+    add_teach_parser(sets)
+    add_mix_parser(sets)
     return parser
 
 

@@ -21,6 +21,7 @@ import os
 import random
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -39,9 +40,27 @@ REFINE_PROMPT = (
 FATAL_STATUS = (401, 403, 404)
 
 
-def refine_messages(paragraph: str) -> list[dict[str, str]]:
-    """The chat messages that ask for one paragraph to be refined."""
-    return [{"role": "user", "content": f"{REFINE_PROMPT}\n\n{paragraph}"}]
+# With `--facts`: what is known of the image, after the paper's prompt, so that the refine step also
+# corrects what the stage-1 model got wrong (the data's provenance must say so).
+FACTS_PROMPT = "These facts about the image are correct; fix any sentence that contradicts them: {facts}"
+
+
+def refine_messages(paragraph: str, facts: str | None = None) -> list[dict[str, str]]:
+    """The chat messages that ask for one paragraph to be refined (against the image's facts, if known)."""
+    prompt = f"{REFINE_PROMPT} {FACTS_PROMPT.format(facts=facts)}" if facts else REFINE_PROMPT
+    return [{"role": "user", "content": f"{prompt}\n\n{paragraph}"}]
+
+
+def read_facts(path: Path) -> dict[str, str]:
+    """{image_id: facts} from a JSONL file of {"image_id", "facts"} rows."""
+    if not path.is_file():
+        raise CurateError(f"--facts {path}: no such file")
+    facts = {}
+    for n, row in enumerate(read_jsonl(path), 1):
+        if not isinstance(row.get("image_id"), str) or not isinstance(row.get("facts"), str):
+            raise CurateError(f"{path}: row {n} needs a string image_id and facts")
+        facts[row["image_id"]] = row["facts"]
+    return facts
 
 
 class TransientError(Exception):
@@ -224,9 +243,11 @@ async def refine_remote(
                 "raw": item["raw"],
                 "backend": "openai",
                 "model": client.model,
+                **({"facts": item["facts"]} if item.get("facts") else {}),
             }
             try:
-                record["refined"], record["attempts"] = await client.complete(refine_messages(item["raw"]))
+                messages = refine_messages(item["raw"], item.get("facts"))
+                record["refined"], record["attempts"] = await client.complete(messages)
             except TransientError as e:
                 log.warning("%s: %s; left for the next run", item["image_id"], e)
                 counts["left_for_next_run"] += 1
@@ -261,7 +282,7 @@ def refine_local(
     """Refine `items` with a local model, writing the records of each batch as it finishes."""
     for start in range(0, len(items), batch_size):
         batch = items[start : start + batch_size]
-        replies = model.complete_batch([refine_messages(item["raw"]) for item in batch])
+        replies = model.complete_batch([refine_messages(item["raw"], item.get("facts")) for item in batch])
         for item, reply in zip(batch, replies, strict=True):
             out.write(
                 {
@@ -270,6 +291,7 @@ def refine_local(
                     "refined": reply,
                     "backend": "local",
                     "model": model.name,
+                    **({"facts": item["facts"]} if item.get("facts") else {}),
                 }
             )
         out.advance(len(batch))
@@ -306,12 +328,24 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--retry-failed", action="store_true", help="try again the items recorded with an error"
     )
+    parser.add_argument(
+        "--facts",
+        type=Path,
+        default=None,
+        help='a JSONL file of {"image_id", "facts"}: what is known of each image, given to the LLM to correct against',
+    )
 
 
 def run(args: argparse.Namespace, work: WorkDir) -> int:
     """`curate refine`: rewrite the generated descriptions with a chat LLM."""
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one INFO line per request drowns the progress bar
     pending = pending_items(work, args.retry_failed)
+    if args.facts is not None:
+        facts = read_facts(args.facts)
+        pending = [
+            {**item, "facts": facts[item["image_id"]]} if item["image_id"] in facts else item
+            for item in pending
+        ]
     if not pending:
         print(f"refine: nothing to do → {work.refine}")
         return 0

@@ -45,6 +45,9 @@ class BareLLM:
 
     def answer(self, facts: Sequence[str], instructions: Sequence[str]) -> list[str]:
         """One answer per (facts, instruction) pair, asked with no image."""
-        prompts = [told_prompt(f, i) for f, i in zip(facts, instructions, strict=True)]
+        return self.answer_prompts([told_prompt(f, i) for f, i in zip(facts, instructions, strict=True)])
+
+    def answer_prompts(self, prompts: Sequence[str]) -> list[str]:
+        """One answer per text prompt, asked with no image."""
         with self._adapters_off() if self._adapters_off else contextlib.nullcontext():
             return self.answerer.answer_texts(prompts)

@@ -1,0 +1,207 @@
+"""The lite model's stage-2 mixture: teacher answers kept by the instruct rules, replay, and the mix."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import pytest
+
+from minigpt4.commands.make_data import main as make_data
+from minigpt4.eval import instruct
+from minigpt4.lite import mix, teach
+
+
+def _images(tmp_path: Path, seed: int = 0, scenes: int = 4, classes: int = 8) -> teach.TeachImages:
+    return teach.make_images(random.Random(seed), scenes, classes, tmp_path / "image")
+
+
+def test_training_instructions_leave_out_the_held_out_kinds_and_never_use_an_eval_phrasing() -> None:
+    phrasings = [p for ps in teach.TRAIN_KINDS.values() for p in ps]
+    assert len(phrasings) >= 40 and len(set(phrasings)) == len(phrasings)
+    eval_phrasings = {p for kind in instruct.KINDS for p in kind.phrasings}
+    assert not set(phrasings) & eval_phrasings
+    assert not set(teach.TRAIN_KINDS) & set(instruct.HELD_OUT)
+    scored = set(teach.TRAIN_KINDS) & set(instruct.KIND_NAMES)
+    assert len(scored) >= 8 and set(teach.TRAIN_KINDS) - scored  # also kinds the eval does not score
+    # Replay asks nothing of the held-out kinds either (no haiku, advert or question).
+    assert not any(word in t.lower() for t in teach.REPLAY_TASKS for word in ("haiku", "advert", "slogan"))
+
+
+def test_class_facts_name_the_class_hedge_when_unsure_and_name_only_a_shown_colour() -> None:
+    sure = teach.class_truth(285, 0.9, "orange")  # Egyptian cat
+    assert sure.facts.startswith("The image shows ") and sure.facts.endswith(" It is mostly orange.")
+    assert sure.colours == ("orange",) and sure.animals and not sure.people
+    assert "cat" in sure.objects
+    unsure = teach.class_truth(948, 0.2, None)  # Granny Smith
+    assert unsure.facts == "The image seems to show a Granny Smith." and unsure.colours == ()
+    assert not unsure.animals
+
+
+def test_plan_asks_different_kinds_per_image_and_no_colours_of_an_image_without_colour(
+    tmp_path: Path,
+) -> None:
+    images = _images(tmp_path, scenes=6, classes=30)
+    asked = teach.plan(images, random.Random(1), n_replay=10)
+    per_image: dict[str, list[str]] = {}
+    for a in asked:
+        if a.kind != "replay":
+            per_image.setdefault(a.image_id, []).append(a.kind)
+            assert a.instruction in teach.TRAIN_KINDS[a.kind] and a.facts == a.truth.facts
+    assert set(per_image) == set(images.truths)
+    assert all(len(kinds) == teach.PER_IMAGE == len(set(kinds)) for kinds in per_image.values())
+    for image_id, kinds in per_image.items():
+        if not images.truths[image_id].colours:
+            assert "colours" not in kinds
+    replay = [a for a in asked if a.kind == "replay"]
+    assert len(replay) == 10 and all(a.facts == "" and a.truth is None for a in replay)
+    # The annotations carry what the feature writer needs: a class example's top-5 and its pictures.
+    for image_id, annotation in images.annotations.items():
+        if image_id.startswith("tclass"):
+            assert len(annotation["classes"]) == 5
+            for key in ("cells", "colour"):
+                assert annotation[key] is None or (tmp_path / "image" / f"{annotation[key]}.jpg").exists()
+            assert (annotation["colour"] is None) == (images.truths[image_id].colours == ())
+        else:
+            assert (tmp_path / "image" / f"{image_id}.jpg").exists()
+
+
+def test_kept_answers_pass_every_rule_and_talk_about_the_picture_not_the_facts() -> None:
+    truth = instruct.Truth("The image shows a red apple.", ("apple",), ("red",), False, False)
+    asked = [teach.Asked(f"a/{n}", "a", kind, "…", truth.facts, truth) for n, kind in enumerate(
+        ["poem", "title", "story", "mood", "colours"]
+    )]  # fmt: skip
+    answers = [
+        "A red apple in the sun,\nIts skin so round and bright,\nA snack for everyone.",  # kept
+        "The Apple That a Man Forgot",  # invents a man
+        "Based on the description you gave, the apple was red. It sat there. It waited.",  # meta
+        "Calm and fresh: this apple feels like a quiet autumn morning.",  # kept (a kind the eval lacks)
+        "It is blue.",  # invents a colour, names none shown
+    ]
+    rows = teach.keep(asked, answers)
+    assert [r["passed"] for r in rows] == [True, False, False, True, False]
+    assert rows[1]["invented"] == ["man"] and rows[2]["meta"] and rows[4]["invented"] == ["blue"]
+    # A replay answer only needs to be a real answer.
+    replay = teach.Asked("a/r0", "a", "replay", "Write a short poem about snow.", "", None)
+    assert [r["passed"] for r in teach.keep([replay, replay], ["Snow falls softly on the town.", "Ok."])] == [
+        True,
+        False,
+    ]
+
+
+def test_teacher_is_asked_each_instruction_once_and_a_rerun_asks_only_what_is_missing(tmp_path: Path) -> None:
+    images = _images(tmp_path)
+    asked = teach.plan(images, random.Random(2), n_replay=4)
+    prompts_seen: list[str] = []
+
+    def answer(prompts):
+        prompts_seen.extend(prompts)
+        return [
+            f"A picture of a circle, a square, number {len(prompts_seen) - len(prompts) + i}."
+            for i in range(len(prompts))
+        ]
+
+    out = tmp_path / "answers.jsonl"
+    first = teach.teach(answer, asked[:7], out, batch_size=4)
+    assert len(first) == 7 and len(prompts_seen) == 7
+    # The facts come first, in the instruct eval's upper-bound words; replay is asked bare.
+    by_prompt = dict(zip(prompts_seen, asked[:7], strict=True))
+    for prompt, a in by_prompt.items():
+        assert prompt == (f"{a.facts} {a.instruction}" if a.facts else a.instruction)
+    with out.open("a") as f:
+        f.write('{"key": "torn')  # a kill mid-line
+    rows = teach.teach(answer, asked, out, batch_size=4)
+    assert len(prompts_seen) == len(asked) and set(rows) == {a.key for a in asked}
+    # The set holds one example per image with kept answers, the rest of them as turns.
+    counts = teach.write_set(images, asked, rows, tmp_path)
+    annotations = json.loads((tmp_path / "filter_cap.json").read_text())["annotations"]
+    kept = {k for k, r in rows.items() if r["passed"]}
+    assert (
+        sum(1 + len(a["turns"]) for a in annotations) == len(kept) == sum(c["kept"] for c in counts.values())
+    )
+    assert sum(c["asked"] for c in counts.values()) == len(asked)
+
+
+def test_make_data_lite_teach_no_ask_rebuilds_the_same_images_and_set(tmp_path: Path) -> None:
+    out = tmp_path / "teach"
+    argv = [
+        "lite-teach",
+        "--out",
+        str(out),
+        "--scenes",
+        "3",
+        "--classes",
+        "4",
+        "--replay",
+        "2",
+        "--describe",
+        "2",
+    ]
+    rng = random.Random(8000)  # the command's default seed: the same images and instructions
+    images = teach.make_images(rng, 3, 4, tmp_path / "probe")
+    asked = teach.plan(images, rng, 2)
+    out.mkdir()
+    rows = [{"key": a.key, "kind": a.kind, "answer": "x", "passed": False} for a in asked]
+    (out / "answers.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert make_data([*argv, "--no-ask"]) == 0
+    first = sorted(p.name for p in (out / "cc_sbu_align" / "image").iterdir())
+    assert len(first) >= 3 and len(list((out / "describe").iterdir())) == 2
+    facts = [json.loads(line) for line in (out / "describe_facts.jsonl").read_text().splitlines()]
+    assert [f["image_id"] for f in facts] == ["d00000", "d00001"] and all(f["facts"] for f in facts)
+    counts = json.loads((out / "counts.json").read_text())
+    assert sum(c["asked"] for c in counts.values()) == len(asked)
+
+
+def _set(folder: Path, annotations: list[dict], pictures: list[str]) -> Path:
+    (folder / "image").mkdir(parents=True)
+    for name in pictures:
+        (folder / "image" / f"{name}.jpg").write_bytes(b"jpeg " + name.encode())
+    (folder / "filter_cap.json").write_text(json.dumps({"annotations": annotations}))
+    return folder
+
+
+def test_mix_prefixes_ids_repeats_and_gives_curated_descriptions_an_instruction(tmp_path: Path) -> None:
+    closed = _set(
+        tmp_path / "closed",
+        [
+            {"image_id": "00001", "instruction": "What colour is it?", "caption": "Red.", "turns": []},
+            {"image_id": "class00001", "instruction": "What is this?", "caption": "A cat.", "classes": [[1, 0.9]],
+             "cells": "00001", "colour": "blob00001"},
+        ],
+        ["00001", "blob00001"],
+    )  # fmt: skip
+    curated = _set(tmp_path / "curated", [{"image_id": "00001", "caption": "A long description."}], ["00001"])
+    counts = mix.mix(
+        [mix.Source("closed", closed), mix.Source.parse(f"curated={curated}*2")], tmp_path / "out", seed=0
+    )
+    assert counts == {"closed": 2, "curated": 2}
+    rows = {
+        a["image_id"]: a
+        for a in json.loads((tmp_path / "out" / "filter_cap.json").read_text())["annotations"]
+    }
+    assert set(rows) == {"closed-00001", "closed-class00001", "curated-00001", "curated-00001-1"}
+    assert rows["closed-class00001"]["cells"] == "closed-00001"
+    assert rows["closed-class00001"]["colour"] == "closed-blob00001"
+    for key in ("curated-00001", "curated-00001-1"):
+        assert rows[key]["instruction"] in mix.DETAIL_INSTRUCTIONS and rows[key]["source"] == "curated"
+    images = tmp_path / "out" / "image"
+    # Same-named pictures of two sources stay apart; a repeat reads its source's picture.
+    assert (images / "closed-00001.jpg").read_bytes() == (images / "curated-00001.jpg").read_bytes()
+    assert (images / "curated-00001-1.jpg").exists() and (images / "closed-blob00001.jpg").exists()
+
+
+@pytest.mark.parametrize(
+    "text", ["nodata", "Closed=x", "a=x*0", "=x"]
+)  # fmt: skip
+def test_a_bad_source_is_refused(text: str) -> None:
+    with pytest.raises(ValueError, match="expected NAME=PATH"):
+        mix.Source.parse(text)
+
+
+def test_make_data_lite_mix_names_a_broken_source(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "filter_cap.json").write_text("{not json")
+    assert make_data(["lite-mix", "--source", f"teach={broken}", "--out", str(tmp_path / "out")]) == 2
+    assert "teach:" in capsys.readouterr().err
