@@ -9,6 +9,7 @@ has a section numbered N; in a markdown file the sign alone means a section of t
 from __future__ import annotations
 
 import re
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -128,3 +129,21 @@ def test_the_checks_catch_what_they_should(tmp_path: Path) -> None:
 def test_the_readme_is_short() -> None:
     lines = (ROOT / "README.md").read_text(encoding="utf-8").count("\n")
     assert lines <= README_MAX_LINES, f"README.md has {lines} lines; move detail into docs/"
+
+
+def test_every_tracked_file_over_10_mb_goes_through_the_space_upload_path() -> None:
+    """The Hub refuses a pushed file over 10 MB outside Git LFS; docs/space.md uploads with `hf upload`
+    (the Hub stores large files through LFS itself) and must name each such file."""
+    tracked = (
+        subprocess.run(["git", "ls-files", "-z"], cwd=ROOT, capture_output=True, check=True)
+        .stdout.decode()
+        .split("\0")
+    )
+    large = [
+        name
+        for name in tracked
+        if name and (ROOT / name).is_file() and (ROOT / name).stat().st_size > 10_000_000
+    ]
+    page = (ROOT / "docs" / "space.md").read_text(encoding="utf-8")
+    assert "hf upload <owner>/<space> . --repo-type space" in page
+    assert [name for name in large if name not in page] == []
