@@ -26,7 +26,7 @@ log = logging.getLogger(__name__)
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
-# EVA ViT-g/14 as BLIP-2 uses it: 39 blocks (the 40th is dropped: "penultimate" features).
+# EVA ViT-g/14 as BLIP-2 uses it (docs/method.md §2): 39 blocks (the 40th is dropped: "penultimate" features).
 EVA_VIT_G = dict(
     hidden_size=1408,
     intermediate_size=6144,

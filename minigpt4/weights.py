@@ -170,7 +170,7 @@ def hf_blip2_to_ours(tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Ten
     return out
 
 
-# --- BLIP-2 in the original LAVIS layout --------------------------------------------------------
+# --- BLIP-2 in the original LAVIS layout (the key map: docs/method.md §2) ----------------------
 
 _VIT_RENAMES = [
     (r"^cls_token$", "embeddings.class_embedding"),

@@ -11,6 +11,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
@@ -36,25 +37,18 @@ CHROMIUM_ARGS = [
 START_TIMEOUT_S = 240
 CAT, QUESTION = example_rows()[0]
 COFFEE = example_rows()[1][0]
+SCREENSHOT_ENV = "MINIGPT4_SCREENSHOT"  # where to save the README's screenshot, from the repository root
 
 pytestmark = pytest.mark.slow
 expect.set_options(timeout=30_000)  # generous: CI machines are shared
 
 
-@pytest.fixture(scope="module")
-def app_url(tmp_path_factory) -> Iterator[str]:
-    """`python app.py` serving the tiny preset on a free port, as a user would start it."""
+@contextmanager
+def _serve_app(cfg_path: str, log_path: Path) -> Iterator[str]:
+    """`python app.py --cfg-path CFG_PATH` on a free port, as a user would start it; its URL."""
     port = free_port()
-    log_path = tmp_path_factory.mktemp("app") / "app.log"
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "GRADIO_ANALYTICS_ENABLED": "False"}
-    command = [
-        sys.executable,
-        "app.py",
-        "--cfg-path",
-        "eval_configs/minigpt4_tiny_random.yaml",
-        "--port",
-        str(port),
-    ]
+    command = [sys.executable, "app.py", "--cfg-path", cfg_path, "--port", str(port)]
     with log_path.open("w") as log:
         server = subprocess.Popen(command, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}/"
@@ -68,6 +62,14 @@ def app_url(tmp_path_factory) -> Iterator[str]:
     finally:
         server.terminate()
         server.wait(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def app_url(tmp_path_factory) -> Iterator[str]:
+    """The app on the tiny preset."""
+    log_path = tmp_path_factory.mktemp("app") / "app.log"
+    with _serve_app("eval_configs/minigpt4_tiny_random.yaml", log_path) as url:
+        yield url
 
 
 def _answers(url: str) -> bool:
@@ -144,3 +146,25 @@ def test_chat_in_the_browser(page: Page) -> None:
     expect(page.locator("#chat-status")).to_contain_text("restarted")
     expect(page.get_by_test_id("bot")).to_have_count(0)
     expect(page.locator("#chatbot img")).to_have_count(0)
+
+
+@pytest.mark.skipif(not os.environ.get(SCREENSHOT_ENV), reason=f"set {SCREENSHOT_ENV}=PATH to take it")
+def test_screenshot_of_the_default_preset(browser: Browser, tmp_path: Path) -> None:
+    """The README's picture: the default preset answering the first example, saved at $MINIGPT4_SCREENSHOT."""
+    with _serve_app("minigpt4_lite", tmp_path / "app.log") as url:
+        page = browser.new_page(viewport={"width": 1280, "height": 900})
+        page.goto(url, wait_until="domcontentloaded")
+        expect(page.locator("#model-status")).to_contain_text("minigpt4_lite")
+        page.get_by_text(QUESTION).click()
+        page.locator("#message textarea").press("Enter")
+        answer = page.get_by_test_id("bot").last
+        expect(answer).to_contain_text("cat", timeout=120_000)  # the example is scikit-image's cat
+        text = ""
+        while text != (text := answer.inner_text()):  # streamed: wait until it stops growing
+            time.sleep(2)
+        path = ROOT / os.environ[SCREENSHOT_ENV]
+        path.parent.mkdir(parents=True, exist_ok=True)
+        page.evaluate("window.scrollTo(0, 0)")  # clicking the example scrolled down to it
+        page.screenshot(path=path)
+        page.close()
+    assert path.stat().st_size > 10_000

@@ -2,7 +2,7 @@
 
 Each test here guards one difference a desk check against the original code found (precision,
 which weights load, checkpoint layout, prompt token ids, load-time errors and memory). The real
-release weights are never available to the tests: see the README for what only they can show.
+release weights are never available to the tests: docs/original.md says what only they can show.
 """
 
 from __future__ import annotations
@@ -343,12 +343,12 @@ def test_prompt_token_ids_match_the_originals_llama_tokenizer(llama_tokenizer_di
     assert model.tokenize_prompt(prompt, 1) == _original_ids(sp, prompt, model.n_image_tokens)
 
 
-# --- the README's memory table -----------------------------------------------------------------------
+# --- the memory table of docs/original.md ---------------------------------------------------------
 
 CUDA_CONTEXT_GB = 0.5
 
 
-def test_the_readmes_memory_table_adds_up():
+def test_the_memory_table_adds_up():
     """Weights (LLM fp16 or 8-bit, fp16 ViT, fp32 Q-Former), CUDA context, and KV at 2,000 tokens."""
     from transformers import (
         Blip2QFormerConfig,
@@ -394,7 +394,7 @@ def test_the_readmes_memory_table_adds_up():
     }
     rows = {
         line.split("|")[1]: [float(re.search(r"([\d.]+) GB", cell).group(1)) for cell in line.split("|")[2:6]]
-        for line in (ROOT / "README.md").read_text(encoding="utf-8").splitlines()
+        for line in (ROOT / "docs" / "original.md").read_text(encoding="utf-8").splitlines()
         if line.startswith("| `minigpt4_") and line.count("GB") >= 4
     }
     checked = set()

@@ -1,4 +1,6 @@
-"""Stage-2 data curation, the paper's five steps: `python -m minigpt4 curate generate|refine|filter|review|export`.
+"""Stage-2 data curation, the paper's five steps (docs/method.md §5): `python -m minigpt4 curate …`.
+
+The steps: `generate`, `refine`, `filter`, `review`, `export`.
 
 All steps share one work folder (`--work`) holding one JSONL file per step; each step reads the
 previous step's file, skips what it already did, and appends as it goes, so any step can be

@@ -1,4 +1,4 @@
-"""Step 5: approved records → the `cc_sbu_align` layout that stage-2 training reads.
+"""Step 5: approved records → the `cc_sbu_align` layout that stage-2 training reads (docs/method.md §4).
 
     OUT/filter_cap.json   {"annotations": [{"image_id": …, "caption": …}, …]}
     OUT/image/{image_id}.jpg

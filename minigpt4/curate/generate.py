@@ -1,4 +1,4 @@
-"""Step 1: describe every image with the stage-1 model, the paper's way.
+"""Step 1: describe every image with the stage-1 model, the paper's way (docs/method.md §5).
 
 Under `torchrun` / `accelerate launch` each process describes its share (`minigpt4.commands.ranks`).
 The model is asked the paper's prompt; while the joined answer has fewer than `min_words` words it is

@@ -1,4 +1,4 @@
-"""Step 2: rewrite each description with a chat LLM and the paper's refine prompt.
+"""Step 2: rewrite each description with a chat LLM and the paper's refine prompt (docs/method.md §5).
 
 Two backends: any OpenAI-compatible chat-completions endpoint (`--base-url`), or a local
 transformers chat model (`--local-model`). The raw and the refined text are kept side by side.

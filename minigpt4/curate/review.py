@@ -1,4 +1,4 @@
-"""Step 4: the paper's manual check, a Gradio page.
+"""Step 4: the paper's manual check (docs/method.md §5), a Gradio page.
 
 The image beside its refined description, editable in place; approve or reject with a button or a
 key; "n of N" progress; a view of undecided, approved, rejected or all records. Every decision or

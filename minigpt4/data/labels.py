@@ -1,4 +1,4 @@
-"""Token sequences and labels for the two training stages, in the original's formats.
+"""Token sequences and labels for the two training stages, in the original's formats (docs/method.md §4).
 
 Stage 1: BOS, the image positions, then `caption + "\\n"` (at most 32 tokens); no prompt.
 Stage 2: the template's prompt with the image (`###Human: <Img><ImageHere></Img> {instruction}

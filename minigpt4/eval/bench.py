@@ -470,7 +470,7 @@ def settings_line(args: argparse.Namespace) -> str:
     return (
         f"bench settings: --threads {args.threads} --repeats {args.repeats} --turns {args.turns} "
         f"--answer-tokens {args.answer_tokens} --decode-tokens {args.decode_tokens}, second start {start} "
-        "(steadier figures: --repeats 3, and --threads N on an idle machine; see README, Performance)"
+        "(steadier figures: --repeats 3, and --threads N on an idle machine; see docs/performance.md)"
     )
 
 

@@ -257,7 +257,7 @@ def _narrates(text: str) -> bool:
     return "once upon a time" in told or "one day" in told or past >= 2
 
 
-# Each kind's form rule (the README states them): answer text → whether it has the form asked for.
+# Each kind's form rule (docs/evaluation.md states them): answer text → whether it has the form asked for.
 FORM_RULES = {
     "describe": lambda a: len(words(a)) >= 40 and len(sentences(a)) >= 2,
     "poem": lambda a: len(_verse_lines(a, 15)) >= 3,

@@ -7,7 +7,7 @@ paper's known weakness), yes/no probes and conversations: a first answer, then f
 about the same image ("What colour is it?", "Where is the star?", "How many circles are there?",
 "Is there a red square in the image?") answered from the image, so that a follow-up is not answered
 by repeating the last answer, and quizzes: several short questions and yes/no probes about one image,
-"yes" and "no" side by side. The LLM learns them through LoRA (`lite_stage2*.yaml`).
+"yes" and "no" side by side. The LLM learns them through LoRA (`train_configs/lite_stage2.yaml`).
 
 What the backbone recognises in a real photo reaches the LLM through the class tokens, whose bridge
 weights start as the class names' embeddings (`bridge_init.safetensors`, see

@@ -22,7 +22,7 @@ MIXED_PRECISION = ("auto", "no", "fp16", "bf16")
 
 @dataclass
 class RunConfig:
-    """Batch, the original's schedule (linear warmup, then cosine), checkpoints and logging."""
+    """Batch, the original's schedule (docs/method.md §4: linear warmup, then cosine), checkpoints, logging."""
 
     output_dir: str
     batch_size: int  # per process, per micro-batch
