@@ -15,6 +15,8 @@ export CMAKE_BUILD_PARALLEL_LEVEL="${CMAKE_BUILD_PARALLEL_LEVEL:-$(nproc)}"
 export CMAKE_ARGS="${CMAKE_ARGS:--DGGML_NATIVE=OFF -DGGML_OPENMP=OFF -DGGML_LLAMAFILE=OFF -DLLAVA_BUILD=OFF -DCMAKE_PROJECT_INCLUDE=$PWD/scripts/llama_cpp_no_common.cmake}"
 $PIP -r requirements.txt
 $PIP --no-deps -r requirements-lite.txt
+# The package itself, editable: the `minigpt4` command, from any directory (its deps are the pins above).
+$PIP --no-deps --no-build-isolation -e .
 if [[ "${1:-}" == "--test" ]]; then
     $PIP -r requirements-test.txt
     if ! command -v chromium >/dev/null 2>&1; then
