@@ -72,7 +72,7 @@ def test_ten_images_from_folder_to_cc_sbu_align(tmp_path: Path, capsys: pytest.C
 
     run = tmp_path / "run"
     assert train_main([
-        "--cfg-path", "tiny_stage2", "--cpu", f"data.sources=[{{name: curated, path: {out}}}]",
+        "--cfg-path", "tiny_stage2", "--device", "cpu", "--options", f"data.sources=[{{name: curated, path: {out}}}]",
         f"run.output_dir={run}", "run.max_epoch=1", "run.iters_per_epoch=2", "run.batch_size=2",
     ]) == 0  # fmt: skip
     assert (run / "projection.safetensors").is_file()

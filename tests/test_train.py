@@ -273,6 +273,7 @@ def test_the_command_reports_bad_input_without_a_traceback(tiny_data, tmp_path, 
     args = [
         "--cfg-path",
         str(ROOT / "train_configs" / "tiny_stage1.yaml"),
+        "--options",
         f"run.output_dir={tmp_path}",
         sources,
     ]
@@ -280,3 +281,26 @@ def test_the_command_reports_bad_input_without_a_traceback(tiny_data, tmp_path, 
     assert "unknown key data.bogus" in capsys.readouterr().err
     assert train_module.main([*args, "run.batch_size=3"]) == 1
     assert "run.batch_size × processes = 3 must be a multiple of data.streams = 2" in capsys.readouterr().err
+
+
+def test_train_and_cache_features_take_options_device_and_threads_and_refuse_the_old_forms(capsys):
+    import pytest  # noqa: PLC0415
+
+    from minigpt4.train import features, loop
+
+    for main in (loop.main, features.main):
+        with pytest.raises(SystemExit) as exit_info:
+            main(["--cfg-path", "tiny_stage1", "run.batch_size=4"])
+        assert exit_info.value.code == 2
+        assert (
+            "config overrides are given with --options: --options run.batch_size=4" in capsys.readouterr().err
+        )
+        with pytest.raises(SystemExit):
+            main(["--cfg-path", "tiny_stage1", "--device", "tpu"])
+        assert "--device tpu" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        loop.main(["--cfg-path", "tiny_stage1", "--cpu"])
+    assert "--cpu is now --device cpu" in capsys.readouterr().err
+    for parser in (loop.build_parser(), features.build_parser()):
+        shown = parser.format_help()
+        assert "--options" in shown and "--device" in shown and "--threads" in shown

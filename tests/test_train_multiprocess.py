@@ -90,6 +90,7 @@ def test_two_processes_read_their_own_shards_and_train_like_one_process(tiny_dat
     args = [
         "--cfg-path",
         "train_configs/tiny_stage1.yaml",
+        "--options",
         _sources(tiny_data),
         *SHORT,
         *steps,
@@ -122,7 +123,7 @@ def test_a_killed_run_resumes_at_its_last_checkpoint_and_ends_as_if_never_stoppe
     steps = ("run.iters_per_epoch=16", "run.batch_size=4", "run.save_every=1", "run.keep_checkpoints=3")
     killed = tmp_path / "killed"
     cmd = [
-        sys.executable, "-m", "minigpt4", "train", "--cfg-path", "train_configs/tiny_stage1.yaml",
+        sys.executable, "-m", "minigpt4", "train", "--cfg-path", "train_configs/tiny_stage1.yaml", "--options",
         _sources(tiny_data), *SHORT, *steps, f"run.output_dir={killed}",
     ]  # fmt: skip
     proc = subprocess.Popen(cmd, cwd=ROOT, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

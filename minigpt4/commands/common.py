@@ -77,6 +77,34 @@ def add_threads_arg(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def add_config_args(parser: argparse.ArgumentParser, example: str = "run.iters_per_epoch=50") -> None:
+    """`--options`, `--device` and `--threads` of a command that reads a train config (`train`,
+    `cache-features`), as every command that loads a preset has them. Overrides given the old way, as
+    positional `key=value` arguments, are caught so that `config_overrides` can show the new form."""
+    parser.add_argument(
+        "--options", nargs="*", default=[], metavar="KEY=VALUE", help=f"override config keys, e.g. {example}"
+    )
+    parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 … (default: cuda when present)")
+    add_threads_arg(parser)
+    parser.add_argument("old_overrides", nargs="*", help=argparse.SUPPRESS)
+
+
+def config_overrides(parser: argparse.ArgumentParser, args: argparse.Namespace) -> list[str]:
+    """The `--options` of a command set up by `add_config_args`, after refusing positional overrides and
+    an unknown or absent device, and with `--threads` applied."""
+    if args.old_overrides:
+        parser.error(f"config overrides are given with --options: --options {' '.join(args.old_overrides)}")
+    try:
+        check_device(args.device)
+    except ConfigError as exc:
+        parser.error(str(exc))
+    if args.threads:
+        import torch  # noqa: PLC0415 (only once a command runs)
+
+        torch.set_num_threads(args.threads)
+    return list(args.options)
+
+
 def add_allowed_hosts_arg(parser: argparse.ArgumentParser) -> None:
     """`--allowed-hosts`: host names the server answers besides localhost and its --host (DNS
     rebinding defence; IP addresses are always answered). See `minigpt4.hosts`."""

@@ -22,6 +22,7 @@ import torch
 from tqdm import tqdm
 
 from minigpt4.build import pick_device
+from minigpt4.commands.common import add_config_args, config_overrides
 from minigpt4.config import ModelConfig, resolve_path
 from minigpt4.data import stage2
 from minigpt4.data.config import DataConfig, source_shards
@@ -133,16 +134,17 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--part-size", type=int, default=4096, help="records per stored part")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
-    parser.add_argument("--device", default=None, help="cuda, cpu, … (default: cuda when present)")
-    parser.add_argument("overrides", nargs="*", metavar="key.sub=value", help="config overrides")
+    add_config_args(parser, "data.features=data/feats")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     """Pre-compute the frozen features of a training config's data; see `cache-features --help`."""
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    overrides = config_overrides(parser, args)
     try:
-        cfg = load_train_config(args.cfg_path, args.overrides)
+        cfg = load_train_config(args.cfg_path, overrides)
         out = args.out or cfg.data.features
         if out is None:
             raise ConfigError("give --out, or set data.features in the config")

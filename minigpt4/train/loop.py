@@ -1,4 +1,4 @@
-"""`python -m minigpt4 train --cfg-path train_configs/X.yaml [key=value …]`: stage-1 / stage-2 training.
+"""`python -m minigpt4 train --cfg-path train_configs/X.yaml [--options key=value …]`: stage-1 / stage-2 training.
 
 The loop is written out: AdamW on the trainable weights only, the original's warmup + cosine
 schedule, gradient accumulation, clipping and mixed precision through Accelerate. The same command
@@ -30,6 +30,7 @@ from accelerate.utils import gather_object, set_seed
 from tqdm import tqdm
 
 from minigpt4.build import build_model
+from minigpt4.commands.common import add_config_args, config_overrides
 from minigpt4.config import ModelConfig
 from minigpt4.data.labels import supervised_tokens
 from minigpt4.data.loader import BatchPlan, build_loader, process_shards
@@ -441,17 +442,21 @@ def build_parser() -> argparse.ArgumentParser:
         "--stop-after", type=int, default=None, metavar="N",
         help="run at most N steps now, save a checkpoint and exit (continue later with --resume auto)",
     )  # fmt: skip
-    parser.add_argument("--cpu", action="store_true", help="train on the CPU even when a GPU is present")
-    parser.add_argument("overrides", nargs="*", metavar="key.sub=value", help="config overrides")
+    parser.add_argument("--cpu", action="store_true", help=argparse.SUPPRESS)  # now --device cpu
+    add_config_args(parser)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     """Train from the command line; see `train --help`."""
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.cpu:
+        parser.error("--cpu is now --device cpu")
+    overrides = config_overrides(parser, args)
     try:
-        cfg = prepare_training(args.cfg_path, args.overrides)
-        result = train(cfg, resume=args.resume, stop_after=args.stop_after, cpu=args.cpu)
+        cfg = prepare_training(args.cfg_path, overrides)
+        result = train(cfg, resume=args.resume, stop_after=args.stop_after, cpu=args.device == "cpu")
     except (ConfigError, TrainingError, CheckpointError, WeightsError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
