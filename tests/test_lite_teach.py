@@ -90,6 +90,19 @@ def test_kept_answers_pass_every_rule_and_talk_about_the_picture_not_the_facts()
     ]
 
 
+def test_two_kinds_the_eval_does_not_score_must_not_get_the_same_answer() -> None:
+    truth = instruct.Truth("The image shows a red apple.", ("apple",), ("red",), False, False)
+    same = "This red apple reminds me of a crisp autumn morning at the market."
+    asked = [
+        teach.Asked(f"a/{n}", "a", kind, "…", truth.facts, truth)
+        for n, kind in enumerate(["mood", "compare"])
+    ]
+    rows = teach.keep(asked, [same, same])
+    assert [r["diverse"] for r in rows] == [False, False] and not any(r["passed"] for r in rows)
+    other = teach.Asked("b/0", "b", "compare", "…", truth.facts, truth)  # another image may repeat it
+    assert teach.keep([asked[0], other], [same, same])[0]["passed"]
+
+
 def test_teacher_is_asked_each_instruction_once_and_a_rerun_asks_only_what_is_missing(tmp_path: Path) -> None:
     images = _images(tmp_path)
     asked = teach.plan(images, random.Random(2), n_replay=4)

@@ -328,6 +328,19 @@ def diverse(answers: Sequence[str], kinds: Sequence[str]) -> list[bool]:
     ]
 
 
+def diverse_by_image(answers: Sequence[str], kinds: Sequence[str], images: Sequence[object]) -> list[bool]:
+    """`diverse` within each image's answers; `images[i]` names the image answer `i` is about."""
+    by_image: dict[object, list[int]] = defaultdict(list)
+    for i, image in enumerate(images):
+        by_image[image].append(i)
+    is_diverse = [True] * len(answers)
+    for indices in by_image.values():
+        flags = diverse([answers[i] for i in indices], [kinds[i] for i in indices])
+        for i, flag in zip(indices, flags, strict=True):
+            is_diverse[i] = flag
+    return is_diverse
+
+
 @dataclass(frozen=True)
 class Checks:
     form: bool
@@ -344,14 +357,7 @@ def check_answers(
     kinds: Sequence[str], answers: Sequence[str], truths: Sequence[Truth], images: Sequence[object]
 ) -> list[Checks]:
     """Every rule on every answer; `images[i]` groups the answers about one image (for diversity)."""
-    by_image: dict[object, list[int]] = defaultdict(list)
-    for i, image in enumerate(images):
-        by_image[image].append(i)
-    is_diverse = [True] * len(answers)
-    for indices in by_image.values():
-        flags = diverse([answers[i] for i in indices], [kinds[i] for i in indices])
-        for i, flag in zip(indices, flags, strict=True):
-            is_diverse[i] = flag
+    is_diverse = diverse_by_image(answers, kinds, images)
     checks = []
     for kind, answer, truth, flag in zip(kinds, answers, truths, is_diverse, strict=True):
         if not words(answer):

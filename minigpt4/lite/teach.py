@@ -210,37 +210,35 @@ def class_truth(c: int, confidence: float, colour: str | None) -> instruct.Truth
 
 
 def keep(asked: Sequence[Asked], answers: Sequence[str]) -> list[dict]:
-    """Each answer with its checks; `passed` when every rule holds (replay: a real answer, no meta)."""
+    """Each answer with its checks; `passed` when every rule holds (replay: a real answer, no meta).
+
+    The instruct eval's rules, applied with each instruction's own kind: the eval's kinds use its form
+    rules, the others `_EXTRA_FORM`, and diversity compares the answers of different kinds about one image.
+    """
+    answers = [answer.strip() for answer in answers]
+    # Replay answers (no truth) sit apart, each under its own key: they are not compared.
+    groups = [a.image_id if a.truth is not None else a.key for a in asked]
+    is_diverse = instruct.diverse_by_image(answers, [a.kind for a in asked], groups)
     rows = []
-    images = [a.image_id for a in asked]
-    open_idx = [i for i, a in enumerate(asked) if a.truth is not None]
-    checks = instruct.check_answers(
-        [asked[i].kind if asked[i].kind in instruct.FORM_RULES else "title" for i in open_idx],
-        [answers[i] for i in open_idx],
-        [asked[i].truth for i in open_idx],
-        [images[i] for i in open_idx],
-    )
-    by_index = dict(zip(open_idx, checks, strict=True))
-    for i, (a, answer) in enumerate(zip(asked, answers, strict=True)):
-        answer = answer.strip()
+    for a, answer, diverse in zip(asked, answers, is_diverse, strict=True):
         meta = talks_about_being_told(answer)
         if a.truth is None:
             passed = len(instruct.words(answer)) >= 5 and not meta
             rows.append({"key": a.key, "kind": a.kind, "answer": answer, "passed": passed})
             continue
-        c = by_index[i]
-        form = form_passes(a.kind, answer)
-        passed = form and c.grounded and not c.invented and c.diverse and not meta
+        form = bool(instruct.words(answer)) and form_passes(a.kind, answer)
+        grounded = instruct.grounded(a.kind, answer, a.truth)
+        invented = instruct.invented(answer, a.truth)
         rows.append(
             {
                 "key": a.key,
                 "kind": a.kind,
                 "answer": answer,
-                "passed": passed,
+                "passed": form and grounded and not invented and diverse and not meta,
                 "form": form,
-                "grounded": c.grounded,
-                "invented": list(c.invented),
-                "diverse": c.diverse,
+                "grounded": grounded,
+                "invented": invented,
+                "diverse": diverse,
                 "meta": meta,
             }
         )
