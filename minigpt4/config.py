@@ -233,14 +233,13 @@ def resolve_preset(name_or_path: str | Path | None) -> Path:
 
 
 def read_yaml(path: str | Path, overrides: Sequence[str] = ()) -> dict[str, Any]:
-    """Read a YAML mapping and apply `key.sub=value` overrides (values parsed as YAML)."""
-    path = Path(path)
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path}: the top level must be a mapping of keys")
+    """Read a YAML mapping and apply `key.sub=value` overrides (values parsed as YAML).
+
+    A file may start from another: `base: other.yaml` (a path relative to the file) reads that one
+    first and merges this file's keys into it, section by section; a list or a value replaces the
+    base's. The merge comes before the typed check, so an unknown key is still an error.
+    """
+    data = _read_with_base(Path(path), ())
     for item in overrides:
         key, sep, raw = item.partition("=")
         if not sep or not key:
@@ -257,6 +256,46 @@ def read_yaml(path: str | Path, overrides: Sequence[str] = ()) -> dict[str, Any]
             reason = str(exc).splitlines()[0]
             raise ConfigError(f"override {item!r}: the value is not valid YAML ({reason})") from exc
     return data
+
+
+def _read_mapping(path: Path) -> dict[str, Any]:
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot be read ({exc.strerror or exc})") from exc
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of keys")
+    return data
+
+
+def _read_with_base(path: Path, chain: tuple[Path, ...]) -> dict[str, Any]:
+    data = _read_mapping(path)
+    base = data.pop("base", None)
+    if base is None:
+        return data
+    if not isinstance(base, str) or not base:
+        raise ConfigError(f"{path}: base must be the name of another YAML file, got {_shown(base)}")
+    base_path = path.parent / base
+    if not base_path.is_file():
+        raise ConfigError(f"{path}: base {base!r} is not a file (looked for {base_path})")
+    seen = (*chain, path.resolve())
+    if base_path.resolve() in seen:
+        cycle = " → ".join(p.name for p in (*seen, base_path))
+        raise ConfigError(f"{path}: base files form a cycle ({cycle})")
+    return merge_sections(_read_with_base(base_path, seen), data)
+
+
+def merge_sections(base: dict[str, Any], changes: dict[str, Any]) -> dict[str, Any]:
+    """`base` with `changes` merged in: mappings merge key by key, anything else replaces."""
+    merged = dict(base)
+    for key, value in changes.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = merge_sections(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
 
 
 def load_eval_config(name_or_path: str | Path | None = None, overrides: Sequence[str] = ()) -> EvalConfig:

@@ -4,7 +4,14 @@ from __future__ import annotations
 
 import pytest
 
-from minigpt4.config import EVAL_CONFIG_DIR, ModelConfig, from_dict, load_eval_config, resolve_preset
+from minigpt4.config import (
+    EVAL_CONFIG_DIR,
+    ModelConfig,
+    from_dict,
+    load_eval_config,
+    read_yaml,
+    resolve_preset,
+)
 from minigpt4.errors import ConfigError
 
 
@@ -104,3 +111,40 @@ def test_non_positive_limits_are_refused_at_load(tiny_cfg_path, override):
 def test_object_colour_is_refused_for_a_vision_that_has_no_such_token():
     with pytest.raises(ConfigError, match="object_colour: only kind efficientnet_lite"):
         from_dict(ModelConfig, {"vision": {"kind": "blip2", "object_colour": True}}, "preset")
+
+
+def test_a_train_config_builds_on_a_base_and_unknown_keys_stay_errors(tmp_path):
+    from minigpt4.train.config import load_train_config  # noqa: PLC0415
+
+    root = EVAL_CONFIG_DIR.parent / "train_configs"
+    base = read_yaml(root / "minigpt4_stage2_finetune.yaml")
+    variant = read_yaml(root / "minigpt4_llama2_stage2_finetune.yaml")
+    assert "base" not in variant
+    assert variant["model"]["template"] == "llama2" and variant["model"]["vision"]["kind"] == "blip2_patches"
+    # The keys the variant does not name are the base's, sections merged key by key.
+    assert variant["model"]["vision"]["pretrained"] == base["model"]["vision"]["pretrained"]
+    assert variant["data"] == base["data"]
+    assert {k: v for k, v in variant["run"].items() if k != "output_dir"} == {
+        k: v for k, v in base["run"].items() if k != "output_dir"
+    }
+
+    (tmp_path / "base.yaml").write_text((root / "tiny_stage1.yaml").read_text())
+    (tmp_path / "child.yaml").write_text("base: base.yaml\nrun:\n  batch_size: 2\n  bogus: 1\n")
+    with pytest.raises(ConfigError, match=r"unknown key run\.bogus"):
+        load_train_config(tmp_path / "child.yaml")
+    (tmp_path / "child.yaml").write_text("base: base.yaml\nrun:\n  batch_size: 2\n")
+    merged = read_yaml(tmp_path / "child.yaml", ["run.log_every=3"])
+    assert (merged["run"]["batch_size"], merged["run"]["log_every"]) == (2, 3)
+    assert merged["data"] == read_yaml(root / "tiny_stage1.yaml")["data"]
+
+
+def test_a_missing_or_circular_base_is_named(tmp_path):
+    (tmp_path / "a.yaml").write_text("base: b.yaml\n")
+    with pytest.raises(ConfigError, match=r"a\.yaml: base 'b\.yaml' is not a file"):
+        read_yaml(tmp_path / "a.yaml")
+    (tmp_path / "b.yaml").write_text("base: a.yaml\n")
+    with pytest.raises(ConfigError, match=r"base files form a cycle \(a\.yaml → b\.yaml → a\.yaml\)"):
+        read_yaml(tmp_path / "a.yaml")
+    (tmp_path / "a.yaml").write_text("base: [1]\n")
+    with pytest.raises(ConfigError, match="base must be the name of another YAML file"):
+        read_yaml(tmp_path / "a.yaml")

@@ -147,3 +147,53 @@ def test_every_tracked_file_over_10_mb_goes_through_the_space_upload_path() -> N
     page = (ROOT / "docs" / "space.md").read_text(encoding="utf-8")
     assert "hf upload <owner>/<space> . --repo-type space" in page
     assert [name for name in large if name not in page] == []
+
+
+# The commands whose argument parsers can be built without a model, and where they live.
+PARSED_COMMANDS = {
+    "train": "minigpt4.train.loop",
+    "cache-features": "minigpt4.train.features",
+    "eval": "minigpt4.eval.run",
+    "make-data": "minigpt4.commands.make_data",
+}
+
+
+def _documented_commands() -> list[tuple[str, str, list[str]]]:
+    """(file, command, arguments) of every `python -m minigpt4 CMD …` or `minigpt4 CMD …` line in a
+    fenced shell block of the docs, continuation lines joined and comments dropped."""
+    import shlex  # noqa: PLC0415
+
+    found = []
+    for path in _docs():
+        fenced, joined = False, ""
+        for line in path.read_text(encoding="utf-8").splitlines():
+            if line.startswith("```"):
+                fenced, joined = not fenced, ""
+                continue
+            if not fenced:
+                continue
+            joined += line.rstrip().removesuffix("\\") + " "
+            if line.rstrip().endswith("\\"):
+                continue
+            text, joined = joined, ""
+            match = re.search(r"(?:python -m minigpt4|^\s*minigpt4|-m minigpt4) ([\w-]+)((?: [^|;&#]*)?)", text)
+            if match and match.group(1) in PARSED_COMMANDS:
+                found.append((_rel(path), match.group(1), shlex.split(match.group(2))))
+    return found
+
+
+def test_the_documented_training_and_eval_commands_parse():
+    import importlib  # noqa: PLC0415
+
+    commands = _documented_commands()
+    assert {command for _, command, _ in commands} >= {"train", "cache-features", "eval"}
+    bad = []
+    for where, command, args in commands:
+        module = importlib.import_module(PARSED_COMMANDS[command])
+        try:
+            parsed = module.build_parser().parse_args(args)
+            if getattr(parsed, "old_overrides", None):
+                bad.append(f"{where}: {command} {' '.join(args)}: positional overrides")
+        except SystemExit:
+            bad.append(f"{where}: {command} {' '.join(args)}")
+    assert not bad, "documented commands that their parser refuses:\n" + "\n".join(bad)
