@@ -14,6 +14,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "chat": ("minigpt4.commands.chat", "interactive chat about an image in the terminal"),
     "caption": ("minigpt4.commands.caption", "describe many images; one JSON line per image"),
     "train": ("minigpt4.train.loop", "stage-1 / stage-2 training of the projection"),
+    "plot": ("minigpt4.train.plot", "draw a run's loss and learning-rate curves (metrics.svg)"),
     "cache-features": ("minigpt4.train.features", "pre-compute the frozen vision features of a data set"),
     "make-data": ("minigpt4.commands.make_data", "generate the offline training and evaluation sets"),
     "eval": ("minigpt4.eval.run", "caption / VQA / POPE metrics on a data set"),

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from minigpt4.config import ModelConfig, check_model_files, from_dict, read_yaml, resolve_path
@@ -18,6 +18,8 @@ from minigpt4.data.config import DataConfig, check_data_files
 from minigpt4.errors import ConfigError
 
 MIXED_PRECISION = ("auto", "no", "fp16", "bf16")
+# Accelerate's trackers (`accelerate.utils.LoggerType`, less "all"): run.log_with / train --log-with.
+TRACKERS = ("tensorboard", "wandb", "trackio", "aim", "comet_ml", "mlflow", "clearml", "dvclive", "swanlab")
 
 
 @dataclass
@@ -40,7 +42,7 @@ class RunConfig:
     save_every: int = 0  # steps between checkpoints; 0: only at the end
     keep_checkpoints: int = 2
     log_every: int = 1
-    tensorboard: bool = False
+    log_with: list[str] = field(default_factory=list)  # Accelerate trackers, e.g. [tensorboard]
     deterministic: bool = False
 
     def __post_init__(self) -> None:
@@ -56,6 +58,11 @@ class RunConfig:
             raise ConfigError(
                 f"run: need 0 ≤ min_lr ≤ init_lr and warmup_lr ≥ 0; got min_lr={self.min_lr}, "
                 f"init_lr={self.init_lr}, warmup_lr={self.warmup_lr}"
+            )
+        unknown = [name for name in self.log_with if name not in TRACKERS]
+        if unknown:
+            raise ConfigError(
+                f"run.log_with: unknown tracker {', '.join(map(repr, unknown))} (known: {', '.join(TRACKERS)})"
             )
         if self.mixed_precision not in MIXED_PRECISION:
             raise ConfigError(

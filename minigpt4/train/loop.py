@@ -40,11 +40,13 @@ from minigpt4.model import MiniGPT4
 from minigpt4.train import checkpoints
 from minigpt4.train.checkpoints import CheckpointError
 from minigpt4.train.config import (
+    TRACKERS,
     RunConfig,
     TrainConfig,
     check_batch_layout,
     prepare_training,
 )
+from minigpt4.train.plot import PlotError, write_plot
 from minigpt4.weights import WeightsError, load_trainable, save_trainable
 
 log = logging.getLogger(__name__)
@@ -111,6 +113,8 @@ def train(
     if run.deterministic:
         use_deterministic_algorithms()
     accelerator = make_accelerator(run, cpu)
+    if run.log_with:
+        accelerator.init_trackers(cfg.name, config=tracker_config(cfg))
     world, rank = accelerator.num_processes, accelerator.process_index
     global_micro = check_batch_layout(cfg, world)
     global_batch = global_micro * run.grad_accum_steps
@@ -147,7 +151,7 @@ def train(
     if state is not None:
         log.info("resuming from %s at step %d of %d", resume_from, progress.step, run.total_steps)
 
-    metrics = _Metrics(output_dir, run, enabled=accelerator.is_main_process, start_step=progress.step)
+    metrics = _Metrics(output_dir, accelerator, start_step=progress.step)
     result = TrainResult(
         step=progress.step, corrupt=progress.corrupt, main_process=accelerator.is_main_process
     )
@@ -157,18 +161,21 @@ def train(
         disable=not accelerator.is_main_process,
     )  # fmt: skip
     last_saved = None
-    t_last, samples_last = time.perf_counter(), 0
+    t_last, samples_last, rate = time.perf_counter(), 0, float("nan")
     for step in range(progress.step, end):
         out = train_step(accelerator, ddp_model, optimizer, params, batches, run, step)
         progress = _Progress(step + 1, progress.samples + global_batch, progress.corrupt + out.corrupt)
         result.losses.append(out.loss)
         samples_last += out.samples
+        shown = {"loss": f"{out.loss:.4f}", "lr": f"{out.lr:.2e}"}
+        if math.isfinite(rate):  # known from the first logged step on
+            shown["samples_s"] = f"{rate:.1f}"
+        bar.set_postfix(shown, refresh=False)
         bar.update(1)
         if (step + 1) % run.log_every == 0 or step + 1 == end:
             now = time.perf_counter()
             rate = samples_last / max(now - t_last, 1e-9)
             t_last, samples_last = now, 0
-            bar.set_postfix(loss=f"{out.loss:.4f}", lr=f"{out.lr:.2e}", samples_s=f"{rate:.1f}")
             metrics.write(
                 step=step + 1, epoch=step // run.iters_per_epoch, loss=out.loss, lr=out.lr,
                 grad_norm=out.grad_norm, samples_per_s=rate, corrupt=progress.corrupt,
@@ -177,6 +184,11 @@ def train(
             last_saved = _save(accelerator, model, optimizer, progress, global_batch, global_micro, cfg)
     bar.close()
     metrics.close()
+    if accelerator.is_main_process and result.losses:
+        try:
+            log.info("loss and learning-rate plot: %s", write_plot(output_dir))
+        except (PlotError, OSError) as exc:
+            log.warning("no plot: %s", exc)
     if world > 1:
         _check_ranks_agree(model, world)
     result.step, result.corrupt, result.checkpoint = progress.step, progress.corrupt, last_saved
@@ -215,13 +227,47 @@ def model_config_for(run: RunConfig, model: ModelConfig) -> ModelConfig:
 
 
 def make_accelerator(run: RunConfig, cpu: bool = False) -> Accelerator:
-    """An Accelerator for the run: fp16 autocast on CUDA when `mixed_precision: auto`."""
+    """An Accelerator for the run: fp16 autocast on CUDA when `mixed_precision: auto`, and the
+    trackers of `run.log_with` (local ones write under run.output_dir)."""
     # Accelerate joins CPU processes (gloo) only when told it runs on the CPU.
     cpu = cpu or not torch.cuda.is_available()
     precision = run.mixed_precision
     if precision == "auto":
         precision = "no" if cpu else "fp16"
-    return Accelerator(cpu=cpu, mixed_precision=precision)
+    check_trackers(run.log_with)
+    return Accelerator(
+        cpu=cpu, mixed_precision=precision, log_with=run.log_with or None, project_dir=run.output_dir
+    )
+
+
+def check_trackers(names: list[str]) -> None:
+    """Each tracker asked for must be installed: Accelerate alone would drop a missing one quietly."""
+    from accelerate.tracking import get_available_trackers  # noqa: PLC0415
+
+    available = {str(t) for t in get_available_trackers()}
+    missing = [name for name in names if name not in available]
+    if missing:
+        raise ConfigError(
+            f"run.log_with: {', '.join(missing)} is not installed (pip install {' '.join(missing)}); "
+            f"installed here: {', '.join(sorted(available)) or 'none'}"
+        )
+
+
+def tracker_config(cfg: TrainConfig) -> dict[str, Any]:
+    """The run's settings as the flat `section.key: value` map trackers store (str, int, float, bool)."""
+    flat: dict[str, Any] = {}
+
+    def walk(prefix: str, value: Any) -> None:
+        if isinstance(value, dict):
+            for key, sub in value.items():
+                walk(f"{prefix}.{key}" if prefix else key, sub)
+        elif isinstance(value, (bool, int, float, str)):
+            flat[prefix] = value
+        else:  # None, lists: stored as text
+            flat[prefix] = json.dumps(value)
+
+    walk("", dataclasses.asdict(cfg))
+    return flat
 
 
 @dataclass
@@ -383,38 +429,29 @@ def _check_compatible(state: dict[str, Any], global_batch: int, global_micro: in
 
 
 class _Metrics:
-    """One JSON line per logged step in <output_dir>/metrics.jsonl, and TensorBoard when asked for."""
+    """One JSON line per logged step in <output_dir>/metrics.jsonl, and the same values to the
+    Accelerate trackers of `run.log_with` (on the main process only)."""
 
-    def __init__(self, output_dir: Path, run: RunConfig, enabled: bool, start_step: int = 0) -> None:
+    def __init__(self, output_dir: Path, accelerator: Accelerator, start_step: int = 0) -> None:
         self.file = None
-        self.tensorboard = None
-        if not enabled:
+        self.accelerator = accelerator
+        if not accelerator.is_main_process:
             return
         output_dir.mkdir(parents=True, exist_ok=True)
         _truncate_metrics(output_dir / METRICS, start_step)
         self.file = open(output_dir / METRICS, "a", encoding="utf-8")  # noqa: SIM115 (closed in close())
-        if run.tensorboard:
-            try:
-                from torch.utils.tensorboard import SummaryWriter  # noqa: PLC0415
-            except ImportError:
-                log.warning("run.tensorboard: the tensorboard package is not installed; metrics.jsonl only")
-            else:
-                self.tensorboard = SummaryWriter(str(output_dir / "tensorboard"))
 
     def write(self, step: int, **values: float) -> None:
         if self.file is None:
             return
         self.file.write(json.dumps({"step": step, "time": time.time(), **values}) + "\n")
         self.file.flush()
-        if self.tensorboard is not None:
-            for name, value in values.items():
-                self.tensorboard.add_scalar(f"train/{name}", value, step)
+        if self.accelerator.trackers:
+            self.accelerator.log({f"train/{name}": value for name, value in values.items()}, step=step)
 
     def close(self) -> None:
         if self.file is not None:
             self.file.close()
-        if self.tensorboard is not None:
-            self.tensorboard.close()
 
 
 def _truncate_metrics(path: Path, step: int) -> None:
@@ -442,6 +479,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--stop-after", type=int, default=None, metavar="N",
         help="run at most N steps now, save a checkpoint and exit (continue later with --resume auto)",
     )  # fmt: skip
+    parser.add_argument(
+        "--log-with", nargs="+", default=None, metavar="TRACKER", choices=TRACKERS,
+        help=f"Accelerate trackers to log to (sets run.log_with; {', '.join(TRACKERS)})",
+    )  # fmt: skip
     parser.add_argument("--cpu", action="store_true", help=argparse.SUPPRESS)  # now --device cpu
     add_config_args(parser)
     return parser
@@ -454,6 +495,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.cpu:
         parser.error("--cpu is now --device cpu")
     overrides = config_overrides(parser, args)
+    if args.log_with is not None:
+        overrides.append(f"run.log_with={json.dumps(args.log_with)}")
     try:
         cfg = prepare_training(args.cfg_path, overrides)
         result = train(cfg, resume=args.resume, stop_after=args.stop_after, cpu=args.device == "cpu")
