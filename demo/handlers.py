@@ -29,6 +29,37 @@ NOT_UPLOADED = "No uploaded image was found: choose the image again."
 
 # A chatbot message in Gradio's "messages" format: {"role": …, "content": …}.
 Message = dict[str, Any]
+# The answer shown from the moment a question is sent until its first piece arrives.
+THINKING = "Thinking…"
+THINKING_MESSAGE: Message = {"role": "assistant", "content": THINKING}
+
+
+def _ends_with_placeholder(history: list[Message], question: str | None = None) -> bool:
+    """Whether the chat ends with `show_question`'s two messages (of `question`, when given)."""
+    return (
+        len(history) >= 2
+        and (history[-1].get("role"), _text_of(history[-1])) == ("assistant", THINKING)
+        and history[-2].get("role") == "user"
+        and (question is None or _text_of(history[-2]) == question)
+    )
+
+
+def _without_placeholder(history: list[Message], question: str) -> list[Message]:
+    """The chat with `show_question`'s two messages (question, placeholder) replaced by the question
+    alone; a chat that does not end so (a cleared page) gets the question appended."""
+    if _ends_with_placeholder(history, question):
+        return [*history[:-1]]
+    return [*history, {"role": "user", "content": question}]
+
+
+def _text_of(message: Message) -> str | None:
+    """The text of a chat message, as the page sends it back (a list of parts) or as written (a str)."""
+    content = message.get("content")
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list) and all(isinstance(p, dict) and p.get("type") == "text" for p in content):
+        return "".join(p.get("text", "") for p in content)
+    return None
 
 
 def _user_error(error: InputError) -> gr.Error:
@@ -74,8 +105,9 @@ class ChatHandlers:
         chat = self.chat
         megapixels = chat.max_image_pixels / 1e6
         megabytes = chat.max_image_bytes / 1e6
+        described = f" ({chat.description})" if chat.description else ""
         return (
-            f"Model preset **{chat.preset_name}** on **{chat.device}** · "
+            f"Model preset **{chat.preset_name}**{described} on **{chat.device}** · "
             f"images up to {megapixels:.3g} MP and {megabytes:.3g} MB"
         )
 
@@ -85,8 +117,8 @@ class ChatHandlers:
     def upload(
         self, image: dict[str, Any] | None, session: ChatSession | None
     ) -> tuple[str, ChatSession, str]:
-        """`/upload`: add an image turn to the conversation; returns a status line (and, kept on
-        the server for `show_image`, the checked path of the image)."""
+        """`/upload`: add an image turn to the conversation; returns a status line (and the checked
+        path of the image, which the page shows in the chat)."""
         session = self._session(session)
         path = _image_path(image)
         try:
@@ -97,17 +129,89 @@ class ChatHandlers:
         noun = "image" if count == 1 else "images"
         return f"Image received ({count} {noun} in this chat). Ask a question about it.", session, path
 
+    def upload_box(
+        self, image: dict[str, Any] | None, session: ChatSession | None
+    ) -> tuple[Any, str, ChatSession, str | None]:
+        """The Upload button: `/upload`, then the box empties (`show_image` puts the image in the chat).
+
+        A slip (nothing chosen, a file that is not an image) is a notice, not an error: the status
+        line says it, the chat stays as it was and the box empties, so no broken preview is left.
+        Returns (image box, status, session, the checked path or None).
+        """
+        session = self._session(session)
+        try:
+            status, session, path = self.upload(image, session)
+        except gr.Error as error:
+            gr.Warning(error.message)
+            return None, error.message, session, None
+        return None, status, session, path
+
+    def show_image(self, uploaded: str | None, history: list[Message]) -> list[Message]:
+        """After an upload: the image joins the chat, before a question still waiting for its answer.
+
+        `uploaded` is the path `upload` checked, held in server-side state: the image box's own
+        value comes from the client and is never shown back as a file.
+        """
+        if uploaded is None:
+            return history
+        image = {"role": "user", "content": {"path": uploaded}}
+        at = len(history) - 2 if _ends_with_placeholder(history) else len(history)
+        return [*history[:at], image, *history[at:]]
+
+    def show_question(self, text: str, history: list[Message]) -> tuple[str, str, list[Message]]:
+        """On Enter, before the model is free: the question leaves the box and joins the chat at
+        once, with a placeholder answer that the first streamed piece replaces."""
+        if not text.strip():
+            return text, "", history
+        return "", text, [*history, {"role": "user", "content": text}, THINKING_MESSAGE]
+
     def upload_pending(
         self, image: dict[str, Any] | None, session: ChatSession | None
-    ) -> tuple[Any, Any, Any]:
-        """Before a message is sent: upload the image waiting in the image box, if any.
+    ) -> tuple[Any, Any, ChatSession | None, str | None, str | None]:
+        """Before a message is answered: upload the image waiting in the image box, if any.
 
         The box empties after each upload, so an image there (an example just picked, a file dropped
-        in) has not been sent yet; pressing Enter then means "about this image".
+        in) has not been sent yet; pressing Enter then means "about this image". Returns (image box,
+        status, session, the checked path or None, the notice of a slip or None).
         """
         if image is None or not image.get("path"):
-            return gr.skip(), session, None
-        return self.upload(image, session)
+            return gr.skip(), gr.skip(), session, None, None
+        box, status, session, path = self.upload_box(image, session)
+        return box, status, session, path, None if path else status
+
+    def send(
+        self,
+        question: str,
+        slip: str | None,
+        session: ChatSession | None,
+        history: list[Message],
+        num_beams: float,
+        temperature: float,
+        top_p: float,
+        max_new_tokens: float,
+        do_sample: bool,
+    ) -> Iterator[tuple[Any, Any, ChatSession, list[Message]]]:
+        """The chat box, after `show_question` and `upload_pending`: stream the answer into the
+        placeholder. Yields (message box, status, session, chat).
+
+        A user's slip (no image yet, a file that was not an image, an empty message) is a notice: the
+        question goes back into the box and the question and placeholder leave the chat.
+        """
+        session = self._session(session)
+        asked = _without_placeholder(history, question)
+        if slip is not None:  # upload_pending has shown the notice
+            yield question, gr.skip(), session, asked[:-1]
+            return
+        try:
+            generation = _generation(num_beams, temperature, top_p, max_new_tokens, do_sample)
+            answers = self._start(session, question, generation)
+        except gr.Error as error:
+            gr.Warning(error.message)
+            yield question, error.message, session, asked[:-1]
+            return
+        yield gr.skip(), gr.skip(), session, [*asked, THINKING_MESSAGE]
+        for answer in answers:
+            yield gr.skip(), gr.skip(), session, [*asked, {"role": "assistant", "content": answer}]
 
     def sampling_controls(self, do_sample: bool) -> tuple[Any, Any]:
         """Temperature and Top p only matter when sampling: enabled with the Sample box, greyed out without."""
@@ -146,36 +250,6 @@ class ChatHandlers:
         generation = _generation(num_beams, temperature, top_p, max_new_tokens, do_sample)
         for answer in self._start(session, message, generation):
             yield answer, session
-
-    def show_image(self, uploaded: str | None, history: list[Message]) -> tuple[None, list[Message]]:
-        """After a successful upload: the image joins the chat and the image box empties.
-
-        `uploaded` is the path `upload` checked, held in server-side state: the image box's own
-        value comes from the client and is never shown back as a file.
-        """
-        if uploaded is None:
-            return None, history
-        return None, [*history, {"role": "user", "content": {"path": uploaded}}]
-
-    def send(
-        self,
-        text: str,
-        session: ChatSession | None,
-        history: list[Message],
-        num_beams: float,
-        temperature: float,
-        top_p: float,
-        max_new_tokens: float,
-        do_sample: bool,
-    ) -> Iterator[tuple[str, ChatSession, list[Message]]]:
-        """The chat box: like `/ask`, but the answer streams into the chatbot."""
-        session = self._session(session)
-        generation = _generation(num_beams, temperature, top_p, max_new_tokens, do_sample)
-        answers = self._start(session, text, generation)
-        history = [*history, {"role": "user", "content": text}]
-        yield "", session, history
-        for answer in answers:
-            yield "", session, [*history, {"role": "assistant", "content": answer}]
 
 
 def _generation(

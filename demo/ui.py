@@ -81,26 +81,34 @@ def build_demo(chat: Chat) -> gr.Blocks:
         answer = gr.Textbox(label="Answer", visible=False)
 
         generation = [num_beams, temperature, top_p, max_new_tokens, do_sample]
+        question = gr.State("")  # the message being answered, moved out of the box at once
+        slip = gr.State(None)  # the notice of an image in the box that could not be uploaded
+        # The page's Upload button: a slip is a notice and the chat stays clean; API clients call
+        # `/upload` (below) and get errors as exceptions. The image events skip Gradio's
+        # preprocessing (the engine judges the file); the chat events keep it.
         upload.click(
-            handlers.upload,
-            [image, session],
-            [status, session, uploaded],
-            api_name="upload",
-            preprocess=False,
-            **model,
-        ).success(handlers.show_image, [uploaded, chatbot], [image, chatbot], api_visibility="private")
+            handlers.upload_box, [image, session], [image, status, session, uploaded],
+            api_visibility="private", preprocess=False, **model,
+        ).then(handlers.show_image, [uploaded, chatbot], chatbot, api_visibility="private", queue=False)  # fmt: skip
+        gr.on([], handlers.upload, [image, session], [status, session, uploaded], api_name="upload",
+              preprocess=False, **model)  # fmt: skip
         do_sample.change(
             handlers.sampling_controls, do_sample, [temperature, top_p], api_visibility="private", queue=False
         )
-        # Enter with an image still in the box (an example just picked): upload it, then ask.
+        # Enter: the question shows at once with a placeholder (no queue); then an image still in the
+        # box (an example just picked) is uploaded and shown before it, and the answer streams in.
         sending = (
             text.submit(
-                handlers.upload_pending, [image, session], [status, session, uploaded],
+                handlers.show_question, [text, chatbot], [text, question, chatbot],
+                api_visibility="private", queue=False,
+            )
+            .then(
+                handlers.upload_pending, [image, session], [image, status, session, uploaded, slip],
                 api_visibility="private", preprocess=False, **model,
             )
-            .success(handlers.show_image, [uploaded, chatbot], [image, chatbot], api_visibility="private")
-            .success(
-                handlers.send, [text, session, chatbot, *generation], [text, session, chatbot],
+            .then(handlers.show_image, [uploaded, chatbot], chatbot, api_visibility="private", queue=False)
+            .then(
+                handlers.send, [question, slip, session, chatbot, *generation], [text, status, session, chatbot],
                 api_visibility="private", show_progress="hidden", **model,
             )
         )  # fmt: skip

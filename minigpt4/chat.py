@@ -99,6 +99,7 @@ class Chat:
         max_image_bytes: int = 20_000_000,
         max_message_chars: int = 20_000,
         preset_name: str = "",
+        description: str = "",
         kv_reuse: bool = True,
         runtime: DecodeRuntime | None = None,
     ) -> None:
@@ -113,6 +114,7 @@ class Chat:
         self.max_image_bytes = max_image_bytes
         self.max_message_chars = max_message_chars
         self.preset_name = preset_name
+        self.description = description
         self.kv_reuse = kv_reuse
         self.stop_strings = template.stop_strings(self.tokenizer)
         eos = getattr(getattr(model.llm, "generation_config", None), "eos_token_id", None)
@@ -449,5 +451,6 @@ def load_chat(
         max_image_bytes=cfg.max_image_bytes,
         max_message_chars=cfg.max_message_chars,
         preset_name=cfg.name,
+        description=cfg.description,
         runtime=build_runtime(cfg.model, model),
     )

@@ -175,6 +175,7 @@ class EvalConfig:
     """A preset for inference: the app, the CLI, the server, evaluation and benchmarks."""
 
     name: str
+    description: str = ""  # which models run, in a few words: the app's status line shows it
     model: ModelConfig = field(default_factory=ModelConfig)
     generation: GenerationConfig = field(default_factory=GenerationConfig)
     max_image_pixels: int = 40_000_000

@@ -21,7 +21,7 @@ from gradio_client.exceptions import AppError
 import app
 from demo import build_demo, launch
 from demo.examples import example_rows
-from demo.handlers import ChatHandlers
+from demo.handlers import THINKING, THINKING_MESSAGE, ChatHandlers
 from minigpt4.config import load_eval_config
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -237,17 +237,87 @@ def test_sampling_sliders_are_enabled_only_by_the_sample_box_beside_them(tiny_ch
     ]
 
 
+def _picked(tmp_path: Path, monkeypatch, source: Path, name: str | None = None) -> Path:
+    """`source` copied where Gradio puts a file a user picked (its upload folder)."""
+    monkeypatch.setenv("GRADIO_TEMP_DIR", str(tmp_path))
+    picked = tmp_path / "0123abcd" / (name or source.name)
+    picked.parent.mkdir(exist_ok=True)
+    shutil.copy(source, picked)
+    return picked
+
+
+GENERATION = (1, 1.0, 0.9, 4, False)  # beams, temperature, top_p, max new tokens, sample
+
+
 def test_sending_with_an_image_in_the_box_uploads_it_first(tiny_chat, tmp_path: Path, monkeypatch) -> None:
-    monkeypatch.setenv("GRADIO_TEMP_DIR", str(tmp_path))  # Gradio's upload folder
-    picked = tmp_path / "0123abcd" / CAT.name  # where Gradio copies an example that was picked
-    picked.parent.mkdir()
-    shutil.copy(CAT, picked)
+    picked = _picked(tmp_path, monkeypatch, CAT)
     handlers = ChatHandlers(tiny_chat)
-    status, session, uploaded = handlers.upload_pending({"path": str(picked)}, None)
-    assert "1 image" in status and session.n_images == 1 and uploaded == str(picked)
-    skipped, same, nothing = handlers.upload_pending(None, session)  # nothing waiting: nothing to do
-    assert same is session and session.n_images == 1 and skipped is not None and nothing is None
+    box, question, history = handlers.show_question("What is it?", [])
+    assert (box, question) == ("", "What is it?")
+    assert history == [{"role": "user", "content": "What is it?"}, THINKING_MESSAGE]  # shown at once
+    box, status, session, uploaded, slip = handlers.upload_pending({"path": str(picked)}, None)
+    assert box is None and "1 image" in status and session.n_images == 1 and uploaded == str(picked)
+    assert slip is None
+    history = handlers.show_image(uploaded, history)  # the image goes before the waiting question
+    assert history[0] == {"role": "user", "content": {"path": str(picked)}} and history[1:] == [
+        {"role": "user", "content": "What is it?"},
+        THINKING_MESSAGE,
+    ]
+    *_, same, nothing, no_slip = handlers.upload_pending(None, session)  # nothing waiting: nothing to do
+    assert same is session and session.n_images == 1 and nothing is None and no_slip is None
+    steps = list(handlers.send(question, None, session, history, *GENERATION))
+    box, status, _, first = steps[0]
+    assert first[-1] == THINKING_MESSAGE  # until the first piece
+    _, _, _, last = steps[-1]
+    assert last[:2] == history[:2] and last[-1]["role"] == "assistant" and last[-1]["content"] != THINKING
     config = build_demo(tiny_chat).config
     by_elem = {c["props"].get("elem_id"): c["id"] for c in config["components"]}
-    first = next(d for d in config["dependencies"] if d["targets"] == [(by_elem["message"], "submit")])
-    assert first["api_name"] == "upload_pending" and by_elem["image"] in first["inputs"]
+    first_step = next(d for d in config["dependencies"] if d["targets"] == [(by_elem["message"], "submit")])
+    assert first_step["queue"] is False and by_elem["chatbot"] in first_step["outputs"]
+
+
+def test_a_users_slip_is_a_notice_and_the_chat_stays_clean(tiny_chat, tmp_path: Path, monkeypatch) -> None:
+    handlers = ChatHandlers(tiny_chat)
+    # Asking before any upload: a notice, the question back in the box, no bubble left behind.
+    _, question, history = handlers.show_question("What is it?", [])
+    with pytest.warns(UserWarning, match="Upload an image first"):
+        steps = list(handlers.send(question, None, None, history, *GENERATION))
+    assert len(steps) == 1
+    box, status, session, chat_after = steps[0]
+    assert box == "What is it?" and "Upload an image first" in status and chat_after == []
+
+    # A file that is not an image, waiting in the box: the box empties, the question goes back.
+    text_file = tmp_path / "notes.txt"
+    text_file.write_text("not an image")
+    picked = _picked(tmp_path, monkeypatch, text_file, "notes.png")
+    _, question, history = handlers.show_question("And this?", [])
+    with pytest.warns(UserWarning, match="not an image"):
+        box, status, session, uploaded, slip = handlers.upload_pending({"path": str(picked)}, session)
+    assert box is None and uploaded is None and "not an image" in slip and session.n_images == 0
+    assert handlers.show_image(uploaded, history) == history
+    (box, _, _, chat_after), *rest = handlers.send(question, slip, session, history, *GENERATION)
+    assert not rest and box == "And this?" and chat_after == []
+
+    # The Upload button with the same file: a notice and an empty box, nothing raised.
+    with pytest.warns(UserWarning, match="not an image"):
+        box, status, session, uploaded = handlers.upload_box({"path": str(picked)}, session)
+    assert box is None and uploaded is None and "not an image" in status
+    with pytest.warns(UserWarning, match="No image was given"):
+        assert handlers.upload_box(None, session)[3] is None
+
+    # An empty message after an upload: a notice; the image stays in the chat.
+    good = _picked(tmp_path, monkeypatch, CAT)
+    box, status, session, uploaded = handlers.upload_box({"path": str(good)}, session)
+    history = handlers.show_image(uploaded, [])
+    box, question, same = handlers.show_question("   ", history)
+    assert box == "   " and same == history  # nothing shown for a blank message
+    with pytest.warns(UserWarning, match="empty"):
+        (box, _, _, chat_after), *_ = handlers.send(question, None, session, history, *GENERATION)
+    assert chat_after == history
+
+
+def test_the_status_line_says_which_models_run(tiny_chat) -> None:
+    status = ChatHandlers(tiny_chat).model_status()
+    assert "**minigpt4_tiny_random** (tiny random weights, for tests: answers are noise) on **cpu**" in status
+    for name in ("minigpt4_lite", "minigpt4_vicuna0_7b", "minigpt4_space"):
+        assert load_eval_config(name, ["model.projection.checkpoint=null"]).description, name

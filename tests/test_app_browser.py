@@ -21,6 +21,7 @@ from gradio_client import Client
 from playwright.sync_api import Browser, Page, expect, sync_playwright
 
 from demo.examples import example_rows
+from demo.handlers import THINKING
 
 ROOT = Path(__file__).resolve().parent.parent
 ARTIFACTS = ROOT / "tests" / "artifacts"
@@ -37,6 +38,7 @@ CHROMIUM_ARGS = [
 START_TIMEOUT_S = 240
 CAT, QUESTION = example_rows()[0]
 COFFEE = example_rows()[1][0]
+NOT_AN_IMAGE = {"name": "notes.png", "mimeType": "image/png", "buffer": b"these are notes, not an image"}
 SCREENSHOT_ENV = "MINIGPT4_SCREENSHOT"  # where to save the README's screenshot, from the repository root
 
 pytestmark = pytest.mark.slow
@@ -110,10 +112,21 @@ def test_chat_in_the_browser(page: Page) -> None:
     upload = page.get_by_role("button", name="Upload & Start Chat")
 
     message.fill("What is this?")
-    message.press("Enter")
+    message.press("Enter")  # no image yet: a notice; the question stays, the chat stays clean
     expect(page.get_by_test_id("toast-text").first).to_contain_text("Upload an image first")
+    expect(message).to_have_value("What is this?")
+    expect(page.get_by_test_id("user")).to_have_count(0)
+    expect(page.get_by_test_id("bot")).to_have_count(0)
     page.get_by_test_id("toast-close").first.click()
     expect(page.get_by_test_id("toast-text")).to_have_count(0)
+
+    page.locator("#image input[type=file]").set_input_files(NOT_AN_IMAGE)  # a slip: a text file
+    upload.click()
+    expect(page.get_by_test_id("toast-text").first).to_contain_text("not an image")
+    expect(page.locator("#image img")).to_have_count(0)  # no broken preview left in the box
+    expect(page.locator("#chatbot")).not_to_contain_text("Error")
+    expect(page.locator("#chatbot img")).to_have_count(0)
+    page.get_by_test_id("toast-close").first.click()
 
     temperature = page.locator("#temperature input[type=range]")
     expect(temperature).to_be_enabled()  # the tiny preset samples
@@ -125,11 +138,12 @@ def test_chat_in_the_browser(page: Page) -> None:
     expect(page.locator("#image img")).to_be_visible()
 
     message.press("Enter")  # no Upload click: sending uploads the image in the box first
+    expect(page.get_by_test_id("user").last).to_contain_text(QUESTION)  # shown before any answer
+    expect(message).to_have_value("")
     expect(page.locator("#chat-status")).to_contain_text("1 image in this chat")
     expect(page.locator("#chatbot img")).to_have_count(1)
-    expect(page.get_by_test_id("user").last).to_contain_text(QUESTION)
     expect(page.get_by_test_id("bot").last).to_have_text(re.compile(r"\S"))
-    expect(message).to_have_value("")
+    expect(page.get_by_test_id("bot").last).not_to_have_text(THINKING)  # the answer replaced it
 
     page.locator("#image input[type=file]").set_input_files(COFFEE)
     expect(page.locator("#image img")).to_be_visible()  # the file has reached the server
