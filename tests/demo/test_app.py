@@ -24,7 +24,7 @@ from demo.examples import example_rows
 from demo.handlers import THINKING, THINKING_MESSAGE, ChatHandlers
 from minigpt4.config import load_eval_config
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 CAT = Path(example_rows()[0][0])  # scikit-image's chelsea.png
 FIRST, SECOND = "Describe this image.", "What else do you see?"
 

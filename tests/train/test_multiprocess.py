@@ -21,7 +21,7 @@ from minigpt4.train.loop import FINAL_WEIGHTS, train
 pytest_plugins = ["train_helpers"]  # fixtures: tiny_data, tiny_config, one_thread
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 SHORT = ("run.max_epoch=1", "run.warmup_steps=2", "run.log_every=1")
 TIMEOUT_S = 180  # a healthy 3-step run takes 25 s here
 HUNG = f"[no exit within {TIMEOUT_S} s]"

@@ -28,7 +28,9 @@ def _texts(svg_text: str) -> list[str]:
 
 
 def _rows(losses, lrs):
-    return [{"step": i + 1, "loss": loss, "lr": lr} for i, (loss, lr) in enumerate(zip(losses, lrs, strict=True))]
+    return [
+        {"step": i + 1, "loss": loss, "lr": lr} for i, (loss, lr) in enumerate(zip(losses, lrs, strict=True))
+    ]
 
 
 def test_the_plot_draws_each_logged_step_with_the_highest_loss_at_the_top():
@@ -95,11 +97,15 @@ def test_a_run_writes_its_plot_and_logs_to_tensorboard(tiny_config, tmp_path, on
 
 
 def test_trackers_are_checked_before_the_run_starts(tiny_config, tmp_path):
-    with pytest.raises(ConfigError, match=r"run\.log_with: unknown tracker 'tensorbord' \(known: tensorboard"):
+    with pytest.raises(
+        ConfigError, match=r"run\.log_with: unknown tracker 'tensorbord' \(known: tensorboard"
+    ):
         tiny_config(1, tmp_path / "a", "run.log_with=[tensorbord]")
     from accelerate.tracking import get_available_trackers  # noqa: PLC0415
 
-    missing = next(n for n in ("wandb", "aim", "swanlab") if n not in {str(t) for t in get_available_trackers()})
+    missing = next(
+        n for n in ("wandb", "aim", "swanlab") if n not in {str(t) for t in get_available_trackers()}
+    )
     cfg = tiny_config(1, tmp_path / "b", f"run.log_with=[{missing}]")
     with pytest.raises(ConfigError, match=rf"{missing} is not installed \(pip install {missing}\)"):
         train(cfg)

@@ -15,7 +15,7 @@ import pytest
 
 from minigpt4.serve import main
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_an_unset_key_variable_is_refused_before_loading(capsys: pytest.CaptureFixture[str]) -> None:

@@ -12,9 +12,9 @@ import torch
 from minigpt4.commands import make_data
 from minigpt4.train.config import TrainConfig, load_train_config
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
-# Test modules use these with `pytest_plugins = ["train_helpers"]` (tests/conftest.py is the lead's).
+# Test modules use these with `pytest_plugins = ["train_helpers"]` (tests/conftest.py holds the ones every test may use).
 
 
 @pytest.fixture(scope="session")

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 PACKAGES = ("minigpt4", "demo")
 ENGINE = ("minigpt4.model", "minigpt4.vision", "minigpt4.weights")
 CHAT_SIDE = ("minigpt4.chat", "minigpt4.conversation", "minigpt4.serve", "minigpt4.commands", "demo", "app")
@@ -190,3 +190,20 @@ def test_top_level_holds_the_engine_and_one_folder_per_concern():
     assert folders == TOP_LEVEL_FOLDERS
     train = {p.stem for p in (package / "train").glob("*.py")}
     assert {"loop", "config", "checkpoints", "features", "bench"} <= train
+
+
+# Test folders that are not a package of minigpt4, and top-level test files that test no one module.
+TEST_FOLDERS_OF_THEIR_OWN = {"demo", "project", "helpers", "bad_inputs", "artifacts"}
+CROSS_MODULE_TESTS = {"test_release_fidelity.py"}  # the release presets against the original code
+
+
+def test_the_tests_mirror_the_code():
+    tests = ROOT / "tests"
+    packages = {p.name for p in (ROOT / "minigpt4").iterdir() if (p / "__init__.py").is_file()}
+    folders = {p.name for p in tests.iterdir() if p.is_dir() and not p.name.startswith((".", "__"))}
+    assert folders - packages - TEST_FOLDERS_OF_THEIR_OWN == set(), "a test folder that mirrors no package"
+    top_level = {p.name for p in tests.glob("test_*.py")} - CROSS_MODULE_TESTS
+    missing = {name for name in top_level if not (ROOT / "minigpt4" / name.removeprefix("test_")).is_file()}
+    assert not missing, f"top-level tests that name no top-level module of minigpt4: {sorted(missing)}"
+    helpers = {p.relative_to(tests).as_posix() for p in tests.rglob("*_helpers.py")}
+    assert helpers and all(h.startswith("helpers/") for h in helpers), helpers

@@ -181,7 +181,7 @@ def test_local_model_refines_in_batches_like_one_by_one(tmp_path: Path) -> None:
 @pytest.mark.slow
 def test_killed_refine_command_resumes_without_loss_or_repeats(tmp_path: Path) -> None:
     work = generated_work(tmp_path, 12)
-    root = Path(__file__).resolve().parent.parent
+    root = Path(__file__).resolve().parents[2]
     with ChatCompletionsServer(delay_s=0.3) as server:
         command = [
             sys.executable, "-m", "minigpt4", "curate", "refine", "--work", str(work.root),

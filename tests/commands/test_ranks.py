@@ -22,7 +22,7 @@ from minigpt4.commands.ranks import Rank, RankedJsonl, job_digest, read_rows
 from minigpt4.curate.records import WorkDir
 from minigpt4.eval import evalset
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 TINY = ["--cfg-path", "minigpt4_tiny_random", "--threads", "1"]
 TIMEOUT_S = 240
 

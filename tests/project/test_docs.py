@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 README_MAX_LINES = 300
 FOLDERS = ("minigpt4", "demo", "tests", "docs", "train_configs", "eval_configs", "scripts", "recipes", ".ci")
 PY_PLACES = ("app.py", "demo", "minigpt4", "scripts", "tests", "recipes")
@@ -112,7 +112,7 @@ def test_the_checks_catch_what_they_should(tmp_path: Path) -> None:
     bad.write_text(
         f"See [x](nothere.md), [y](method.md#no-such-part), `train_configs/{gone}`, DESIGN \u00a74 and"
         " docs/method.md \u00a79; fine: `~/.cache/minigpt4/gguf/`, https://github.com/o/r/tests/x.py,"
-        f" `tests/test_docs.py`, `abc1234:train_configs/{gone}`, docs/method.md \u00a74.\n",
+        f" `tests/project/test_docs.py`, `abc1234:train_configs/{gone}`, docs/method.md \u00a74.\n",
         encoding="utf-8",
     )
     (tmp_path / "method.md").write_text(page.read_text(encoding="utf-8"), encoding="utf-8")
@@ -176,7 +176,9 @@ def _documented_commands() -> list[tuple[str, str, list[str]]]:
             if line.rstrip().endswith("\\"):
                 continue
             text, joined = joined, ""
-            match = re.search(r"(?:python -m minigpt4|^\s*minigpt4|-m minigpt4) ([\w-]+)((?: [^|;&#]*)?)", text)
+            match = re.search(
+                r"(?:python -m minigpt4|^\s*minigpt4|-m minigpt4) ([\w-]+)((?: [^|;&#]*)?)", text
+            )
             if match and match.group(1) in PARSED_COMMANDS:
                 found.append((_rel(path), match.group(1), shlex.split(match.group(2))))
     return found

@@ -26,7 +26,7 @@ from minigpt4.curate.generate import (
 from minigpt4.curate.records import CurateError, WorkDir, read_jsonl
 from minigpt4.curate.sources import iter_source
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 class RecordingChat:
