@@ -24,6 +24,7 @@ from tqdm import tqdm
 
 from minigpt4.commands.common import (
     CommandParser,
+    HelpFormatter,
     add_generation_args,
     add_model_args,
     add_threads_arg,
@@ -111,7 +112,7 @@ def main(argv: list[str]) -> int:
     parser = CommandParser(
         prog="python -m minigpt4 caption",
         description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     parser.add_argument("images", nargs="+", help="image files or directories")
     parser.add_argument(

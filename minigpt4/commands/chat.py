@@ -7,12 +7,12 @@ adds one), `/help` lists the commands, `/quit` (or Ctrl-D) leaves.
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
 from minigpt4.commands.common import (
     CommandParser,
+    HelpFormatter,
     add_generation_args,
     add_model_args,
     add_threads_arg,
@@ -42,7 +42,7 @@ def main(argv: list[str]) -> int:
     parser = CommandParser(
         prog="python -m minigpt4 chat",
         description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     parser.add_argument("--image", action="append", default=[], help="an image to talk about (repeatable)")
     add_model_args(parser)

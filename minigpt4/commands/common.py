@@ -24,8 +24,23 @@ if TYPE_CHECKING:
 USAGE_ERROR = 2
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """`--help` lists each option's default, unless its help already says it; descriptions keep
+    their line breaks."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        text = action.help or ""
+        if "default" in text.lower() or action.default in (None, False, [], argparse.SUPPRESS):
+            return action.help
+        return super()._get_help_string(action)
+
+
 class CommandParser(argparse.ArgumentParser):
     """An `ArgumentParser` whose errors are one line on stderr (with a pointer to --help), exit 2."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        kwargs.setdefault("formatter_class", HelpFormatter)
+        super().__init__(*args, **kwargs)
 
     def error(self, message: str) -> NoReturn:
         self.exit(USAGE_ERROR, f"{self.prog}: error: {message} (see --help)\n")
@@ -52,6 +67,16 @@ def _ranged(kind: type, test, what: str):
     return convert
 
 
+def at_least(minimum: float, kind: type = int):
+    """An argparse `type`: a number of `kind` that is at least `minimum` (the one range check of every command)."""
+    return _ranged(kind, lambda value: value >= minimum, f"≥ {minimum}")
+
+
+def positive(kind: type = float):
+    """An argparse `type`: a number of `kind` above zero."""
+    return _ranged(kind, lambda value: value > 0, "> 0")
+
+
 def add_model_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--cfg-path",
@@ -72,7 +97,7 @@ def add_threads_arg(parser: argparse.ArgumentParser) -> None:
     """`--threads`, applied by `chat_from_args` before the model loads."""
     parser.add_argument(
         "--threads",
-        type=_ranged(int, lambda n: n >= 1, "≥ 1"),
+        type=at_least(1),
         help="torch CPU threads (default: torch's choice; 1 is often fastest on a busy machine)",
     )
 

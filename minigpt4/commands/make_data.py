@@ -15,6 +15,7 @@ import random
 import sys
 from pathlib import Path
 
+from minigpt4.commands.common import HelpFormatter
 from minigpt4.data.make import write_cc_sbu_align, write_shards
 from minigpt4.eval.evalset import write_eval_set
 from minigpt4.lite.data import add_parser as add_lite_parser
@@ -45,9 +46,13 @@ def make_eval(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m minigpt4 make-data", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(
+        formatter_class=HelpFormatter, prog="python -m minigpt4 make-data", description=__doc__.split("\n")[0]
+    )
     sets = parser.add_subparsers(dest="set", required=True, metavar="SET")
-    train = sets.add_parser("train", help="tiny stage-1 shards and a stage-2 cc_sbu_align folder")
+    train = sets.add_parser(
+        "train", formatter_class=HelpFormatter, help="tiny stage-1 shards and a stage-2 cc_sbu_align folder"
+    )
     train.add_argument("--out", default="data/tiny", help="output folder (default: data/tiny)")
     train.add_argument("--seed", type=int, default=0)
     train.add_argument("--shards", type=int, default=4, help="shards of the main stage-1 source")
@@ -55,7 +60,11 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--stage2", type=int, default=48, help="stage-2 image/description pairs")
     train.add_argument("--size", type=int, default=224, help="image side in pixels")
     train.set_defaults(run=make_train)
-    evalset = sets.add_parser("eval", help="caption, VQA and POPE files over rendered scenes and real photos")
+    evalset = sets.add_parser(
+        "eval",
+        formatter_class=HelpFormatter,
+        help="caption, VQA and POPE files over rendered scenes and real photos",
+    )
     evalset.add_argument("--out", default="data/eval", help="output folder (default: data/eval)")
     evalset.add_argument("--seed", type=int, default=0)
     evalset.add_argument("--scenes", type=int, default=24, help="rendered scenes (default: 24)")

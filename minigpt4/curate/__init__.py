@@ -14,6 +14,7 @@ import importlib
 import sys
 from pathlib import Path
 
+from minigpt4.commands.common import HelpFormatter
 from minigpt4.curate.records import WorkDir
 from minigpt4.errors import ConfigError, InputError
 
@@ -41,7 +42,9 @@ def usage() -> str:
 
 def step_parser(step: str) -> argparse.ArgumentParser:
     """The arguments of one step (only that step's module is imported: `generate` brings in torch)."""
-    parser = argparse.ArgumentParser(prog=f"python -m minigpt4 curate {step}", description=STEPS[step])
+    parser = argparse.ArgumentParser(
+        formatter_class=HelpFormatter, prog=f"python -m minigpt4 curate {step}", description=STEPS[step]
+    )
     parser.add_argument("--work", required=True, type=Path, help="the work folder shared by all steps")
     importlib.import_module(f"minigpt4.curate.{step}").add_arguments(parser)
     return parser

@@ -15,6 +15,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from minigpt4.commands.common import at_least
 from minigpt4.curate.records import CurateError, JsonlWriter, WorkDir, count_words, latest_by_id, read_jsonl
 
 # The most frequent English words: prose has 35–55% of them, captions-style descriptions about 40%.
@@ -192,8 +193,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=",".join(RULE_NAMES),
         help="comma-separated rules to apply (default: all); an empty text is always rejected",
     )
-    parser.add_argument("--min-words", type=int, default=d.min_words)
-    parser.add_argument("--max-words", type=int, default=d.max_words)
+    parser.add_argument(
+        "--min-words", type=at_least(0), default=d.min_words, help="shortest description kept"
+    )
+    parser.add_argument("--max-words", type=at_least(1), default=d.max_words, help="longest description kept")
     parser.add_argument(
         "--min-common-ratio",
         type=float,

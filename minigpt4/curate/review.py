@@ -223,7 +223,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--host", default="127.0.0.1", help="address to serve on (0.0.0.0 for a remote reviewer)"
     )
-    parser.add_argument("--port", type=int, default=7861)
+    parser.add_argument("--port", type=int, default=7861, help="port of the review page")
     parser.add_argument(
         "--include-filtered-out",
         action="store_true",

@@ -46,7 +46,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from minigpt4.chat import Chat, ChatSession
-from minigpt4.commands.common import add_model_args, chat_from_args
+from minigpt4.commands.common import HelpFormatter, add_model_args, at_least, chat_from_args
 from minigpt4.decode_weights import decode_weight_tensors, float32_decode, has_half_decode_weights
 from minigpt4.errors import ConfigError, InputError
 from minigpt4.eval.bandwidth import WeightStream
@@ -436,23 +436,31 @@ def format_report(result: dict[str, Any]) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m minigpt4 bench", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(
+        formatter_class=HelpFormatter, prog="python -m minigpt4 bench", description=__doc__.split("\n\n")[0]
+    )
     add_model_args(p)
     p.add_argument("--image", type=Path, help="image to talk about (default: scikit-image's astronaut)")
-    p.add_argument("--turns", type=int, default=10)
-    p.add_argument("--answer-tokens", type=int, default=32, help="length of every answer in the conversation")
-    p.add_argument("--decode-tokens", type=int, default=64, help="new tokens in the decode measurement")
-    p.add_argument("--repeats", type=int, default=1, help="runs of each measurement (the fastest counts)")
+    p.add_argument("--turns", type=at_least(1), default=10, help="turns of the measured conversation")
+    p.add_argument(
+        "--answer-tokens", type=at_least(1), default=32, help="length of every answer in the conversation"
+    )
+    p.add_argument(
+        "--decode-tokens", type=at_least(2), default=64, help="new tokens in the decode measurement"
+    )
+    p.add_argument(
+        "--repeats", type=at_least(1), default=1, help="runs of each measurement (the fastest counts)"
+    )
     p.add_argument(
         "--threads",
-        type=int,
+        type=at_least(1),
         default=1,
         help="torch CPU threads (default 1: more threads spin-wait whenever another process holds a core)",
     )
     p.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
     p.add_argument(
         "--sessions",
-        type=int,
+        type=at_least(0),
         default=0,
         help="instead: aggregate tokens/s of N sessions answering at once, against one at a time",
     )
@@ -484,13 +492,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         replicas = importlib.import_module("minigpt4.serve.replicas")
         return int(replicas.main(argv[1:]) or 0)
     args = build_parser().parse_args(argv)
-    for name in ("turns", "answer_tokens", "repeats", "threads", *(("sessions",) if args.sessions else ())):
-        if getattr(args, name) < 1:
-            print(f"error: --{name.replace('_', '-')} must be at least 1", file=sys.stderr)
-            return 2
-    if args.decode_tokens < 2:
-        print("error: --decode-tokens must be at least 2", file=sys.stderr)
-        return 2
     torch.set_num_threads(args.threads)
     print(settings_line(args), file=sys.stderr, flush=True)
 

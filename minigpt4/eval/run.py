@@ -32,7 +32,7 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from minigpt4.commands.common import add_model_args, chat_from_args
+from minigpt4.commands.common import HelpFormatter, add_model_args, at_least, chat_from_args
 from minigpt4.commands.ranks import Rank, RankedJsonl, job_digest, read_rows
 from minigpt4.config import load_eval_config, resolve_preset
 from minigpt4.errors import ConfigError, ImageError
@@ -359,7 +359,9 @@ def describe_data(files: DataFiles) -> dict[str, Any]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m minigpt4 eval", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(
+        formatter_class=HelpFormatter, prog="python -m minigpt4 eval", description=__doc__.split("\n\n")[0]
+    )
     add_model_args(p)
     p.add_argument("--task", required=True, choices=sorted(TASKS))
     p.add_argument("--data", required=True, type=Path, help="eval-set folder, or the task's data file")
@@ -369,7 +371,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--images", type=Path, help="image folder (default: images/ beside the data)")
     p.add_argument("--out", type=Path, help="results JSON (default: outputs/eval/<preset>_<task>.json)")
     p.add_argument("--limit", type=int, help="score only the first N samples")
-    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--batch-size", type=at_least(1), default=8, help="answers decoded together")
     p.add_argument(
         "--max-new-tokens",
         type=int,

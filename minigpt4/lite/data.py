@@ -52,6 +52,7 @@ from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 from transformers import AutoTokenizer
 
+from minigpt4.commands.common import HelpFormatter
 from minigpt4.config import ModelConfig, from_dict, read_yaml, resolve_path
 from minigpt4.data import scenes
 from minigpt4.data.feature_cache import cache_index, write_index, write_part
@@ -486,7 +487,9 @@ def widen_checkpoint(checkpoint: Path, bridge_init: Path, out: Path) -> None:
 def add_parser(sets: argparse._SubParsersAction) -> None:
     """Register `make-data lite`."""
     lite = sets.add_parser(
-        "lite", help="the lite bridge's training data (rendered scenes) and starting weights"
+        "lite",
+        formatter_class=HelpFormatter,
+        help="the lite bridge's training data (rendered scenes) and starting weights",
     )
     lite.add_argument("--out", default="data/lite", help="output folder (default: data/lite)")
     lite.add_argument("--seed", type=int, default=1000, help="scene seed (the eval set uses others)")

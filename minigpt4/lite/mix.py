@@ -27,6 +27,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from minigpt4.commands.common import HelpFormatter
 from minigpt4.files import write_text_atomic
 from minigpt4.lite.data import FEATURES_DIR, write_stage2_features
 from minigpt4.lite.packages import MissingPackageError
@@ -117,7 +118,9 @@ def mix(sources: list[Source], out: Path, seed: int) -> dict[str, int]:
 def add_parser(sets: argparse._SubParsersAction) -> None:
     """Register `make-data lite-mix`."""
     p = sets.add_parser(
-        "lite-mix", help="the lite stage-2 mixture of several cc_sbu_align sets, with features"
+        "lite-mix",
+        formatter_class=HelpFormatter,
+        help="the lite stage-2 mixture of several cc_sbu_align sets, with features",
     )
     p.add_argument(
         "--source",

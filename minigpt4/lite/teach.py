@@ -41,6 +41,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from minigpt4.commands.common import HelpFormatter
 from minigpt4.data import scenes
 from minigpt4.eval import instruct
 from minigpt4.eval.upper_bound import told_prompt
@@ -386,7 +387,11 @@ def write_describe_set(rng: random.Random, n: int, out: Path) -> None:
 
 def add_parser(sets: argparse._SubParsersAction) -> None:
     """Register `make-data lite-teach`."""
-    p = sets.add_parser("lite-teach", help="open instructions answered by the teacher LLM told the facts")
+    p = sets.add_parser(
+        "lite-teach",
+        formatter_class=HelpFormatter,
+        help="open instructions answered by the teacher LLM told the facts",
+    )
     p.add_argument("--out", default="data/lite/teach", help="output folder (default: data/lite/teach)")
     p.add_argument("--seed", type=int, default=8000, help="image seed (others than make-data lite's)")
     p.add_argument("--scenes", type=int, default=300, help="scenes asked about (default: 300)")

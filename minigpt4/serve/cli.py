@@ -15,8 +15,10 @@ from minigpt4.commands.common import (
     add_allowed_hosts_arg,
     add_model_args,
     add_threads_arg,
+    at_least,
     chat_or_exit,
     check_model_args,
+    positive,
 )
 from minigpt4.hosts import AllowedHosts
 from minigpt4.serve.app import create_app
@@ -72,22 +74,25 @@ def _parser() -> argparse.ArgumentParser:
     limits = RequestLimits()
     parser.add_argument(
         "--max-messages",
-        type=int,
+        type=at_least(1),
         default=limits.max_messages,
         help="most messages per request (%(default)s)",
     )
     parser.add_argument(
         "--max-text-chars",
-        type=int,
+        type=at_least(1),
         default=limits.max_text_chars,
         help="most characters of text in all the messages of a request (%(default)s)",
     )
     parser.add_argument(
-        "--max-images", type=int, default=limits.max_images, help="most images per request (%(default)s)"
+        "--max-images",
+        type=at_least(1),
+        default=limits.max_images,
+        help="most images per request (%(default)s)",
     )
     parser.add_argument(
         "--image-timeout",
-        type=float,
+        type=positive(float),
         default=10.0,
         metavar="S",
         help="seconds an http(s) image may take to download, in all (%(default)s)",
@@ -104,9 +109,6 @@ def main(argv: list[str] | None = None) -> int:
         api_key = os.environ.get(args.api_key_env)
         if not api_key:
             parser.error(f"--api-key-env {args.api_key_env}: that environment variable is empty or unset")
-    for flag in ("max_messages", "max_text_chars", "max_images", "image_timeout"):
-        if getattr(args, flag) <= 0:
-            parser.error(f"--{flag.replace('_', '-')} must be positive, got {getattr(args, flag)}")
     if args.image_dir is not None and not args.image_dir.is_dir():
         parser.error(f"--image-dir {args.image_dir}: not a folder")
     if not 0 <= args.port <= 65535:

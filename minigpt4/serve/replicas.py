@@ -27,6 +27,8 @@ from contextlib import contextmanager
 
 import httpx
 
+from minigpt4.commands.common import HelpFormatter
+
 LOOPBACK = "127.0.0.1"
 
 
@@ -155,7 +157,9 @@ def load(port: int, model: str, clients: int, requests: int, max_tokens: int) ->
 
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(
-        prog="python -m minigpt4 bench replicas", description=__doc__.split("\n\n")[0]
+        formatter_class=HelpFormatter,
+        prog="python -m minigpt4 bench replicas",
+        description=__doc__.split("\n\n")[0],
     )
     p.add_argument("--cfg-path", default="minigpt4_tiny_random", help="preset (default: %(default)s)")
     p.add_argument(

@@ -28,6 +28,7 @@ from typing import Any
 import torch
 
 from minigpt4.build import build_model
+from minigpt4.commands.common import HelpFormatter
 from minigpt4.data.config import DataConfig
 from minigpt4.data.loader import BatchPlan, build_loader
 from minigpt4.errors import ConfigError
@@ -162,7 +163,9 @@ def format_report(r: dict[str, Any]) -> str:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m minigpt4 bench train", description=__doc__.split("\n")[0]
+        formatter_class=HelpFormatter,
+        prog="python -m minigpt4 bench train",
+        description=__doc__.split("\n")[0],
     )
     parser.add_argument("--cfg-path", required=True, help="a train YAML, or a name in train_configs/")
     parser.add_argument("--steps", type=int, default=20, help="measured steps of each kind")

@@ -22,7 +22,7 @@ import torch
 from tqdm import tqdm
 
 from minigpt4.build import pick_device
-from minigpt4.commands.common import add_config_args, config_overrides
+from minigpt4.commands.common import HelpFormatter, add_config_args, at_least, config_overrides
 from minigpt4.config import ModelConfig, resolve_path
 from minigpt4.data import stage2
 from minigpt4.data.config import DataConfig, source_shards
@@ -127,13 +127,17 @@ def cache_features(
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m minigpt4 cache-features", description=__doc__.split("\n")[0]
+        formatter_class=HelpFormatter,
+        prog="python -m minigpt4 cache-features",
+        description=__doc__.split("\n")[0],
     )
     parser.add_argument("--cfg-path", required=True, help="the train YAML whose data and vision model to use")
     parser.add_argument("--out", default=None, help="output folder (default: the config's data.features)")
-    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--batch-size", type=at_least(1), default=64, help="images encoded at once")
     parser.add_argument("--part-size", type=int, default=4096, help="records per stored part")
-    parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
+    parser.add_argument(
+        "--dtype", choices=sorted(DTYPES), default="float32", help="dtype the features are stored in"
+    )
     add_config_args(parser, "data.features=data/feats")
     return parser
 

@@ -30,7 +30,7 @@ from accelerate.utils import gather_object, set_seed
 from tqdm import tqdm
 
 from minigpt4.build import build_model
-from minigpt4.commands.common import add_config_args, config_overrides
+from minigpt4.commands.common import HelpFormatter, add_config_args, config_overrides
 from minigpt4.config import ModelConfig
 from minigpt4.data.labels import supervised_tokens
 from minigpt4.data.loader import BatchPlan, build_loader, process_shards
@@ -469,7 +469,9 @@ def _truncate_metrics(path: Path, step: int) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m minigpt4 train", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(
+        formatter_class=HelpFormatter, prog="python -m minigpt4 train", description=__doc__.split("\n")[0]
+    )
     parser.add_argument("--cfg-path", required=True, help="a train YAML, or a name in train_configs/")
     parser.add_argument(
         "--resume", default=None, metavar="auto|DIR",

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from html import escape
 from pathlib import Path
 
+from minigpt4.commands.common import HelpFormatter
 from minigpt4.files import write_text_atomic
 
 log = logging.getLogger(__name__)
@@ -167,7 +168,9 @@ def write_plot(run_dir: str | Path, out: str | Path | None = None) -> Path:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m minigpt4 plot", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(
+        formatter_class=HelpFormatter, prog="python -m minigpt4 plot", description=__doc__.split("\n")[0]
+    )
     parser.add_argument("run", help="a run folder (run.output_dir) or its metrics.jsonl")
     parser.add_argument(
         "--out", default=None, help="the SVG to write (default: metrics.svg beside metrics.jsonl)"

@@ -97,9 +97,11 @@ def test_bench_json_on_the_command_line(
 
 
 def test_bench_rejects_bad_settings(capsys: pytest.CaptureFixture[str]) -> None:
-    assert bench.main(["--turns", "0"]) == 2
-    assert bench.main(["--decode-tokens", "1"]) == 2
-    assert "--decode-tokens must be at least 2" in capsys.readouterr().err
+    for args, said in ((["--turns", "0"], "argument --turns: must be ≥ 1, got 0"),
+                       (["--decode-tokens", "1"], "argument --decode-tokens: must be ≥ 2, got 1")):  # fmt: skip
+        with pytest.raises(SystemExit) as caught:
+            bench.main(args)
+        assert caught.value.code == 2 and said in capsys.readouterr().err
 
 
 def test_bench_train_goes_to_the_training_bench(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -31,7 +31,7 @@ def test_request_limits_must_be_positive(flag: str, capsys: pytest.CaptureFixtur
     with pytest.raises(SystemExit) as caught:
         main(["--cfg-path", "minigpt4_tiny_random", flag, "0"])
     assert caught.value.code == 2
-    assert f"{flag} must be positive" in capsys.readouterr().err
+    assert f"argument {flag}: must be " in capsys.readouterr().err
 
 
 @pytest.mark.slow
