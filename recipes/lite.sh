@@ -9,7 +9,7 @@
 #   SMOKE=1 OUT=/tmp/lite bash recipes/lite.sh   # every stage at a tiny size, in minutes (the test)
 #
 # OUT (default data/lite) holds the data, RUNS (default runs) the runs; THREADS (default 2) is the torch
-# threads of each step; STAGE2_STEPS (default 400) the stage-2 steps. With SMOKE=1 the shipped file is
+# threads of each step; STAGE2_STEPS (default 300) the stage-2 steps. With SMOKE=1 the shipped file is
 # not replaced and nothing is evaluated in full.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -28,7 +28,7 @@ if [[ -n "$SMOKE" ]]; then
 else
     CLOSED=(--stage2 3000 --classes 2000)
     TEACH=(--scenes 200 --classes 300 --replay 120)
-    DESCRIBE=120 STAGE1_STEPS=100 STAGE2_STEPS="${STAGE2_STEPS:-400}" MAXTOK=200
+    DESCRIBE=120 STAGE1_STEPS=100 STAGE2_STEPS="${STAGE2_STEPS:-300}" MAXTOK=200
     FILTER=()
 fi
 
