@@ -47,9 +47,11 @@ def _with_subcommands(parser: argparse.ArgumentParser):
 
 def test_every_commands_help_names_its_defaults(monkeypatch):
     parsers = _parsers(monkeypatch)
-    assert {"train", "eval", "bench", "caption", "chat", "serve", "make-data", "curate refine"} <= set(parsers)
+    assert {"train", "eval", "bench", "caption", "chat", "serve", "make-data", "curate refine"} <= set(
+        parsers
+    )
     silent = []
-    for label, top in parsers.items():
+    for top in parsers.values():
         for parser in _with_subcommands(top):
             assert issubclass(parser.formatter_class, HelpFormatter), parser.prog
             formatter = parser.formatter_class(parser.prog)
