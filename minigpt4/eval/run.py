@@ -370,7 +370,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--images", type=Path, help="image folder (default: images/ beside the data)")
     p.add_argument("--out", type=Path, help="results JSON (default: outputs/eval/<preset>_<task>.json)")
-    p.add_argument("--limit", type=int, help="score only the first N samples")
+    p.add_argument("--limit", type=at_least(1), help="score only the first N samples")
     p.add_argument("--batch-size", type=at_least(1), default=8, help="answers decoded together")
     p.add_argument(
         "--max-new-tokens",
@@ -394,8 +394,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Score a preset on a task's data and write the results JSON; 2 on bad input."""
     args = build_parser().parse_args(argv)
     task = TASKS[args.task]
-    if args.batch_size < 1 or (args.limit is not None and args.limit < 1):
-        return _fail("--batch-size and --limit must be at least 1")
     try:
         files = resolve_data(args.task, args.data, args.annotations, args.images)
         samples = load_samples(args.task, files)[: args.limit]

@@ -170,7 +170,10 @@ def test_eval_rejects_bad_data_before_loading_a_model(
     assert "needs --annotations" in capsys.readouterr().err
     assert run.main(["--task", "pope", "--data", str(small_set), "--cfg-path", "no_such_preset"]) == 2
     assert "no_such_preset" in capsys.readouterr().err
-    assert _eval("--task", "pope", "--data", small_set, "--batch-size", 0) == 2
+    for flag in ("--batch-size", "--limit"):
+        with pytest.raises(SystemExit) as caught:
+            _eval("--task", "pope", "--data", small_set, flag, 0)
+        assert caught.value.code == 2 and f"argument {flag}: must be ≥ 1, got 0" in capsys.readouterr().err
     assert _eval("--task", "pope", "--data", small_set, "--prompt", "{question} {lang}") == 2
     assert "--prompt may hold {question}" in capsys.readouterr().err
 
