@@ -30,7 +30,8 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescript
 
     def _get_help_string(self, action: argparse.Action) -> str | None:
         text = action.help or ""
-        if "default" in text.lower() or action.default in (None, False, [], argparse.SUPPRESS):
+        no_default = action.default is None or action.default is False or action.default == []
+        if "default" in text.lower() or no_default or action.default == argparse.SUPPRESS:
             return action.help
         return super()._get_help_string(action)
 

@@ -54,7 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
         "train", formatter_class=HelpFormatter, help="tiny stage-1 shards and a stage-2 cc_sbu_align folder"
     )
     train.add_argument("--out", default="data/tiny", help="output folder (default: data/tiny)")
-    train.add_argument("--seed", type=int, default=0)
+    train.add_argument("--seed", type=int, default=0, help="random seed of the generated set")
     train.add_argument("--shards", type=int, default=4, help="shards of the main stage-1 source")
     train.add_argument("--per-shard", type=int, default=32, help="samples per stage-1 shard")
     train.add_argument("--stage2", type=int, default=48, help="stage-2 image/description pairs")
@@ -66,7 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="caption, VQA and POPE files over rendered scenes and real photos",
     )
     evalset.add_argument("--out", default="data/eval", help="output folder (default: data/eval)")
-    evalset.add_argument("--seed", type=int, default=0)
+    evalset.add_argument("--seed", type=int, default=0, help="random seed of the generated set")
     evalset.add_argument("--scenes", type=int, default=24, help="rendered scenes (default: 24)")
     evalset.add_argument("--no-photos", action="store_true", help="leave out scikit-image's photos")
     evalset.set_defaults(run=make_eval)

@@ -186,7 +186,7 @@ def train(
     metrics.close()
     if accelerator.is_main_process and result.losses:
         try:
-            log.info("loss and learning-rate plot: %s", write_plot(output_dir))
+            log.info("loss and learning-rate plot: %s", write_plot(output_dir)[0])
         except (PlotError, OSError) as exc:
             log.warning("no plot: %s", exc)
     if world > 1:

@@ -157,14 +157,15 @@ def render_svg(rows: Sequence[dict], title: str = "") -> str:
     return "\n".join(parts) + "\n"
 
 
-def write_plot(run_dir: str | Path, out: str | Path | None = None) -> Path:
-    """Draw `<run_dir>/metrics.jsonl` into `out` (default `<run_dir>/metrics.svg`); returns the path."""
+def write_plot(run_dir: str | Path, out: str | Path | None = None) -> tuple[Path, list[dict]]:
+    """Draw `<run_dir>/metrics.jsonl` into `out` (default `<run_dir>/metrics.svg`); returns the path
+    and the metrics lines it drew."""
     run_dir = Path(run_dir)
     metrics = run_dir if run_dir.is_file() else run_dir / METRICS
     rows = read_metrics(metrics)
     out = Path(out) if out is not None else metrics.parent / PLOT
     write_text_atomic(out, render_svg(rows, title=metrics.parent.name))
-    return out
+    return out, rows
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -181,11 +182,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        out = write_plot(args.run, args.out)
+        out, rows = write_plot(args.run, args.out)
     except PlotError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
-    rows = read_metrics(Path(args.run))
     loss = curves(rows, ("loss",))[0]
     summary = f"; loss {loss.values[0]:.4f} → {loss.values[-1]:.4f}" if loss.values else ""
     print(f"{out}: steps {rows[0]['step']}–{rows[-1]['step']}{summary}")

@@ -56,7 +56,8 @@ def test_every_commands_help_names_its_defaults(monkeypatch):
             assert issubclass(parser.formatter_class, HelpFormatter), parser.prog
             formatter = parser.formatter_class(parser.prog)
             for action in parser._actions:
-                if not action.option_strings or action.default in (None, False, [], argparse.SUPPRESS):
+                no_default = action.default is None or action.default is False or action.default == []
+                if not action.option_strings or no_default or action.default == argparse.SUPPRESS:
                     continue
                 if action.help == argparse.SUPPRESS:
                     continue
