@@ -153,6 +153,11 @@ def build_runtime(cfg: ModelConfig, model: MiniGPT4) -> DecodeRuntime:
     return TorchRuntime(model.llm, llm.max_sequences, kv_budget(cfg, model))
 
 
+def build_beam_runtime(cfg: ModelConfig, model: MiniGPT4) -> TorchRuntime:
+    """The transformers runtime beam search runs on when the preset decodes elsewhere (llama.cpp)."""
+    return TorchRuntime(model.llm, cfg.llm.max_sequences, kv_budget(cfg, model))
+
+
 def kv_budget(cfg: ModelConfig, model: MiniGPT4) -> KVBudget:
     """The cap on cached key/value positions: `model.llm.kv_cache_positions`, or one sized to the
     device (room for `max_sequences` whole contexts, fewer where the free GPU memory holds fewer)."""

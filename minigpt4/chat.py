@@ -1,42 +1,37 @@
-"""The chat engine: one shared model, one `ChatSession` per user, no UI code.
+"""The chat: one shared model, one `ChatSession` per user, no UI code and no decode code.
 
-A session holds its conversation, its images' embeddings (each image is encoded once, at
-upload) and, with `kv_reuse`, a sequence of the decode runtime holding the LLM's key/values for
-everything said so far, so the next turn prefills only what is new. Several sessions may ask at
-once: the batcher (`minigpt4/decode/batcher.py`) decodes all their answers together, one batched
-step per token, over one shared runtime; nothing in the model is mutated by a session.
+A session holds its conversation and its images' embeddings (each image is encoded once, at
+upload). `Chat` checks what users send (limits, clean text), asks the processor
+(`minigpt4/processor.py`) for the prompt's ids, and hands them to the decode engine
+(`minigpt4/decode/engine.py`), which keeps each session's key/values between turns (so the next turn
+prefills only what is new) and decodes the answers of all sessions together. Text streams out
+through `StreamText`; nothing in the model is mutated by a session.
 """
 
 from __future__ import annotations
 
+import copy
 import itertools
 import logging
 import random
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from minigpt4.build import build_model, build_runtime
+from minigpt4.build import build_beam_runtime, build_model, build_runtime
 from minigpt4.config import GenerationConfig, load_eval_config
-from minigpt4.conversation import (
-    IMAGE_TURN,
-    Conversation,
-    Message,
-    Template,
-    _exchange_starts,
-    clean_text,
-    get_template,
-)
-from minigpt4.decode.batcher import Batcher, Request
-from minigpt4.decode.runtime import DecodeRuntime, Sequence, TorchRuntime
+from minigpt4.conversation import IMAGE_TURN, Conversation, Template, clean_text, get_template
+from minigpt4.decode.engine import Engine, GenerationResult
+from minigpt4.decode.runtime import DecodeRuntime, TorchRuntime
 from minigpt4.errors import ImageError, InputError, MessageError
 from minigpt4.generation import GenerationParams, StreamText
 from minigpt4.images import ImageSource, load_image
-from minigpt4.model import IMAGE_TOKEN_ID, MiniGPT4
+from minigpt4.model import MiniGPT4
+from minigpt4.processor import FittedPrompt, Processor
 
 log = logging.getLogger(__name__)
 
@@ -44,21 +39,20 @@ _image_ids = itertools.count()
 
 
 class ChatSession:
-    """One user's conversation: messages, image embeddings and its runtime sequence (the KV cache)."""
+    """One user's conversation: messages, image embeddings, and what the last answer cost.
+
+    The session is also the engine's key for its cached key/values: they go when it does.
+    """
 
     def __init__(self, template: Template) -> None:
         self.conversation = Conversation(template)
         self.images: list[torch.Tensor] = []
         self.image_ids: list[int] = []
-        self.sequence: Sequence | None = None  # the runtime's key/values of `cache_atoms`
-        self.cache_atoms: list[Any] = []  # what each cached position is: a token id or (image id, k)
         self.generator = torch.Generator().manual_seed(random.randrange(2**31))
         self.busy = threading.Lock()
-        self.last_prefill_tokens = 0  # positions the last answer had to prefill (KV reuse saves the rest)
-        self.last_prompt_tokens = 0  # positions of the last answer's whole prompt, images included
-        self.last_answer_tokens = 0  # tokens the last answer generated (a stop token counted)
-        self.last_finish_reason = ""  # "stop" (stop token or string) or "length" (max_new_tokens)
         self.token_counts: dict[tuple[str, str], int] = {}  # tokens per message text (fitting the context)
+        self.fitted: tuple[int, FittedPrompt] | None = None  # (max_new_tokens, prompt) fitted by `ask`
+        self.last_result: GenerationResult | None = None  # the last answer's tokens, counts, finish reason
 
     @property
     def history(self) -> list[tuple[str, str]]:
@@ -77,13 +71,8 @@ class ChatSession:
         self.conversation.messages.clear()
         self.images.clear()
         self.image_ids.clear()
-        self.sequence, self.cache_atoms = None, []
         self.token_counts.clear()
-
-    @property
-    def cached_positions(self) -> int:
-        """Positions whose key/values this session keeps for its next turn."""
-        return len(self.cache_atoms) if self.sequence is not None else 0
+        self.fitted = None
 
 
 class Chat:
@@ -102,29 +91,47 @@ class Chat:
         description: str = "",
         kv_reuse: bool = True,
         runtime: DecodeRuntime | None = None,
+        beam_runtime=None,
     ) -> None:
         self.model = model
-        self.runtime = runtime or TorchRuntime(model.llm)
-        self.batcher = Batcher(self.runtime)
-        self.tokenizer = model.tokenizer
-        self.template = template
+        eos = getattr(getattr(model.llm, "generation_config", None), "eos_token_id", None)
+        eos_ids = tuple(eos if isinstance(eos, list) else ([eos] if eos is not None else []))
+        self.processor = Processor(
+            model.tokenizer, template, model.n_image_tokens, max_context_tokens, eos_ids
+        )
+        self.engine = Engine(
+            runtime or TorchRuntime(model.llm), self.processor.stops, self.processor.pad_id, beam_runtime
+        )
         self.defaults = GenerationParams(**asdict(generation or GenerationConfig()))
-        self.max_context_tokens = max_context_tokens
         self.max_image_pixels = max_image_pixels
         self.max_image_bytes = max_image_bytes
         self.max_message_chars = max_message_chars
         self.preset_name = preset_name
         self.description = description
         self.kv_reuse = kv_reuse
-        self.stop_strings = template.stop_strings(self.tokenizer)
-        eos = getattr(getattr(model.llm, "generation_config", None), "eos_token_id", None)
-        eos_ids = eos if isinstance(eos, list) else ([eos] if eos is not None else [])
-        self.stop_ids = set(template.stop_token_ids(self.tokenizer)) | set(eos_ids)
+
+    def with_engine(self, engine: Engine) -> Chat:
+        """This chat (model, processor, limits) decoding on another engine (the bench's, without stops)."""
+        other = copy.copy(self)
+        other.engine = engine
+        return other
+
+    @property
+    def template(self) -> Template:
+        return self.processor.template
+
+    @property
+    def tokenizer(self):
+        return self.processor.tokenizer
+
+    @property
+    def max_context_tokens(self) -> int:
+        return self.processor.max_context_tokens
 
     @property
     def max_concurrent_answers(self) -> int:
         """Answers the engine decodes together (more wait for a place)."""
-        return self.runtime.max_sequences
+        return self.engine.max_sequences
 
     @property
     def device(self) -> str:
@@ -134,8 +141,13 @@ class Chat:
         return ChatSession(self.template)
 
     def reset(self, session: ChatSession) -> None:
-        """Forget the conversation and its images."""
+        """Forget the conversation, its images and its cached key/values."""
         session.clear()
+        self.engine.forget(session)
+
+    def cached_positions(self, session: ChatSession) -> int:
+        """Positions whose key/values the engine keeps for the session's next turn."""
+        return self.engine.cached_positions(session)
 
     # --- inputs ---------------------------------------------------------------------------------
 
@@ -153,14 +165,48 @@ class Chat:
         session.images.append(embeds)
         session.image_ids.append(next(_image_ids))
         session.conversation.add_image()
+        session.fitted = None
 
     def ask(self, session: ChatSession, text: str) -> None:
         """Add the user's message. Raises `MessageError` if it is empty or cannot fit the context.
 
         The text is cleaned (`clean_text`: lone surrogates, control characters) and is only ever
         text: template markers and special tokens in it are escaped when the prompt is rendered.
-        On any error the conversation is left as it was.
+        The prompt is fitted here, once, and kept for the answer. On any error the conversation is
+        left as it was.
         """
+        text = self._clean_message(text)
+        if session.busy.locked():
+            raise MessageError("an answer is still being generated in this conversation")
+        before = [replace(m) for m in session.conversation.messages]
+        try:
+            session.conversation.add_user(text)
+            session.fitted = None
+            self._fit(session, self.defaults.max_new_tokens)
+        except InputError:
+            session.conversation.messages[:] = before
+            session.fitted = None
+            raise
+        except Exception as exc:  # a tokenizer failure must not leave a message that breaks every ask
+            session.conversation.messages[:] = before
+            session.fitted = None
+            log.exception("the message could not be tokenized")
+            raise MessageError(f"the message could not be tokenized ({type(exc).__name__}: {exc})") from exc
+
+    def add_answer(self, session: ChatSession, text: str) -> None:
+        """Record an assistant turn that was said earlier (replaying a history); cleaned like `ask`."""
+        if not isinstance(text, str):
+            raise MessageError(f"the answer must be text, not {type(text).__name__}")
+        session.conversation.add_assistant(clean_text(text).strip())
+        session.fitted = None
+
+    def add_question(self, session: ChatSession, text: str) -> None:
+        """Record an earlier user turn of a history being replayed: checked like `ask`, not fitted
+        (only the last question of a history needs to fit, and `ask` fits it)."""
+        session.conversation.add_user(self._clean_message(text))
+        session.fitted = None
+
+    def _clean_message(self, text: str) -> str:
         if not isinstance(text, str):
             raise MessageError(f"the message must be text, not {type(text).__name__}")
         text = clean_text(text).strip()
@@ -170,25 +216,14 @@ class Chat:
             raise MessageError(
                 f"the message is {len(text):,} characters long; the limit is {self.max_message_chars:,}"
             )
-        if session.busy.locked():
-            raise MessageError("an answer is still being generated in this conversation")
-        before = [replace(m) for m in session.conversation.messages]
-        try:
-            session.conversation.add_user(text)
-            self._fit_context(session, 1)
-        except InputError:
-            session.conversation.messages[:] = before
-            raise
-        except Exception as exc:  # a tokenizer failure must not leave a message that breaks every ask
-            session.conversation.messages[:] = before
-            log.exception("the message could not be tokenized")
-            raise MessageError(f"the message could not be tokenized ({type(exc).__name__}: {exc})") from exc
+        return text
 
-    def add_answer(self, session: ChatSession, text: str) -> None:
-        """Record an assistant turn that was said earlier (replaying a history); cleaned like `ask`."""
-        if not isinstance(text, str):
-            raise MessageError(f"the answer must be text, not {type(text).__name__}")
-        session.conversation.add_assistant(clean_text(text).strip())
+    def _fit(self, session: ChatSession, max_new_tokens: int) -> FittedPrompt:
+        """The session's prompt for an answer of `max_new_tokens`, fitted once per turn."""
+        if session.fitted is None or session.fitted[0] != max_new_tokens:
+            fitted = self.processor.fit(session.conversation, max_new_tokens, session.token_counts)
+            session.fitted = (max_new_tokens, fitted)
+        return session.fitted[1]
 
     # --- answers --------------------------------------------------------------------------------
 
@@ -202,7 +237,8 @@ class Chat:
         """Yield the answer in pieces as it is generated; the pieces joined are the answer.
 
         Closing the iterator early (a Stop button, a client that went away) ends generation and
-        keeps what was said so far as the assistant's turn.
+        keeps what was said so far as the assistant's turn. `session.last_result` then holds the
+        answer's token counts and why it ended.
         """
         params = replace(params or self.defaults, **overrides)
         messages = session.conversation.messages
@@ -211,229 +247,40 @@ class Chat:
         if not session.busy.acquire(blocking=False):
             raise MessageError("an answer is still being generated in this conversation")
         try:
-            yield from self._generate(session, params)
+            yield from self._stream(session, params)
         finally:
             session.busy.release()
 
-    def _fit_context(self, session: ChatSession, max_new_tokens: int) -> tuple[list[int], int]:
-        """Token ids of the prompt, and how many new tokens the answer may have.
-
-        When prompt + answer would pass `max_context_tokens`, the oldest question–answer text is
-        left out of the prompt first. Always kept: the system text, every image (those of left-out
-        exchanges move to the oldest kept turn) and the latest exchange. If even that leaves less
-        room than `max_new_tokens`, the answer gets the room there is; with no room at all,
-        `MessageError`. The session's history itself keeps everything.
-
-        The cost does not grow with the square of the history: each message is tokenised once
-        (its count is kept on the session) to estimate how many exchanges to leave out, then
-        the prompt is tokenised for that estimate and its neighbours only, to find exactly the
-        fewest exchanges to leave out.
-        """
-        conversation = session.conversation
-        limit = self.max_context_tokens - max_new_tokens
-        prompts: dict[int, list[int]] = {}
-
-        def prompt(drop: int) -> list[int]:
-            if drop not in prompts:
-                text = conversation.render(self.tokenizer, drop)
-                prompts[drop] = self.model.tokenize_prompt(text, session.n_images)
-            return prompts[drop]
-
-        most = conversation.n_droppable()
-        ids = prompt(most)
-        if len(ids) <= limit:
-            drop = self._fewest_drops(session, most, limit, prompt) if most else 0
-            if drop:
-                log.info("context full: left out the %d oldest exchange(s)", drop)
-            return prompt(drop), max_new_tokens
-        room = self.max_context_tokens - len(ids)
-        if room >= 1:
-            log.info("context full: the answer may have %d tokens instead of %d", room, max_new_tokens)
-            return ids, room
-        raise MessageError(
-            f"the conversation needs {len(ids):,} tokens, but the context holds {self.max_context_tokens:,}: "
-            "send a shorter message or restart"
-        )
-
-    def _fewest_drops(
-        self, session: ChatSession, most: int, limit: int, prompt: Callable[[int], list[int]]
-    ) -> int:
-        """The fewest oldest exchanges to leave out for the prompt to hold at most `limit` tokens.
-
-        Leaving out `most` is known to fit. The per-message counts give an estimate; the real
-        prompt is then tokenised around it, galloping and bisecting, so the answer is exact
-        (a prompt only shrinks as exchanges are left out) after a few tokenisations.
-        """
-        messages = session.conversation.messages
-        cuts = [
-            0,
-            *_exchange_starts(messages)[1:],
-            len(messages),
-        ]  # exchange k is messages[cuts[k]:cuts[k+1]]
-        estimate = len(prompt(most))
-        guess = most
-        while guess > 0:  # only the exchanges that may fit are counted
-            size = sum(self._message_tokens(session, m) for m in messages[cuts[guess - 1] : cuts[guess]])
-            if estimate + size > limit:
-                break
-            guess -= 1
-            estimate += size
-
-        def fits(drop: int) -> bool:
-            return len(prompt(drop)) <= limit
-
-        # Bracket the answer: `low` does not fit (-1: nothing below 0), `high` fits.
-        step = 1
-        if fits(guess):
-            low, high = -1, guess
-            while high > 0:
-                probe = max(high - step, 0)
-                if not fits(probe):
-                    low = probe
-                    break
-                high, step = probe, step * 2
-        else:
-            low, high = guess, most
-            while low + step < most:
-                if fits(low + step):
-                    high = low + step
-                    break
-                low, step = low + step, step * 2
-        while high - low > 1:
-            middle = (low + high) // 2
-            if fits(middle):
-                high = middle
-            else:
-                low = middle
-        return high
-
-    def _message_tokens(self, session: ChatSession, message: Message) -> int:
-        """About how many prompt tokens a message takes, its images aside (kept per text on the session)."""
-        key = (message.role, message.text)
-        count = session.token_counts.get(key)
-        if count is None:
-            template = self.template
-            prefix = template.user_prefix if message.role == "user" else template.assistant_prefix
-            piece = prefix + message.text + template.sep
-            count = len(self.tokenizer(piece, add_special_tokens=False).input_ids)
-            session.token_counts[key] = count
-        return count
-
-    def _atoms(self, session: ChatSession, ids: list[int]) -> list[Any]:
-        """Identity of each position: a token id, or (image id, k) for the k-th vector of an image."""
-        atoms: list[Any] = []
-        n = self.model.n_image_tokens
-        seen = 0
-        for token in ids:
-            if token == IMAGE_TOKEN_ID:
-                atoms.append((session.image_ids[seen // n], seen % n))
-                seen += 1
-            else:
-                atoms.append(token)
-        return atoms
-
     @torch.no_grad()
-    def _generate(self, session: ChatSession, params: GenerationParams) -> Iterator[str]:
-        ids, max_new_tokens = self._fit_context(session, params.max_new_tokens)
-        params = replace(params, max_new_tokens=max_new_tokens)
-        atoms = self._atoms(session, ids)
+    def _stream(self, session: ChatSession, params: GenerationParams) -> Iterator[str]:
+        fitted = self._fit(session, params.max_new_tokens)
+        session.fitted = None  # the answer changes the conversation
         images = torch.stack(session.images) if session.images else None
-        embeds = self.model.embed_inputs(torch.tensor([ids]), images)
-        stream = StreamText(
-            self.tokenizer, self.stop_strings + list(params.stop), self.template.strip_prefixes
-        )
-        session.last_prompt_tokens = len(ids)
-        session.last_answer_tokens, session.last_finish_reason = 0, "length"
-        beams = self.runtime.max_beams(len(ids) + max_new_tokens, params.num_beams)  # one cache per beam
-        params = replace(params, num_beams=beams)
-        if params.num_beams > 1:
-            session.sequence, session.cache_atoms = None, []
-            session.last_prefill_tokens = len(atoms)
-            yield from self._beam_search(session, embeds, params, stream)
-            session.conversation.add_assistant(stream.sent)
-            return
-        if session.sequence is None:
-            session.sequence = self.runtime.new_sequence()
-        request = Request(
-            sequence=session.sequence,
-            cached=session.cache_atoms if self.kv_reuse else [],
-            embeds=embeds[0],
-            atoms=atoms,
-            params=params,
-            stop_ids=self.stop_ids,
+        prompt = self.processor.inputs(fitted.ids, images, tuple(session.image_ids))
+        if not self.kv_reuse:
+            self.engine.forget(session)
+        generation = self.engine.generate(
+            prompt,
+            replace(params, max_new_tokens=fitted.max_new_tokens),
+            key=session if self.kv_reuse else None,
             generator=session.generator,
         )
-        session.cache_atoms = []  # invalid until this answer is complete
-        self.batcher.submit(request)
+        stops = self.engine.stops.with_strings(params.stop)
+        stream = StreamText(self.tokenizer, list(stops.strings), self.template.strip_prefixes)
         try:
-            for token in request.results():
-                session.last_answer_tokens += 1
-                if token in self.stop_ids:
-                    session.last_finish_reason = "stop"
-                    break
+            for token in generation:
                 piece = stream.add(token)
                 if piece:
                     yield piece
                 if stream.stopped:
-                    session.last_finish_reason = "stop"
                     break
             if not stream.stopped:
                 piece = stream.finish()
                 if piece:
                     yield piece
         finally:
-            request.cancel()
-            session.last_prefill_tokens = request.prefilled
+            session.last_result = generation.cancel()
             session.conversation.add_assistant(stream.sent)
-            if self.kv_reuse:
-                session.cache_atoms = request.fed
-
-    @torch.no_grad()
-    def decode_prompts(
-        self, prompts: list[list[int]], images: torch.Tensor, params: GenerationParams
-    ) -> list[list[int]]:
-        """Token ids answering each prompt (image `i` in prompt `i`), all decoded together.
-
-        For batch evaluation: fresh sequences, nothing cached, the same token choice as `answer`.
-        """
-        requests = [
-            self.batcher.submit(
-                Request(
-                    sequence=self.runtime.new_sequence(),
-                    cached=[],
-                    embeds=self.model.embed_inputs(torch.tensor([ids]), images[i : i + 1])[0],
-                    atoms=list(ids),
-                    params=params,
-                    stop_ids=self.stop_ids,
-                )
-            )
-            for i, ids in enumerate(prompts)
-        ]
-        return [list(request.results()) for request in requests]
-
-    def _beam_search(
-        self, session: ChatSession, embeds: torch.Tensor, params: GenerationParams, stream: StreamText
-    ) -> Iterator[str]:
-        """Beam search through `generate` (full prefill, the answer comes at once)."""
-        output = self.model.llm.generate(
-            inputs_embeds=embeds,
-            attention_mask=torch.ones(embeds.shape[:2], dtype=torch.long, device=embeds.device),
-            max_new_tokens=params.max_new_tokens,
-            num_beams=params.num_beams,
-            do_sample=params.do_sample,
-            temperature=params.temperature if params.do_sample else None,
-            top_p=params.top_p if params.do_sample else None,
-            repetition_penalty=params.repetition_penalty,
-            eos_token_id=sorted(self.stop_ids),
-            pad_token_id=self.tokenizer.pad_token_id,
-            stop_strings=stream.stop_strings or None,
-            tokenizer=self.tokenizer,
-        )
-        text, used, stopped = stream.add_tokens(output[0].tolist(), self.stop_ids)
-        session.last_answer_tokens = used
-        session.last_finish_reason = "stop" if stopped else "length"
-        if text:
-            yield text
 
 
 def load_chat(
@@ -442,6 +289,8 @@ def load_chat(
     """Build the model of a preset (eval_configs/<name>.yaml or a path; None: the default) and its Chat."""
     cfg = load_eval_config(preset, overrides)
     model = build_model(cfg.model, device)
+    runtime = build_runtime(cfg.model, model)
+    beams = None if isinstance(runtime, TorchRuntime) else (lambda: build_beam_runtime(cfg.model, model))
     return Chat(
         model,
         get_template(cfg.model.template),
@@ -452,5 +301,6 @@ def load_chat(
         max_message_chars=cfg.max_message_chars,
         preset_name=cfg.name,
         description=cfg.description,
-        runtime=build_runtime(cfg.model, model),
+        runtime=runtime,
+        beam_runtime=beams,
     )

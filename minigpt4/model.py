@@ -2,7 +2,8 @@
 
 Images enter the LLM as `n_image_tokens` embedding vectors each. In token sequences their
 positions hold `IMAGE_TOKEN_ID`, so prompts, attention masks and training labels line up with
-the final embedding sequence one to one.
+the final embedding sequence one to one. The model only does the math; turning conversations into
+token ids is the processor's (`minigpt4/processor.py`), decoding the engine's (`minigpt4/decode/`).
 """
 
 from __future__ import annotations
@@ -13,9 +14,12 @@ import torch
 from PIL import Image
 from torch import nn
 
-IMAGE_PLACEHOLDER = "<ImageHere>"  # where a prompt's image embeddings are spliced in
-IMAGE_TOKEN_ID = -200
+from minigpt4.decode.inputs import IMAGE_TOKEN_ID, splice_images
+
+IMAGE_PLACEHOLDER = "<ImageHere>"  # where a prompt's image embeddings are spliced in (minigpt4/processor.py)
 IGNORE_INDEX = -100
+
+__all__ = ["IGNORE_INDEX", "IMAGE_PLACEHOLDER", "IMAGE_TOKEN_ID", "MiniGPT4"]
 
 
 class MiniGPT4(nn.Module):
@@ -68,28 +72,7 @@ class MiniGPT4(nn.Module):
     def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
         return self.project(self.encode_frozen(pixel_values))
 
-    # --- prompts -------------------------------------------------------------------------------
-
-    def tokenize_prompt(self, prompt: str, n_images: int) -> list[int]:
-        """Token ids of a prompt, with `n_image_tokens` × IMAGE_TOKEN_ID at each `<ImageHere>`.
-
-        As in the original, text segments are tokenized separately and only the first gets the
-        tokenizer's special tokens (BOS) — unless the prompt already starts with the BOS text.
-        """
-        segments = prompt.split(IMAGE_PLACEHOLDER)
-        if len(segments) - 1 != n_images:
-            raise ValueError(
-                f"the prompt has {len(segments) - 1} {IMAGE_PLACEHOLDER} placeholders but {n_images} images were given"
-            )
-        bos = self.tokenizer.bos_token
-        add_special = not (bos and prompt.startswith(bos))
-        ids: list[int] = []
-        for i, segment in enumerate(segments):
-            if i > 0:
-                ids.extend([IMAGE_TOKEN_ID] * self.n_image_tokens)
-            if segment or i == 0:
-                ids.extend(self.tokenizer(segment, add_special_tokens=add_special and i == 0).input_ids)
-        return ids
+    # --- inputs ---------------------------------------------------------------------------------
 
     def embed_inputs(self, input_ids: torch.Tensor, image_embeds: torch.Tensor | None) -> torch.Tensor:
         """Token embeddings with image embeddings spliced in at the IMAGE_TOKEN_ID positions, in order."""
@@ -103,10 +86,7 @@ class MiniGPT4(nn.Module):
                 f"the input has {n_positions} image positions ({n_positions / self.n_image_tokens:g} images) "
                 f"but {n_images} image embeddings ({n_given} vectors) were given"
             )
-        embeds = self.llm.get_input_embeddings()(input_ids.masked_fill(mask, 0))
-        if image_embeds is None:
-            return embeds
-        return embeds.masked_scatter(mask.unsqueeze(-1), image_embeds.to(embeds.dtype))
+        return splice_images(self.llm.get_input_embeddings(), input_ids, image_embeds)
 
     def _image_embeds(
         self, pixel_values: torch.Tensor | None, features: torch.Tensor | None
@@ -141,29 +121,6 @@ class MiniGPT4(nn.Module):
             attention_mask=None if attention_mask is None else attention_mask.to(self.device),
             labels=None if labels is None else labels.to(self.device),
             use_cache=False,
-        )
-
-    @torch.no_grad()
-    def generate(
-        self,
-        input_ids: torch.Tensor,
-        attention_mask: torch.Tensor | None = None,
-        pixel_values: torch.Tensor | None = None,
-        features: torch.Tensor | None = None,
-        **generate_kwargs,
-    ) -> torch.Tensor:
-        """Batched `generate` on prompts with images; returns only the new token ids.
-
-        Pad batches on the left (with `attention_mask` zeros) so every prompt ends where its
-        answer begins. Keyword arguments go to the LLM's `generate` (max_new_tokens, num_beams, …).
-        """
-        image_embeds = self._image_embeds(pixel_values, features)
-        inputs_embeds = self.embed_inputs(input_ids, image_embeds)
-        if attention_mask is None:
-            attention_mask = torch.ones(input_ids.shape, dtype=torch.long)
-        generate_kwargs.setdefault("pad_token_id", self.tokenizer.pad_token_id)
-        return self.llm.generate(
-            inputs_embeds=inputs_embeds, attention_mask=attention_mask.to(self.device), **generate_kwargs
         )
 
     def trainable_state_dict(self) -> dict[str, torch.Tensor]:

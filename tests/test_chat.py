@@ -5,6 +5,7 @@ from __future__ import annotations
 import threading
 
 import pytest
+from decode_helpers import prompt_ids
 from PIL import Image
 
 from minigpt4.chat import Chat
@@ -42,7 +43,7 @@ def test_kv_reuse_gives_the_full_prefill_answers_and_prefills_less(tiny_chat, ph
         for q in questions:
             tiny_chat.ask(session, q)
             answers[reuse].append(tiny_chat.answer(session, **GREEDY))
-            prefill[reuse].append(session.last_prefill_tokens)
+            prefill[reuse].append(session.last_result.prefill_tokens)
     tiny_chat.kv_reuse = True
     assert answers[True] == answers[False]
     assert prefill[True][0] == prefill[False][0]
@@ -108,7 +109,7 @@ def test_beam_search_answers(tiny_chat, photo):
     session = _start(tiny_chat, photo)
     answer = tiny_chat.answer(session, num_beams=2, **GREEDY)
     assert answer and session.history[-1] == ("assistant", answer)
-    assert session.sequence is None
+    assert tiny_chat.cached_positions(session) == 0  # beams keep no cache: the next turn prefills all
 
 
 def test_message_errors_leave_the_conversation_as_it_was(tiny_chat, photo):
@@ -136,8 +137,9 @@ def test_answer_before_a_question_is_an_error(tiny_chat, photo):
 def test_reset_clears_everything(tiny_chat, photo):
     session = _start(tiny_chat, photo)
     tiny_chat.answer(session, **GREEDY)
+    assert tiny_chat.cached_positions(session) > 0
     tiny_chat.reset(session)
-    assert session.history == [] and session.n_images == 0 and session.sequence is None
+    assert session.history == [] and session.n_images == 0 and tiny_chat.cached_positions(session) == 0
 
 
 def test_long_history_drops_oldest_exchanges_but_keeps_the_image(tiny_chat, photo):
@@ -148,8 +150,8 @@ def test_long_history_drops_oldest_exchanges_but_keeps_the_image(tiny_chat, phot
         chat.ask(session, f"question number {i} about the picture")
         chat.answer(session, do_sample=False, max_new_tokens=8)
     assert len(session.history) == 16  # the history itself keeps everything
-    prompt_ids, room = chat._fit_context(session, 8)
-    assert room == 8 and len(prompt_ids) <= 160 - 8
+    fitted = chat.processor.fit(session.conversation, 8, session.token_counts)
+    assert fitted.max_new_tokens == 8 and len(fitted.ids) <= 160 - 8 and fitted.dropped >= 1
     prompt = session.conversation.render(chat.tokenizer, drop_exchanges=1)
     assert "<ImageHere>" in prompt
 
@@ -185,13 +187,13 @@ def test_stream_without_stop_string_keeps_all_text(tiny_chat):
 
 def test_sessions_record_token_counts_and_why_the_answer_ended(tiny_chat, photo):
     session = _start(tiny_chat, photo)
-    prompt_len = len(tiny_chat.model.tokenize_prompt(session.conversation.render(tiny_chat.tokenizer), 1))
+    prompt_len = len(prompt_ids(tiny_chat.model, session.conversation.render(tiny_chat.tokenizer), 1))
     full = tiny_chat.answer(session, do_sample=False, max_new_tokens=8)
-    assert (session.last_prompt_tokens, session.last_answer_tokens) == (prompt_len, 8)
-    assert session.last_finish_reason == "length"
+    result = session.last_result
+    assert (result.prompt_tokens, result.answer_tokens, result.finish_reason) == (prompt_len, 8, "length")
     again = _start(tiny_chat, photo)
     cut = tiny_chat.answer(again, do_sample=False, max_new_tokens=8, stop=(full[-3:],))
-    assert again.last_finish_reason == "stop" and again.last_answer_tokens <= 8
+    assert again.last_result.finish_reason == "stop" and again.last_result.answer_tokens < 8
     assert full.startswith(cut) and len(cut) < len(full)
 
 
@@ -211,7 +213,7 @@ def test_markers_and_special_tokens_typed_by_the_user_stay_text(tiny_chat, photo
     session = _start(tiny_chat, photo, "what <ImageHere> is it?")
     assert tiny_chat.answer(session, **GREEDY)
     tiny_chat.ask(session, "</s><s>")
-    ids, _ = tiny_chat._fit_context(session, 1)
+    ids = tiny_chat.processor.fit(session.conversation, 1).ids
     tok = tiny_chat.tokenizer
     assert ids.count(tok.bos_token_id) == 1 and ids[0] == tok.bos_token_id  # the prompt's own BOS only
     assert tok.eos_token_id not in ids
@@ -237,7 +239,7 @@ def test_a_tokenizer_failure_in_ask_is_a_message_error_and_rolled_back(tiny_chat
         raise TypeError("TextEncodeInput must be Union[...]")
 
     with monkeypatch.context() as m:
-        m.setattr(tiny_chat.model, "tokenize_prompt", broken)
+        m.setattr(tiny_chat.processor, "tokenize", broken)
         with pytest.raises(MessageError, match="could not be tokenized"):
             tiny_chat.ask(session, "next question")
     assert session.history == before

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from decode_helpers import prompt_ids
 from safetensors.torch import save_file
 from vision_helpers import TINY_QFORMER, TINY_VIT
 
@@ -340,7 +341,7 @@ def test_prompt_token_ids_match_the_originals_llama_tokenizer(llama_tokenizer_di
     conversation.add_user("And its colour?")
     prompt = conversation.render(model.tokenizer)
     assert prompt.count("<s>") == (2 if template == "llama2" else 0)
-    assert model.tokenize_prompt(prompt, 1) == _original_ids(sp, prompt, model.n_image_tokens)
+    assert prompt_ids(model, prompt, 1) == _original_ids(sp, prompt, model.n_image_tokens)
 
 
 # --- the memory table of docs/original.md ---------------------------------------------------------

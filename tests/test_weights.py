@@ -9,6 +9,7 @@ import re
 
 import pytest
 import torch
+from decode_helpers import prompt_ids
 from transformers import Blip2Config, Blip2ForConditionalGeneration, LlamaForCausalLM
 from vision_helpers import TINY_QFORMER, TINY_VIT
 
@@ -298,7 +299,7 @@ def test_lavis_and_released_projection_files_rebuild_the_tiny_model(tiny_model, 
     rebuilt = build_model(cfg.model, "cpu")
     rebuilt.llm.load_state_dict(tiny_model.llm.state_dict())
     pixels = torch.randn(1, 3, 224, 224)
-    ids = torch.tensor([tiny_model.tokenize_prompt("<ImageHere> a photo of", 1)])
+    ids = torch.tensor([prompt_ids(tiny_model, "<ImageHere> a photo of", 1)])
     with torch.no_grad():
         torch.testing.assert_close(
             rebuilt(input_ids=ids, pixel_values=pixels).logits,

@@ -68,7 +68,7 @@ def describe_batch(chat: Chat, images: list[Path], settings: GenerateSettings) -
     """`describe` for several images at once, greedily: each round decodes the images still short."""
     max_new_tokens = dict(settings.overrides).get("max_new_tokens", chat.defaults.max_new_tokens)
     answerer = BatchAnswerer(chat, max_new_tokens)
-    conversations = [Conversation(chat.template) for _ in images]
+    conversations = [Conversation(chat.processor.template) for _ in images]
     for conversation in conversations:
         conversation.add_image()
         conversation.add_user(GENERATE_PROMPT)

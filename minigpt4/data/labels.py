@@ -27,7 +27,7 @@ STAGE1_END = "\n"
 
 @dataclass
 class TextBuilder:
-    """Builds (input_ids, labels) for images and their texts. `tokenize_prompt` is the model's."""
+    """Builds (input_ids, labels) for images and their texts. `tokenize_prompt` is the processor's (minigpt4/processor.py)."""
 
     tokenize_prompt: Callable[[str, int], list[int]]
     tokenizer: object

@@ -37,6 +37,7 @@ from minigpt4.data.labels import TextBuilder, pad_batch
 from minigpt4.data.stage1 import CorruptSample
 from minigpt4.errors import ImageError
 from minigpt4.images import load_image
+from minigpt4.processor import tokenize_prompt
 
 log = logging.getLogger(__name__)
 
@@ -281,7 +282,9 @@ def example_maker(
 
 def text_builder(cfg: DataConfig, model_cfg: ModelConfig, model: Any) -> TextBuilder:
     return TextBuilder(
-        tokenize_prompt=model.tokenize_prompt,
+        tokenize_prompt=lambda prompt, n_images: tokenize_prompt(
+            model.tokenizer, prompt, n_images, model.n_image_tokens
+        ),
         tokenizer=model.tokenizer,
         template=get_template(model_cfg.template),
         stage=cfg.stage,

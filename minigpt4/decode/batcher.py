@@ -1,11 +1,12 @@
 """Continuous batching: one thread decodes the active answers of every session together.
 
-Each answer is a `Request`: its prompt (embeddings and the identity of each position), its own
-sampling settings, stop ids and random generator. The batcher thread prefills a request when it
-joins (reusing the key/values its sequence already holds for the same leading positions), then runs
-one batched step per token for all requests still decoding; a request leaves when it emits a stop
-id, reaches its token budget, or its reader cancels it. Tokens reach the reader through a queue, so
-stop strings, streaming and cancellation stay with the reader (`Chat`).
+Each answer is a `Request`: its prompt (token ids and image vectors, and the identity of each
+position), its own sampling settings, stops and random generator. The batcher thread prefills a
+request when it joins (reusing the key/values its sequence already holds for the same leading
+positions), then runs one batched step per token for all requests still decoding; a request leaves
+when it chooses a stop id, its text reaches a stop string, it reaches its token budget, or its
+reader cancels it. Tokens reach the reader through a queue. The batcher is the `Engine`'s
+(`minigpt4/decode/engine.py`); nothing else submits to it.
 
 Each token is chosen by `generation.choose_token`: `generate`'s logits processors over the answer's
 own tokens, then argmax or a draw from the request's generator.
@@ -23,8 +24,10 @@ from typing import Any
 
 import torch
 
+from minigpt4.decode.inputs import PromptInput
 from minigpt4.decode.kv_budget import KVBudgetError
 from minigpt4.decode.runtime import DecodeRuntime, Sequence
+from minigpt4.decode.stops import Stops
 from minigpt4.generation import GenerationParams, choose_token
 
 log = logging.getLogger(__name__)
@@ -39,14 +42,15 @@ class Request:
 
     sequence: Sequence
     cached: list[Any]  # the atoms `sequence` holds now that may be reused (from earlier turns)
-    embeds: torch.Tensor  # (positions, hidden): the whole prompt
+    prompt: PromptInput  # the whole prompt
     atoms: list[Any]
     params: GenerationParams
-    stop_ids: set[int]
+    stops: Stops
     generator: torch.Generator | None = None
     # Filled in by the batcher:
     fed: list[Any] = field(default_factory=list)  # the atoms the sequence holds when it is done
     prefilled: int = 0  # positions prefilled (the rest came from the cache)
+    finish_reason: str = "cancelled"  # "stop" (a stop id or string), "length" (the budget), "cancelled"
     tokens: queue.Queue = field(default_factory=queue.Queue)
     cancelled: threading.Event = field(default_factory=threading.Event)
     done: threading.Event = field(default_factory=threading.Event)
@@ -165,7 +169,7 @@ class Batcher:
         keep = min(_common_prefix(request.cached, request.atoms), seq.length, len(request.atoms) - 1)
         seq.active = True
         try:
-            logits = self.runtime.prefill(seq, request.embeds[keep:], keep)
+            logits = self.runtime.prefill(seq, request.prompt.tail(keep), keep)
         except Exception as e:  # noqa: BLE001 (handed to the reader, who raises it)
             log.exception("prefill failed")
             request.fed = []
@@ -209,8 +213,11 @@ class Batcher:
         token = choose_token(params, request._generated, logits, request.generator)
         request._generated.append(token)
         request.tokens.put(token)
-        last = token in request.stop_ids or len(request._generated) >= params.max_new_tokens
-        if last or request.cancelled.is_set():
+        if request.stops.ends(request._generated):
+            request.finish_reason = "stop"
+        elif len(request._generated) >= params.max_new_tokens:
+            request.finish_reason = "length"
+        if request.finish_reason != "cancelled" or request.cancelled.is_set():
             request._pending = None
             self._finish(request)
         else:

@@ -5,9 +5,9 @@ and by how little work surrounds each matrix–vector product. llama.cpp reads t
 weights directly (a quarter of float16's bytes for Q4) with fused kernels, and it decodes several
 sequences in one call (a batch of one token per sequence), which costs hardly more than one.
 
-The prompt goes in as input embeddings (the text's token embeddings with the image vectors spliced
-in, computed by `MiniGPT4.embed_inputs`), as llama.cpp's own LLaVA support does; new tokens go in as
-token ids. Sequences live in slots of one llama.cpp context; an idle sequence keeps its slot (and
+The prompt goes in as llama.cpp's own multimodal examples feed it: runs of text as token batches,
+the image vectors as embedding batches, so the token embeddings come from the GGUF itself and no
+other copy of the LLM is needed. Sequences live in slots of one llama.cpp context; an idle sequence keeps its slot (and
 its key/values) until a new sequence needs the slot, least recently used first.
 """
 
@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from minigpt4.decode.inputs import PromptInput
 from minigpt4.errors import ConfigError
 from minigpt4.files import write_atomic
 
@@ -208,32 +209,58 @@ class LlamaCppRuntime:
         pointer = self.lib.llama_get_logits_ith(self.ctx, row)
         return torch.from_numpy(np.ctypeslib.as_array(pointer, shape=(self.n_vocab,)).copy())
 
-    def prefill(self, seq: LlamaSequence, embeds: torch.Tensor, keep: int) -> torch.Tensor:
+    def prefill(self, seq: LlamaSequence, prompt: PromptInput, keep: int) -> torch.Tensor:
         if seq.slot is None:
             self._take_slot(seq)
         if keep > seq.length:
             raise ValueError(f"cannot keep {keep} positions of a sequence that holds {seq.length}")
+        if keep + len(prompt) > self.context_tokens:
+            raise ValueError(f"{keep + len(prompt)} positions do not fit a slot of {self.context_tokens}")
         if seq.length > keep:
             self.lib.llama_memory_seq_rm(self.memory, seq.slot, keep, -1)
         seq.length = keep
         self._touch(seq)
-        rows = np.ascontiguousarray(embeds.detach().to(torch.float32).cpu().numpy())
+        last = 0
+        for run in prompt.runs():
+            if isinstance(run, torch.Tensor):
+                last = self._feed_vectors(seq, run)
+            else:
+                last = self._feed_tokens(seq, run)
+        return self._logits(last)
+
+    def _feed_tokens(self, seq: LlamaSequence, tokens: list[int]) -> int:
+        """Append text tokens to `seq` in token batches; the batch row of the last one (its logits)."""
+        batch = self._tokens
+        for start in range(0, len(tokens), self.n_batch):
+            chunk = tokens[start : start + self.n_batch]
+            for j, token in enumerate(chunk):
+                batch.token[j] = token
+                self._place(batch, j, seq, start + j == len(tokens) - 1)
+            self._decode(batch, len(chunk))
+            seq.length += len(chunk)
+        return len(chunk) - 1
+
+    def _feed_vectors(self, seq: LlamaSequence, vectors: torch.Tensor) -> int:
+        """Append image vectors (n, hidden) to `seq` in embedding batches; the row of the last one."""
+        rows = np.ascontiguousarray(vectors.detach().to(torch.float32).cpu().numpy())
         if rows.ndim != 2 or rows.shape[1] != self.hidden:
-            raise ValueError(f"prefill takes (n, {self.hidden}) embeddings, got {tuple(rows.shape)}")
-        if keep + len(rows) > self.context_tokens:
-            raise ValueError(f"{keep + len(rows)} positions do not fit a slot of {self.context_tokens}")
+            raise ValueError(f"image vectors must be (n, {self.hidden}), got {tuple(rows.shape)}")
         batch = self._embeds
         for start in range(0, len(rows), self.n_batch):
             chunk = rows[start : start + self.n_batch]
             ctypes.memmove(batch.embd, chunk.ctypes.data, chunk.nbytes)
             for j in range(len(chunk)):
-                batch.pos[j] = seq.length + j
-                batch.n_seq_id[j] = 1
-                batch.seq_id[j][0] = seq.slot
-                batch.logits[j] = start + j == len(rows) - 1
+                self._place(batch, j, seq, start + j == len(rows) - 1)
             self._decode(batch, len(chunk))
             seq.length += len(chunk)
-        return self._logits(len(chunk) - 1)
+        return len(chunk) - 1
+
+    def _place(self, batch, j: int, seq: LlamaSequence, logits: bool) -> None:
+        """Row `j` of `batch` goes to `seq`'s next position (`seq.length` counts the rows before it)."""
+        batch.pos[j] = seq.length + j
+        batch.n_seq_id[j] = 1
+        batch.seq_id[j][0] = seq.slot
+        batch.logits[j] = logits
 
     def step(self, seqs: list[LlamaSequence], tokens: list[int]) -> torch.Tensor:
         batch = self._tokens

@@ -47,6 +47,8 @@ from tqdm import tqdm
 
 from minigpt4.chat import Chat, ChatSession
 from minigpt4.commands.common import HelpFormatter, add_model_args, at_least, chat_from_args
+from minigpt4.decode.engine import Engine
+from minigpt4.decode.stops import NO_STOPS
 from minigpt4.decode_weights import decode_weight_tensors, float32_decode, has_half_decode_weights
 from minigpt4.errors import ConfigError, InputError
 from minigpt4.eval.bandwidth import WeightStream
@@ -105,13 +107,13 @@ def _fastest(fn: Callable[[], object], repeats: int) -> float:
 
 
 class InferenceBench:
-    """Runs the measurements on one Chat. Its stop tokens are cleared so every answer has a fixed length."""
+    """Runs the measurements on a Chat of its own: the given chat's model and runtime, with an engine
+    without stops, so every answer has a fixed length. The given chat must be idle meanwhile."""
 
     def __init__(self, chat: Chat, image: Image.Image, answer_tokens: int) -> None:
-        self.chat = chat
+        self.chat = chat.with_engine(Engine(chat.engine.runtime, NO_STOPS, chat.processor.pad_id))
         self.image = image
         self.answer_tokens = answer_tokens
-        chat.stop_ids, chat.stop_strings = set(), []
         self.greedy = {"do_sample": False, "num_beams": 1, "repetition_penalty": 1.0}
 
     def session(self, question: str | None = None) -> ChatSession:
@@ -128,8 +130,7 @@ class InferenceBench:
 
     def context_tokens(self, session: ChatSession) -> int:
         """Positions of the prompt that the next answer continues (text tokens and image vectors)."""
-        prompt = session.conversation.render(self.chat.tokenizer)
-        return len(self.chat.model.tokenize_prompt(prompt, session.n_images))
+        return len(self.chat.processor.conversation_ids(session.conversation))
 
     def encode_ms(self, repeats: int) -> float:
         session = self.chat.new_session()
@@ -225,9 +226,9 @@ class InferenceBench:
         if tokenizer.bos_token_id is not None:
             text_ids[0, 0] = tokenizer.bos_token_id
         half = has_half_decode_weights(self.chat.model.llm)
-        weights = WeightStream(decode_weight_tensors(self.chat.runtime))
+        weights = WeightStream(decode_weight_tensors(self.chat.engine.runtime))
         with float32_decode():
-            weights_fp32 = WeightStream(decode_weight_tensors(self.chat.runtime)) if half else None
+            weights_fp32 = WeightStream(decode_weight_tensors(self.chat.engine.runtime)) if half else None
         times: dict[str, list[float]] = {
             k: []
             for k in ("chat_n", "chat_1", "plain_n", "plain_1", "fp32_n", "fp32_1", "limit", "fp32_limit")
@@ -276,6 +277,7 @@ def concurrent_answers(
     the fastest of `repeats` counts. Each session's text together must equal its text alone.
     """
     bench = InferenceBench(chat, image, n_tokens)
+    chat = bench.chat
     questions = [QUESTIONS[i % len(QUESTIONS)] for i in range(n_sessions)]
     bench.turn(bench.session(), QUESTIONS[0], kv_reuse=True)  # warm-up
 
@@ -307,7 +309,7 @@ def concurrent_answers(
         "aggregate_tok_s": many,
         "aggregate_speedup": many / one,
         "identical_outputs": solo == together,
-        "runtime": chat.runtime.name,
+        "runtime": chat.engine.runtime.name,
     }
 
 

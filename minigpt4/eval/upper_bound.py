@@ -15,6 +15,7 @@ from dataclasses import replace
 from minigpt4.build import build_runtime
 from minigpt4.chat import Chat
 from minigpt4.config import ModelConfig
+from minigpt4.decode.engine import Engine
 from minigpt4.eval.answer import BatchAnswerer
 
 
@@ -30,18 +31,12 @@ class BareLLM:
         llm = chat.model.llm
         # peft's context that runs the base weights; None when the LLM has no adapters.
         self._adapters_off = getattr(llm, "disable_adapter", None)
-        if chat.runtime.batched and model_cfg.lora is not None:
+        engine = None
+        if chat.engine.runtime.batched and model_cfg.lora is not None:
             # llama.cpp decodes a GGUF with the adapters merged in: decode the unmerged one instead.
             runtime = build_runtime(replace(model_cfg, lora=None), chat.model)
-            chat = Chat(
-                chat.model,
-                chat.template,
-                chat.defaults,
-                max_context_tokens=chat.max_context_tokens,
-                preset_name=chat.preset_name,
-                runtime=runtime,
-            )
-        self.answerer = BatchAnswerer(chat, max_new_tokens)
+            engine = Engine(runtime, chat.processor.stops, chat.processor.pad_id)
+        self.answerer = BatchAnswerer(chat, max_new_tokens, engine)
 
     def answer(self, facts: Sequence[str], instructions: Sequence[str]) -> list[str]:
         """One answer per (facts, instruction) pair, asked with no image."""

@@ -356,11 +356,10 @@ def _generate(chat: Chat, turns: Sequence[Turn], params: GenerationParams, job: 
 
 
 def _finished(session: ChatSession) -> Finished:
-    """Token counts and why the answer ended, as the engine recorded them on the session."""
-    return Finished(
-        session.last_finish_reason or "stop",
-        Usage.of(session.last_prompt_tokens, session.last_answer_tokens),
-    )
+    """Token counts and why the answer ended: the engine's result of the session's last answer."""
+    result = session.last_result
+    reason = "length" if result.finish_reason == "length" else "stop"
+    return Finished(reason, Usage.of(result.prompt_tokens, result.answer_tokens))
 
 
 def _generation_params(defaults: GenerationParams, body: ChatCompletionRequest) -> GenerationParams:

@@ -216,9 +216,11 @@ def replay(
 ) -> bool:
     """Feed the turns into a fresh session: each user turn's images, then its text; earlier answers.
 
+    Only the last user turn is asked (fitted into the context, once); the earlier ones are recorded.
     Stops early, returning False, once `cancelled()` says the answer is no longer wanted.
     """
-    for turn in turns:
+    last_user = max((i for i, t in enumerate(turns) if t.role != "assistant"), default=-1)
+    for i, turn in enumerate(turns):
         if cancelled():
             return False
         if turn.role == "assistant":
@@ -229,7 +231,7 @@ def replay(
             with _located(image.where):
                 chat.upload_image(session, image.data)
         with _located(turn.where):
-            chat.ask(session, turn.text)
+            (chat.ask if i == last_user else chat.add_question)(session, turn.text)
     return not cancelled()
 
 

@@ -59,7 +59,7 @@ def _still_answers(chat: Chat, session) -> None:
 def _structure(chat: Chat, session) -> tuple[list[int], list[int]]:
     """How often each structural marker is in the prompt, and its special/image token ids in order."""
     prompt = session.conversation.render(chat.tokenizer)
-    ids, _ = chat._fit_context(session, 1)
+    ids = chat.processor.fit(session.conversation, 1).ids
     special = {i for i, t in chat.tokenizer.added_tokens_decoder.items() if t.special} | {IMAGE_TOKEN_ID}
     return [prompt.count(m) for m in STRUCTURE], [i for i in ids if i in special]
 

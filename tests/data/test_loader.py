@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 import webdataset as wds
+from decode_helpers import prompt_ids
 
 from minigpt4.conversation import get_template
 from minigpt4.data import scenes
@@ -217,7 +218,13 @@ def test_a_truncated_shard_is_counted_and_its_readable_part_used(tiny_config, ti
 
 
 def _builder(model, stage, max_tokens):
-    return TextBuilder(model.tokenize_prompt, model.tokenizer, get_template("vicuna0"), stage, max_tokens)
+    return TextBuilder(
+        lambda text, n: prompt_ids(model, text, n),
+        model.tokenizer,
+        get_template("vicuna0"),
+        stage,
+        max_tokens,
+    )
 
 
 def test_stage1_golden_labels_supervise_the_caption_and_newline_only(tiny_model):

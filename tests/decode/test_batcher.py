@@ -15,7 +15,9 @@ from decode_helpers import greedy_tokens
 
 from minigpt4.chat import Chat
 from minigpt4.decode.batcher import Batcher, Request
+from minigpt4.decode.inputs import PromptInput
 from minigpt4.decode.runtime import TorchRuntime
+from minigpt4.decode.stops import NO_STOPS
 from minigpt4.generation import GenerationParams
 
 GREEDY = {"do_sample": False, "num_beams": 1}
@@ -45,12 +47,14 @@ def _together(chat: Chat, sessions: list, **kwargs) -> list[str]:
 
 def test_answers_decoded_together_equal_answers_decoded_alone(tiny_chat, photo):
     alone = [tiny_chat.answer(_session(tiny_chat, photo, q), max_new_tokens=12, **GREEDY) for q in QUESTIONS]
-    steps, rows = tiny_chat.batcher.steps, tiny_chat.batcher.rows
+    steps, rows = tiny_chat.engine.batcher.steps, tiny_chat.engine.batcher.rows
     sessions = [_session(tiny_chat, photo, q) for q in QUESTIONS]
     together = _together(tiny_chat, sessions, max_new_tokens=12, **GREEDY)
     assert together == alone
     assert all(s.history[-1] == ("assistant", a) for s, a in zip(sessions, together, strict=True))
-    assert tiny_chat.batcher.rows - rows > tiny_chat.batcher.steps - steps  # some steps held several answers
+    assert (
+        tiny_chat.engine.batcher.rows - rows > tiny_chat.engine.batcher.steps - steps
+    )  # some steps held several answers
 
 
 def test_a_closed_stream_leaves_the_batch_and_the_others_finish(tiny_chat, photo):
@@ -62,7 +66,7 @@ def test_a_closed_stream_leaves_the_batch_and_the_others_finish(tiny_chat, photo
     stream.close()
     assert result == [expected]
     assert quitter.history[-1] == ("assistant", first)
-    assert tiny_chat.batcher.active == 0
+    assert tiny_chat.engine.batcher.active == 0
     tiny_chat.ask(quitter, "go on")  # the session that left still works
     assert tiny_chat.answer(quitter, max_new_tokens=4, **GREEDY)
 
@@ -88,7 +92,8 @@ def test_a_failing_step_reaches_every_reader_and_the_batcher_goes_on(tiny_chat, 
         chat.answer(session, max_new_tokens=10, **GREEDY)
     chat.ask(session, "again")
     assert chat.answer(session, max_new_tokens=5, **GREEDY)
-    assert session.last_prefill_tokens == session.last_prompt_tokens  # the broken cache was not reused
+    result = session.last_result
+    assert result.prefill_tokens == result.prompt_tokens  # the broken cache was not reused
 
 
 def test_a_request_cancelled_before_its_prefill_never_runs(tiny_chat):
@@ -96,10 +101,10 @@ def test_a_request_cancelled_before_its_prefill_never_runs(tiny_chat):
     request = Request(
         sequence=batcher.runtime.new_sequence(),
         cached=[],
-        embeds=torch.zeros(3, tiny_chat.model.llm.config.hidden_size),
+        prompt=PromptInput([1, 2, 3]),
         atoms=[1, 2, 3],
         params=GenerationParams(max_new_tokens=5, **GREEDY),
-        stop_ids=set(),
+        stops=NO_STOPS,
     )
     request.cancelled.set()
     batcher.submit(request)
@@ -126,7 +131,8 @@ def photos() -> list:
 
 def test_the_lite_preset_decodes_with_llama_cpp_and_batches_identically(lite_chat, photos):
     # The preset's LoRA weights are merged into a float16 copy of the GGUF that llama.cpp decodes.
-    assert lite_chat.runtime.name == "llama_cpp" and "-f16-lora-" in lite_chat.runtime.path.name
+    runtime = lite_chat.engine.runtime
+    assert runtime.name == "llama_cpp" and "-f16-lora-" in runtime.path.name
     questions = ("What is in this image?", "What colour is it?")
     alone = [
         lite_chat.answer(_session(lite_chat, photos[i], q), max_new_tokens=24)
@@ -144,14 +150,14 @@ def test_llama_cpp_reuses_its_cache_and_survives_losing_its_slot(lite_chat, phot
     lite_chat.answer(first, max_new_tokens=16)
     lite_chat.ask(first, "What colour is it?")
     reused = lite_chat.answer(first, max_new_tokens=16)
-    assert first.last_prefill_tokens < first.last_prompt_tokens / 2
+    assert first.last_result.prefill_tokens < first.last_result.prompt_tokens / 2
     # Two more sessions take both slots (max_sequences=2): the first loses its key/values.
     for image in photos[1:]:
         lite_chat.answer(_session(lite_chat, image, "What is it?"), max_new_tokens=4)
-    assert first.sequence.slot is None
+    assert lite_chat.engine.sequence(first).slot is None
     lite_chat.ask(first, "Where is it?")
     lite_chat.answer(first, max_new_tokens=8)
-    assert first.last_prefill_tokens == first.last_prompt_tokens
+    assert first.last_result.prefill_tokens == first.last_result.prompt_tokens
     # The same conversation replayed without any cache gives the same second answer.
     again = _session(lite_chat, photos[0], "What is in this image?")
     lite_chat.answer(again, max_new_tokens=16)
@@ -159,13 +165,24 @@ def test_llama_cpp_reuses_its_cache_and_survives_losing_its_slot(lite_chat, phot
     assert lite_chat.answer(again, max_new_tokens=16) == reused
 
 
-def test_llama_cpp_reads_the_same_weights_as_transformers(lite_chat):
-    """Greedy next tokens after a text prompt agree between the two runtimes of the same GGUF."""
+def test_llama_cpp_reads_the_same_weights_as_transformers(lite_chat, photos):
+    """Greedy tokens agree between the two runtimes of the same GGUF: after a text prompt (llama.cpp
+    embeds its tokens from the GGUF itself), and after prompts with image vectors spliced in."""
     prompt = "<|im_start|>user\nName three colours.<|im_end|>\n<|im_start|>assistant\n"
-    ids = lite_chat.tokenizer(prompt, add_special_tokens=False).input_ids
-    embeds = lite_chat.model.llm.get_input_embeddings()(torch.tensor(ids))
+    text = PromptInput(lite_chat.tokenizer(prompt, add_special_tokens=False).input_ids)
     transformers = TorchRuntime(lite_chat.model.llm)
-    assert greedy_tokens(lite_chat.runtime, embeds, 6) == greedy_tokens(transformers, embeds, 6)
+    runtime = lite_chat.engine.runtime
+    assert greedy_tokens(runtime, text, 6) == greedy_tokens(transformers, text, 6)
+    model = lite_chat.model
+    for image, question in zip(
+        photos, ("What is in this image?", "Describe it.", "Which colours?"), strict=True
+    ):
+        session = _session(lite_chat, image, question)
+        ids = lite_chat.processor.fit(session.conversation, 8).ids
+        with torch.no_grad():
+            vectors = model.encode_images(model.preprocess([image]))
+        spliced = PromptInput.of(ids, vectors)
+        assert greedy_tokens(runtime, spliced, 8) == greedy_tokens(transformers, spliced, 8)
 
 
 def test_weight_types_convert_once(lite_chat, tmp_path: Path, monkeypatch):
@@ -184,7 +201,7 @@ def test_weight_types_convert_once(lite_chat, tmp_path: Path, monkeypatch):
     assert converted_gguf(source, "q8_0") == target and target.stat().st_mtime_ns == stamp
     runtime = LlamaCppRuntime(target, context_tokens=64, max_sequences=1, threads=1)
     seq = runtime.new_sequence()
-    assert runtime.prefill(seq, torch.zeros(3, runtime.hidden), 0).shape == (runtime.n_vocab,)
+    assert runtime.prefill(seq, PromptInput([1, 2, 3]), 0).shape == (runtime.n_vocab,)
     runtime.close()
 
 
@@ -193,8 +210,8 @@ def test_close_ends_the_thread_after_the_answers_in_hand(tiny_chat, photo):
     session = _session(chat, photo, "hi")
     stream = chat.stream_answer(session, max_new_tokens=6, **GREEDY)
     first = next(stream)
-    thread = chat.batcher._thread
-    closer = threading.Thread(target=chat.batcher.close)
+    thread = chat.engine.batcher._thread
+    closer = threading.Thread(target=chat.engine.batcher.close)
     closer.start()
     rest = "".join(stream)  # the answer in hand still finishes
     closer.join(timeout=30)

@@ -91,8 +91,8 @@ def _asked(chat, image, question: str):
 
 
 def test_app_and_api_chats_share_one_budgeted_runtime(tiny_chat):
-    assert isinstance(tiny_chat.runtime, TorchRuntime)
-    assert tiny_chat.runtime.kv_budget.max_positions == 8 * 1024  # max_sequences × max_context_tokens
+    assert isinstance(tiny_chat.engine.runtime, TorchRuntime)
+    assert tiny_chat.engine.runtime.kv_budget.max_positions == 8 * 1024  # max_sequences × max_context_tokens
     with pytest.raises(ConfigError, match=r"kv_cache_positions \(100\) must hold at least one whole context"):
         load_chat("minigpt4_tiny_random", device="cpu", overrides=["model.llm.kv_cache_positions=100"])
 
@@ -101,17 +101,17 @@ def test_a_new_conversation_takes_the_room_of_the_least_recently_used_idle_one(s
     chat = small_budget_chat
     first = _asked(chat, photo, "What is in the image?")
     chat.answer(first, max_new_tokens=20, **GREEDY)
-    held_by_first = first.sequence.length
+    held_by_first = chat.engine.sequence(first).length
     assert held_by_first > 60
     second = _asked(chat, photo, "Which colours do you see?")
     chat.answer(second, max_new_tokens=200 - held_by_first, **GREEDY)  # needs more than is left
-    assert first.sequence.length == 0, "the idle conversation's cache was released"
-    assert second.sequence.length > 0
-    assert chat.runtime.kv_budget.held() <= 200
+    assert chat.engine.sequence(first).length == 0, "the idle conversation's cache was released"
+    assert chat.engine.sequence(second).length > 0
+    assert chat.engine.runtime.kv_budget.held() <= 200
     chat.ask(first, "And now?")  # the released conversation still answers, prefilling everything
     assert chat.answer(first, max_new_tokens=8, **GREEDY)
-    assert first.last_prefill_tokens == first.last_prompt_tokens
-    assert chat.runtime.kv_budget.held() <= 200
+    assert first.last_result.prefill_tokens == first.last_result.prompt_tokens
+    assert chat.engine.runtime.kv_budget.held() <= 200
 
 
 def test_beam_search_gets_the_beams_its_context_leaves_room_for(photo, monkeypatch):
@@ -127,7 +127,7 @@ def test_beam_search_gets_the_beams_its_context_leaves_room_for(photo, monkeypat
     monkeypatch.setattr(chat.model.llm, "generate", recording_generate)
     session = _asked(chat, photo, "Describe it.")
     chat.answer(session, max_new_tokens=20, do_sample=False, num_beams=10)
-    prompt = session.last_prompt_tokens
+    prompt = session.last_result.prompt_tokens
     assert seen == [500 // (prompt + 20)] and 1 < seen[0] < 10
 
 
@@ -146,5 +146,5 @@ def test_a_failed_prefill_leaves_no_cache_held(tiny_chat, photo):
     session = _asked(chat, photo, "hi")
     with pytest.raises(RuntimeError, match="out of memory"):
         chat.answer(session, max_new_tokens=5, **GREEDY)
-    assert session.sequence.length == 0
-    assert chat.runtime.kv_budget.held() == 0
+    assert chat.engine.sequence(session).length == 0
+    assert chat.engine.runtime.kv_budget.held() == 0

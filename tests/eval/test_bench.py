@@ -71,10 +71,11 @@ def test_bench_turns_use_and_skip_the_kv_cache(own_chat) -> None:
     reused, full = runner.session(), runner.session()
     _, context = runner.turn(reused, "What is it?", kv_reuse=True)
     runner.turn(full, "What is it?", kv_reuse=False)
-    assert reused.cached_positions and not full.cached_positions
+    chat = runner.chat
+    assert chat.cached_positions(reused) and not chat.cached_positions(full)
     # Stops are off, so the answer is exactly `answer_tokens` long, whatever the model says; the
     # last of its 5 tokens is never fed (no logits are needed after it).
-    assert reused.cached_positions == reused.sequence.length == context + 4
+    assert chat.cached_positions(reused) == chat.engine.sequence(reused).length == context + 4
 
 
 def test_report_names_each_goal(result: dict) -> None:
@@ -238,7 +239,7 @@ def test_turn_without_reuse_can_follow_another_conversations_answer(own_chat) ->
     runner.turn(full, "What is it?", kv_reuse=False, answer="A given answer.")
     assert full.conversation.messages[-1].text == "A given answer."
     # It stopped at its first piece instead of decoding all 8 tokens.
-    assert 1 <= full.last_answer_tokens < 8
+    assert 1 <= full.last_result.answer_tokens < 8
 
 
 def test_defaults_are_one_thread_one_repeat_and_are_printed_first(

@@ -76,6 +76,10 @@ class RecordingChat(ChatProxy):
         self.calls.append(("user", text))
         self.chat.ask(session, text)
 
+    def add_question(self, session: Any, text: str) -> None:
+        self.calls.append(("user", text))
+        self.chat.add_question(session, text)
+
     def add_answer(self, session: Any, text: str) -> None:
         self.calls.append(("assistant", text))
         self.chat.add_answer(session, text)

@@ -12,11 +12,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from decode_helpers import greedy_tokens
+from decode_helpers import greedy_tokens, prompt_ids
 from gguf import GGMLQuantizationType, GGUFReader, GGUFWriter
 
 from minigpt4.build import build_model, build_runtime
 from minigpt4.config import load_eval_config
+from minigpt4.decode.inputs import PromptInput
 from minigpt4.decode.lora_gguf import KEEP_MERGED, LoraWeight, gguf_tensor_name, lora_weights, merged_gguf
 from minigpt4.decode.runtime import TorchRuntime
 from minigpt4.errors import ConfigError
@@ -69,16 +70,15 @@ def merged_runtime(lora_cfg, lora_model, cache_dir):
 
 
 @pytest.fixture(scope="module")
-def image_prompt(lora_model) -> torch.Tensor:
-    """The prompt's embeddings: text around the 12 image vectors of a photo."""
+def image_prompt(lora_model) -> PromptInput:
+    """The prompt: text around the 12 image vectors of a photo."""
     data = pytest.importorskip("skimage.data")
     from PIL import Image
 
     image = Image.fromarray(data.chelsea()).convert("RGB")
     with torch.no_grad():
         images = lora_model.encode_images(lora_model.preprocess([image]))
-        ids = torch.tensor(lora_model.tokenize_prompt(PROMPT, n_images=1))
-        return lora_model.embed_inputs(ids, images)
+        return PromptInput.of(prompt_ids(lora_model, PROMPT, n_images=1), images)
 
 
 def test_the_merged_gguf_decodes_as_the_peft_model_does(merged_runtime, lora_model, image_prompt):

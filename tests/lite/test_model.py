@@ -47,7 +47,7 @@ def test_lite_preset_answers_about_a_package_photo(monkeypatch):
     chat.ask(session, "What is in this image?")
     answer = chat.answer(session)  # greedy, up to the preset's 160 new tokens
     assert answer.strip()
-    assert session.last_finish_reason == "stop"
+    assert session.last_result.finish_reason == "stop"
     # The shipped bridge names what the frozen classifier sees ("espresso"), in a sentence that stops.
     coffee = next(p for p in PHOTOS if p.file_name == "coffee.png")
     assert names_object(answer, coffee.objects), answer

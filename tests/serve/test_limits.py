@@ -64,14 +64,14 @@ def test_replaying_a_long_history_tokenises_a_bounded_amount_per_turn(
     """Each replayed turn fits the context; the work per turn must not grow with the history."""
     chat = Chat(tiny_chat.model, get_template("vicuna0"), max_context_tokens=300)
     tokenised: list[int] = []
-    real = tiny_chat.model.tokenize_prompt
+    real = chat.processor.tokenize
 
     def counting(prompt: str, n_images: int) -> list[int]:
         ids = real(prompt, n_images)
         tokenised.append(len(ids))
         return ids
 
-    monkeypatch.setattr(tiny_chat.model, "tokenize_prompt", counting)
+    monkeypatch.setattr(chat.processor, "tokenize", counting)
     exchanges = 120
     turns = []
     for i in range(exchanges):
@@ -80,12 +80,11 @@ def test_replaying_a_long_history_tokenises_a_bounded_amount_per_turn(
     turns.append(Turn("user", "messages[-1]", ["the last question"]))
     session = chat.new_session()
     assert replay(chat, session, turns)
-    ids, room = chat._fit_context(session, 8)
-    assert len(ids) + room <= 300 and room == 8
-    asks = exchanges + 2
-    # Before: every ask tokenised the prompt once per droppable exchange (~exchanges² / 2 prompts).
-    assert len(tokenised) <= 8 * asks
-    assert sum(tokenised) <= 8 * asks * 300
+    fitted = chat.processor.fit(session.conversation, 8, session.token_counts)
+    assert len(fitted.ids) + fitted.max_new_tokens <= 300 and fitted.max_new_tokens == 8
+    # Only the last question is fitted, once: a few prompts, not one (or more) per replayed turn.
+    assert len(tokenised) <= 2 * 8
+    assert sum(tokenised) <= 2 * 8 * 300
 
 
 def test_replay_stops_when_told_the_answer_is_not_wanted(tiny_chat: Any) -> None:
