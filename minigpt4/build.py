@@ -8,7 +8,14 @@ from importlib.util import find_spec
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    GenerationConfig,
+    LlamaConfig,
+    LlamaForCausalLM,
+)
 
 from minigpt4.config import LLMConfig, ModelConfig, resolve_path
 from minigpt4.decode.kv_budget import KVBudget, default_kv_positions, kv_bytes_per_position
@@ -17,9 +24,9 @@ from minigpt4.decode_weights import add_half_decode_weights
 from minigpt4.errors import ConfigError
 from minigpt4.lite.gguf_llm import converted_dir
 from minigpt4.lite.packages import resolve_package_path
-from minigpt4.model import MiniGPT4
+from minigpt4.model import DeferredLLM, MiniGPT4
 from minigpt4.vision import build_vision
-from minigpt4.weights import load_trainable
+from minigpt4.weights import load_trainable, read_trainable
 
 log = logging.getLogger(__name__)
 
@@ -132,15 +139,14 @@ def build_runtime(cfg: ModelConfig, model: MiniGPT4) -> DecodeRuntime:
     quantised afterwards when `runtime_weights` asks for q8_0 or q4_0.
     """
     llm = cfg.llm
-    if llm.runtime == "llama_cpp" and model.device.type == "cpu":
+    if decodes_elsewhere(cfg, model.device):
         from minigpt4.decode.llama_cpp import LlamaCppRuntime, converted_gguf  # noqa: PLC0415 (optional)
+        from minigpt4.decode.lora_gguf import merged_gguf  # noqa: PLC0415
 
         folder = Path(_source(resolve_package_path(llm.pretrained, "model.llm.pretrained")))
         path = folder / llm.gguf_file
         if cfg.lora is not None:
-            from minigpt4.decode.lora_gguf import lora_weights, merged_gguf  # noqa: PLC0415
-
-            path = merged_gguf(converted_gguf(path, "f16"), lora_weights(model.llm))
+            path = merged_gguf(converted_gguf(path, "f16"), _lora_weights(cfg, model))
             if llm.runtime_weights not in (None, "f16"):
                 path = converted_gguf(path, llm.runtime_weights)
         elif llm.runtime_weights is not None:
@@ -151,6 +157,17 @@ def build_runtime(cfg: ModelConfig, model: MiniGPT4) -> DecodeRuntime:
             "model.llm.runtime: llama_cpp is for the CPU; on %s decoding with transformers", model.device
         )
     return TorchRuntime(model.llm, llm.max_sequences, kv_budget(cfg, model))
+
+
+def _lora_weights(cfg: ModelConfig, model: MiniGPT4) -> list:
+    """The trained LoRA adapters: from the LLM when it is loaded, else from the checkpoint file."""
+    from minigpt4.decode.lora_gguf import checkpoint_lora_weights, lora_weights  # noqa: PLC0415
+
+    if model.llm_loaded:
+        return lora_weights(model.llm)
+    if cfg.projection.checkpoint is None:
+        return []  # untrained adapters add nothing
+    return checkpoint_lora_weights(read_trainable(cfg.projection.checkpoint), cfg.lora.alpha / cfg.lora.r)
 
 
 def build_beam_runtime(cfg: ModelConfig, model: MiniGPT4) -> TorchRuntime:
@@ -176,33 +193,72 @@ def kv_budget(cfg: ModelConfig, model: MiniGPT4) -> KVBudget:
     return KVBudget(positions)
 
 
-def build_model(cfg: ModelConfig, device: str | torch.device | None = None) -> MiniGPT4:
-    """Everything a model config names, loaded and frozen; only the projection (+LoRA) trains."""
-    device = pick_device(str(device) if device is not None else None)
-    check_low_resource(cfg.llm, device)
-    tokenizer = load_tokenizer(cfg.llm, cfg.template)
-    torch.manual_seed(cfg.seed)
-    vision = build_vision(cfg.vision, device)
+def decodes_elsewhere(cfg: ModelConfig, device: torch.device) -> bool:
+    """Whether answers are decoded from the LLM's own GGUF (llama.cpp), not by the transformers copy."""
+    return cfg.llm.runtime == "llama_cpp" and device.type == "cpu"
+
+
+def _llm_with_lora(cfg: ModelConfig, tokenizer, device: torch.device) -> torch.nn.Module:
+    """The frozen LLM, its decode weights and its LoRA adapters (untrained: the checkpoint fills them)."""
     llm = load_llm(cfg.llm, tokenizer, device, seed=cfg.seed)
     if cfg.llm.decode_dtype is not None and cfg.llm.runtime != "llama_cpp":
         if device.type == "cpu":
             add_half_decode_weights(llm, cfg.llm.decode_dtype)
         else:
             log.info("model.llm.decode_dtype is for the CPU; on %s the LLM keeps its dtype", device)
-    if cfg.lora is not None:
-        from peft import LoraConfig, get_peft_model  # noqa: PLC0415
+    if cfg.lora is None:
+        return llm
+    from peft import LoraConfig, get_peft_model  # noqa: PLC0415
 
-        lora = LoraConfig(
-            r=cfg.lora.r,
-            lora_alpha=cfg.lora.alpha,
-            lora_dropout=cfg.lora.dropout,
-            target_modules=list(cfg.lora.target_modules),
-            task_type="CAUSAL_LM",
-        )
-        with warnings.catch_warnings():
-            # peft 0.21 asks transformers 5.24 a deprecated question; nothing a user can act on.
-            warnings.filterwarnings("ignore", "`is_gradient_checkpointing` is deprecated", FutureWarning)
-            llm = get_peft_model(llm, lora)
+    lora = LoraConfig(
+        r=cfg.lora.r,
+        lora_alpha=cfg.lora.alpha,
+        lora_dropout=cfg.lora.dropout,
+        target_modules=list(cfg.lora.target_modules),
+        task_type="CAUSAL_LM",
+    )
+    with warnings.catch_warnings():
+        # peft 0.21 asks transformers 5.24 a deprecated question; nothing a user can act on.
+        warnings.filterwarnings("ignore", "`is_gradient_checkpointing` is deprecated", FutureWarning)
+        return get_peft_model(llm, lora)
+
+
+def _deferred_llm(cfg: ModelConfig, tokenizer, device: torch.device) -> DeferredLLM:
+    """The LLM as far as the model needs it without its weights: its width, dtype and end ids."""
+    source, kwargs = _pretrained(cfg.llm, cfg.llm.pretrained)
+    config = AutoConfig.from_pretrained(source, **kwargs)
+    try:
+        eos = GenerationConfig.from_pretrained(source, **kwargs).eos_token_id
+    except OSError:  # no generation_config.json: the model config's own
+        eos = config.eos_token_id
+    eos_ids = tuple(eos if isinstance(eos, list) else ([eos] if eos is not None else []))
+    checkpoint = cfg.projection.checkpoint
+    return DeferredLLM(
+        hidden=config.hidden_size,
+        dtype=llm_dtype(cfg.llm.dtype, device),
+        eos_token_ids=eos_ids,
+        load=lambda: _llm_with_lora(cfg, tokenizer, device),
+        checkpoint=None if checkpoint is None else str(checkpoint),
+    )
+
+
+def build_model(
+    cfg: ModelConfig, device: str | torch.device | None = None, defer_llm: bool = False
+) -> MiniGPT4:
+    """Everything a model config names, loaded and frozen; only the projection (+LoRA) trains.
+
+    With `defer_llm`, a preset that decodes with llama.cpp gets its transformers LLM only when
+    something asks for `model.llm` (beam search, the bench): the chat needs only its GGUF.
+    """
+    device = pick_device(str(device) if device is not None else None)
+    check_low_resource(cfg.llm, device)
+    tokenizer = load_tokenizer(cfg.llm, cfg.template)
+    torch.manual_seed(cfg.seed)
+    vision = build_vision(cfg.vision, device)
+    if defer_llm and decodes_elsewhere(cfg, device):
+        llm = _deferred_llm(cfg, tokenizer, device)
+    else:
+        llm = _llm_with_lora(cfg, tokenizer, device)
     torch.manual_seed(cfg.seed)
     model = MiniGPT4(vision, llm, tokenizer)
     model.llama_proj.to(device)

@@ -94,10 +94,8 @@ class Chat:
         beam_runtime=None,
     ) -> None:
         self.model = model
-        eos = getattr(getattr(model.llm, "generation_config", None), "eos_token_id", None)
-        eos_ids = tuple(eos if isinstance(eos, list) else ([eos] if eos is not None else []))
         self.processor = Processor(
-            model.tokenizer, template, model.n_image_tokens, max_context_tokens, eos_ids
+            model.tokenizer, template, model.n_image_tokens, max_context_tokens, model.eos_token_ids
         )
         self.engine = Engine(
             runtime or TorchRuntime(model.llm), self.processor.stops, self.processor.pad_id, beam_runtime
@@ -288,7 +286,7 @@ def load_chat(
 ) -> Chat:
     """Build the model of a preset (eval_configs/<name>.yaml or a path; None: the default) and its Chat."""
     cfg = load_eval_config(preset, overrides)
-    model = build_model(cfg.model, device)
+    model = build_model(cfg.model, device, defer_llm=True)
     runtime = build_runtime(cfg.model, model)
     beams = None if isinstance(runtime, TorchRuntime) else (lambda: build_beam_runtime(cfg.model, model))
     return Chat(

@@ -8,7 +8,9 @@ token ids is the processor's (`minigpt4/processor.py`), decoding the engine's (`
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import torch
 from PIL import Image
@@ -19,22 +21,67 @@ from minigpt4.decode.inputs import IMAGE_TOKEN_ID, splice_images
 IMAGE_PLACEHOLDER = "<ImageHere>"  # where a prompt's image embeddings are spliced in (minigpt4/processor.py)
 IGNORE_INDEX = -100
 
+log = logging.getLogger(__name__)
+
 __all__ = ["IGNORE_INDEX", "IMAGE_PLACEHOLDER", "IMAGE_TOKEN_ID", "MiniGPT4"]
 
 
-class MiniGPT4(nn.Module):
-    """A frozen vision module, a trainable `llama_proj`, and a frozen causal LM (optionally with LoRA)."""
+@dataclass(frozen=True)
+class DeferredLLM:
+    """An LLM not loaded until something needs it: what the model must know of it meanwhile, and
+    how to load it (with its LoRA and trained weights)."""
 
-    def __init__(self, vision: nn.Module, llm: nn.Module, tokenizer) -> None:
+    hidden: int
+    dtype: torch.dtype
+    eos_token_ids: tuple[int, ...]
+    load: Callable[[], nn.Module]  # the LLM (with LoRA adapters when the config has them)
+    checkpoint: str | None = None  # trained weights loaded once it is (its LoRA weights)
+
+
+class MiniGPT4(nn.Module):
+    """A frozen vision module, a trainable `llama_proj`, and a frozen causal LM (optionally with LoRA).
+
+    The LLM may be a `DeferredLLM`: when another runtime decodes from its own weights (llama.cpp),
+    the transformers copy is loaded only when something asks for `model.llm` (beam search, the bench).
+    """
+
+    def __init__(self, vision: nn.Module, llm: nn.Module | DeferredLLM, tokenizer) -> None:
         super().__init__()
         self.vision = vision
-        self.llm = llm
         self.tokenizer = tokenizer
         self.n_image_tokens: int = vision.n_tokens
         self.feature_dim: int = vision.feature_dim
-        self.llm_hidden: int = llm.get_input_embeddings().embedding_dim
+        if isinstance(llm, DeferredLLM):
+            self._deferred: DeferredLLM | None = llm
+            self._modules["llm"] = None
+            self.llm_hidden, self.llm_dtype, self.eos_token_ids = llm.hidden, llm.dtype, llm.eos_token_ids
+        else:
+            self._deferred = None
+            self._modules["llm"] = llm
+            embeddings = llm.get_input_embeddings()
+            self.llm_hidden: int = embeddings.embedding_dim
+            self.llm_dtype: torch.dtype = embeddings.weight.dtype
+            eos = getattr(getattr(llm, "generation_config", None), "eos_token_id", None)
+            self.eos_token_ids = tuple(eos if isinstance(eos, list) else ([eos] if eos is not None else []))
         self.llama_proj = nn.Linear(self.feature_dim, self.llm_hidden)
         self.vision.requires_grad_(False)
+
+    @property
+    def llm(self) -> nn.Module:
+        """The transformers LLM, loaded now if it was deferred."""
+        if self._modules["llm"] is None and self._deferred is not None:
+            from minigpt4.weights import load_trainable  # noqa: PLC0415 (weights imports this module)
+
+            deferred, self._deferred = self._deferred, None
+            log.info("loading the transformers copy of the LLM (until now only the decode runtime held it)")
+            self._modules["llm"] = deferred.load().to(self.device)
+            if deferred.checkpoint is not None:
+                load_trainable(self, deferred.checkpoint)
+        return self._modules["llm"]
+
+    @property
+    def llm_loaded(self) -> bool:
+        return self._modules["llm"] is not None
 
     @property
     def device(self) -> torch.device:
@@ -47,6 +94,8 @@ class MiniGPT4(nn.Module):
         """
         super().train(mode)
         self.vision.eval()
+        if not self.llm_loaded:
+            return self
         self.llm.eval()
         for name, module in self.llm.named_modules():
             if name.endswith("lora_dropout"):
@@ -67,7 +116,7 @@ class MiniGPT4(nn.Module):
     def project(self, features: torch.Tensor) -> torch.Tensor:
         """Features → LLM-space vectors (batch, n_image_tokens, llm_hidden), in the LLM's dtype."""
         out = self.llama_proj(features.to(self.device, self.llama_proj.weight.dtype))
-        return out.to(self.llm.get_input_embeddings().weight.dtype)
+        return out.to(self.llm_dtype)
 
     def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
         return self.project(self.encode_frozen(pixel_values))

@@ -418,6 +418,11 @@ def load_trainable(model: nn.Module, path: str | Path) -> None:
     by `save_trainable`. Any other unexpected key, and weights holding NaN or inf, are refused.
     """
     tensors = read_trainable(path)
+    if not getattr(model, "llm_loaded", True):  # a deferred LLM gets its weights when it is loaded
+        deferred = sorted(k for k in tensors if k.startswith("llm."))
+        if deferred:
+            log.info("%s: %d LLM weights wait for the LLM to be loaded", path, len(deferred))
+        tensors = {k: v for k, v in tensors.items() if not k.startswith("llm.")}
     expected = set(model.trainable_state_dict())
     own_buffers = {name for name, _ in model.named_buffers()}
     buffers = sorted(k for k in set(tensors) - expected if _is_buffer(k, own_buffers))

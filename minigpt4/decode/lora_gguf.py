@@ -73,6 +73,27 @@ def lora_weights(llm: torch.nn.Module) -> list[LoraWeight]:
     return found
 
 
+_PEFT_KEY = re.compile(r"llm\.base_model\.model\.(.+)\.lora_([AB])\.default\.weight")
+
+
+def checkpoint_lora_weights(tensors: dict[str, torch.Tensor], scaling: float) -> list[LoraWeight]:
+    """The LoRA adapters in a trained-weights file (peft's key names), without building the peft model.
+
+    `scaling` is the config's `alpha / r`, what peft gives each adapted Linear.
+    """
+    pairs: dict[str, dict[str, torch.Tensor]] = {}
+    for key, tensor in tensors.items():
+        match = _PEFT_KEY.fullmatch(key)
+        if match:
+            pairs.setdefault(match.group(1), {})[match.group(2)] = tensor
+    incomplete = sorted(m for m, p in pairs.items() if len(p) != 2)
+    if incomplete:
+        raise ConfigError(
+            f"model.lora: the checkpoint has only half of the adapters of {', '.join(incomplete)}"
+        )
+    return [LoraWeight(module, p["A"], p["B"], scaling) for module, p in sorted(pairs.items())]
+
+
 def gguf_tensor_name(module: str) -> str:
     """The GGUF tensor (LLaMA architecture) that holds the weight of the HF module `module`."""
     match = _LAYER_MODULE.fullmatch(module)

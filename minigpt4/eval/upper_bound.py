@@ -28,14 +28,15 @@ class BareLLM:
     """Greedy text-only answers of `chat`'s LLM with its LoRA adapters off."""
 
     def __init__(self, chat: Chat, model_cfg: ModelConfig, max_new_tokens: int) -> None:
-        llm = chat.model.llm
-        # peft's context that runs the base weights; None when the LLM has no adapters.
-        self._adapters_off = getattr(llm, "disable_adapter", None)
+        self._adapters_off = None
         engine = None
         if chat.engine.runtime.batched and model_cfg.lora is not None:
             # llama.cpp decodes a GGUF with the adapters merged in: decode the unmerged one instead.
             runtime = build_runtime(replace(model_cfg, lora=None), chat.model)
             engine = Engine(runtime, chat.processor.stops, chat.processor.pad_id)
+        elif not chat.engine.runtime.batched:
+            # peft's context that runs the base weights; None when the LLM has no adapters.
+            self._adapters_off = getattr(chat.model.llm, "disable_adapter", None)
         self.answerer = BatchAnswerer(chat, max_new_tokens, engine)
 
     def answer(self, facts: Sequence[str], instructions: Sequence[str]) -> list[str]:

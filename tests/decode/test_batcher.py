@@ -236,3 +236,26 @@ def test_a_bug_in_the_batcher_reaches_the_reader_and_the_next_answer_works(tiny_
     runtime.step = lambda seqs, tokens: TorchRuntime.step(runtime, seqs, tokens)
     chat.ask(session, "again")
     assert chat.answer(session, max_new_tokens=4, **GREEDY)
+
+
+def test_the_lite_chat_holds_no_transformers_llm_until_beam_search_asks(photos):
+    from minigpt4.chat import load_chat
+    from minigpt4.config import load_eval_config
+    from minigpt4.decode.lora_gguf import checkpoint_lora_weights, lora_digest, lora_weights
+    from minigpt4.weights import read_trainable
+
+    chat = load_chat("minigpt4_lite", overrides=["model.llm.max_sequences=1"])
+    assert not chat.model.llm_loaded  # llama.cpp decodes, embedding the prompt's tokens itself
+    session = _session(chat, photos[0], "What is in this image?")
+    assert chat.answer(session, max_new_tokens=8)
+    assert not chat.model.llm_loaded
+    chat.ask(session, "What colour is it?")
+    assert chat.answer(session, max_new_tokens=8, num_beams=2)
+    assert chat.model.llm_loaded  # beam search runs in transformers: loaded once asked for
+    # The adapters merged into the GGUF were read from the checkpoint: the same as the peft model's.
+    cfg = load_eval_config("minigpt4_lite").model
+    from_file = checkpoint_lora_weights(
+        read_trainable(cfg.projection.checkpoint), cfg.lora.alpha / cfg.lora.r
+    )
+    assert lora_digest(from_file) == lora_digest(lora_weights(chat.model.llm))
+    assert lora_digest(from_file) in chat.engine.runtime.path.name
