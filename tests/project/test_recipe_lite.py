@@ -55,3 +55,16 @@ def test_the_lite_recipe_runs_every_stage_and_a_rerun_skips_them(tmp_path: Path)
     again = _run(tmp_path)
     assert again.returncode == 0
     assert again.stdout.count("done before") == len(STAGES)
+
+
+def test_the_recipes_stage_2_trains_the_adapters_the_default_preset_loads():
+    """The recipe ships its stage-2 file as the preset's checkpoint: the LoRA shapes must agree."""
+    import dataclasses
+
+    import yaml
+
+    from minigpt4.config import load_eval_config
+
+    trained = yaml.safe_load((ROOT / "train_configs" / "lite_stage2.yaml").read_text())["model"]["lora"]
+    shipped = dataclasses.asdict(load_eval_config("minigpt4_lite").model.lora)
+    assert {k: (list(v) if isinstance(v, tuple) else v) for k, v in shipped.items()} == trained
