@@ -1,5 +1,10 @@
 """Step 3: rule checks on the refined descriptions; every rejection names its rules and why.
 
+Most rules read the text alone. The `facts` rule reads the image's known truth as well, where `curate
+refine --facts` stored one with the record (rendered scenes, class examples): a description that names
+none of the image's objects, or names a person, an animal or a colour the truth excludes, is rejected
+(the instruct eval's word lists, `minigpt4/eval/instruct.py`). Records without a truth pass it.
+
 A record is re-checked only when its text or the settings changed since it was last checked, so
 running the step again with other thresholds re-judges everything, and running it again with the
 same ones does nothing.
@@ -17,6 +22,7 @@ from typing import Any
 
 from minigpt4.commands.common import at_least
 from minigpt4.curate.records import CurateError, JsonlWriter, WorkDir, count_words, latest_by_id, read_jsonl
+from minigpt4.eval.instruct import Truth, found, invented
 
 # The most frequent English words: prose has 35–55% of them, captions-style descriptions about 40%.
 _COMMON_WORDS = """a about above across after against along among an and any are around as at away back be
@@ -42,7 +48,8 @@ _SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
 _WORD = re.compile(r"[a-z']+")
 
 
-RULE_NAMES = ("length", "english", "repeated_sentence", "repeated_ngram", "template_tokens", "explanation")
+TEXT_RULES = ("length", "english", "repeated_sentence", "repeated_ngram", "template_tokens", "explanation")
+RULE_NAMES = (*TEXT_RULES, "facts")
 
 
 @dataclass(frozen=True)
@@ -114,9 +121,19 @@ def check_explanation(text: str, s: FilterSettings) -> str | None:
     return f"explanation: {match.group(0).strip()!r}" if match else None
 
 
+def check_facts(text: str, truth: Truth) -> str | None:
+    """Whether a description contradicts what its image is known to show."""
+    wrong = invented(text, truth)
+    if wrong:
+        return f"facts: names {', '.join(wrong)}, which the image does not show"
+    if truth.objects and not found(text, truth.objects):
+        return f"facts: names none of the image's objects ({', '.join(truth.objects[:4])})"
+    return None
+
+
 RULES: dict[str, Callable[[str, FilterSettings], str | None]] = dict(
     zip(
-        RULE_NAMES,
+        TEXT_RULES,
         (
             check_length,
             check_english,
@@ -130,11 +147,17 @@ RULES: dict[str, Callable[[str, FilterSettings], str | None]] = dict(
 )
 
 
-def judge(text: str, settings: FilterSettings) -> list[str]:
-    """Why `text` is rejected: one `reason: detail` line per failed rule ([] when it passes)."""
+def judge(text: str, settings: FilterSettings, truth: Truth | None = None) -> list[str]:
+    """Why `text` is rejected: one `reason: detail` line per failed rule ([] when it passes).
+
+    `truth`: what the image is known to show, for the `facts` rule (None: that rule passes).
+    """
     if not text.strip():
         return ["empty: no text"]
-    return [reason for name in settings.rules if (reason := RULES[name](text, settings))]
+    reasons = [reason for name in settings.rules if name in RULES and (reason := RULES[name](text, settings))]
+    if truth is not None and "facts" in settings.rules and (reason := check_facts(text, truth)):
+        reasons.append(reason)
+    return reasons
 
 
 def reason_name(reason: str) -> str:
@@ -151,15 +174,22 @@ def filter_records(work: WorkDir, settings: FilterSettings) -> dict[str, Any]:
     with JsonlWriter(work.filter) as out:
         for record in refined:
             previous = judged.get(record["image_id"])
-            if previous and previous["text"] == record["refined"] and previous["settings"] == wanted:
+            truth = record.get("truth")
+            if (
+                previous
+                and previous["text"] == record["refined"]
+                and previous["settings"] == wanted
+                and previous.get("truth") == truth
+            ):
                 continue
-            reasons = judge(record["refined"], settings)
+            reasons = judge(record["refined"], settings, Truth.from_words(truth) if truth else None)
             result = {
                 "image_id": record["image_id"],
                 "text": record["refined"],
                 "passed": not reasons,
                 "reasons": reasons,
                 "settings": wanted,
+                **({"truth": truth} if truth else {}),
             }
             out.write(result)
             judged[record["image_id"]] = result

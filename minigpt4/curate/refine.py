@@ -51,16 +51,40 @@ def refine_messages(paragraph: str, facts: str | None = None) -> list[dict[str, 
     return [{"role": "user", "content": f"{prompt}\n\n{paragraph}"}]
 
 
-def read_facts(path: Path) -> dict[str, str]:
-    """{image_id: facts} from a JSONL file of {"image_id", "facts"} rows."""
+def read_facts(path: Path) -> dict[str, dict[str, Any]]:
+    """{image_id: {"facts", "truth"?}} from a JSONL file of {"image_id", "facts", "truth"?} rows.
+
+    `truth` (optional: the words that name the main object, the colours shown, whether people and
+    animals may appear) is kept with each refined record for `curate filter`'s `facts` rule.
+    """
     if not path.is_file():
         raise CurateError(f"--facts {path}: no such file")
     facts = {}
     for n, row in enumerate(read_jsonl(path), 1):
         if not isinstance(row.get("image_id"), str) or not isinstance(row.get("facts"), str):
             raise CurateError(f"{path}: row {n} needs a string image_id and facts")
-        facts[row["image_id"]] = row["facts"]
+        truth = row.get("truth")
+        if truth is not None and not _is_truth(truth):
+            raise CurateError(
+                f"{path}: row {n}: truth needs objects and colours (lists of words), people and animals (true/false)"
+            )
+        facts[row["image_id"]] = {"facts": row["facts"], **({"truth": truth} if truth else {})}
     return facts
+
+
+def _is_truth(truth: object) -> bool:
+    if not isinstance(truth, dict):
+        return False
+    lists = all(
+        isinstance(truth.get(k), list) and all(isinstance(w, str) for w in truth[k])
+        for k in ("objects", "colours")
+    )
+    return lists and all(isinstance(truth.get(k), bool) for k in ("people", "animals"))
+
+
+def _known(item: dict[str, Any]) -> dict[str, Any]:
+    """The facts (and truth) of an item that the refined record keeps."""
+    return {k: item[k] for k in ("facts", "truth") if item.get(k)}
 
 
 class TransientError(Exception):
@@ -243,7 +267,7 @@ async def refine_remote(
                 "raw": item["raw"],
                 "backend": "openai",
                 "model": client.model,
-                **({"facts": item["facts"]} if item.get("facts") else {}),
+                **_known(item),
             }
             try:
                 messages = refine_messages(item["raw"], item.get("facts"))
@@ -291,7 +315,7 @@ def refine_local(
                     "refined": reply,
                     "backend": "local",
                     "model": model.name,
-                    **({"facts": item["facts"]} if item.get("facts") else {}),
+                    **_known(item),
                 }
             )
         out.advance(len(batch))
@@ -332,7 +356,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--facts",
         type=Path,
         default=None,
-        help='a JSONL file of {"image_id", "facts"}: what is known of each image, given to the LLM to correct against',
+        help='a JSONL file of {"image_id", "facts", "truth"?}: what is known of each image, given to the LLM '
+        "to correct against (and, with truth, checked by `curate filter`'s facts rule)",
     )
 
 
@@ -343,8 +368,7 @@ def run(args: argparse.Namespace, work: WorkDir) -> int:
     if args.facts is not None:
         facts = read_facts(args.facts)
         pending = [
-            {**item, "facts": facts[item["image_id"]]} if item["image_id"] in facts else item
-            for item in pending
+            {**item, **facts[item["image_id"]]} if item["image_id"] in facts else item for item in pending
         ]
     if not pending:
         print(f"refine: nothing to do → {work.refine}")

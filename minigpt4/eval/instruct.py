@@ -152,6 +152,19 @@ class Truth:
     people: bool  # it may show people (False: a person word is invented)
     animals: bool  # it may show animals
 
+    def words(self) -> dict:
+        """Everything but the facts sentence, as JSON (what `curate filter`'s facts rule checks)."""
+        return {
+            "objects": list(self.objects),
+            "colours": list(self.colours),
+            "people": self.people,
+            "animals": self.animals,
+        }
+
+    @classmethod
+    def from_words(cls, words: dict, facts: str = "") -> Truth:
+        return cls(facts, tuple(words["objects"]), tuple(words["colours"]), words["people"], words["animals"])
+
 
 def scene_truth(scene: scenes.Scene) -> Truth:
     """A rendered scene's truth: its shapes, their colours and the background's; no people or animals."""

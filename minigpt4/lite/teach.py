@@ -381,7 +381,8 @@ def write_describe_set(rng: random.Random, n: int, out: Path) -> None:
         scene = scenes.render_scene(rng)
         image_id = f"d{i:05d}"
         write_bytes_atomic(folder / f"{image_id}.jpg", jpeg_bytes(scene.image))
-        facts.append(json.dumps({"image_id": image_id, "facts": instruct.scene_truth(scene).facts}))
+        truth = instruct.scene_truth(scene)
+        facts.append(json.dumps({"image_id": image_id, "facts": truth.facts, "truth": truth.words()}))
     write_text_atomic(out / "describe_facts.jsonl", "\n".join(facts) + "\n")
 
 

@@ -10,6 +10,7 @@ from curate_helpers import GOOD_TEXT, read_records, write_jsonl
 from minigpt4.curate import main
 from minigpt4.curate.filter import FilterSettings, judge, reason_name
 from minigpt4.curate.records import WorkDir
+from minigpt4.eval.instruct import Truth
 
 S = FilterSettings()
 
@@ -117,3 +118,59 @@ def test_rules_can_be_chosen(tmp_path: Path, capsys: pytest.CaptureFixture[str])
     assert read_records(work.filter)[0]["settings"]["rules"] == ["length"]
     assert main(["filter", "--work", str(tmp_path), "--rules", "length,spelling"]) == 2
     assert "unknown filter rule 'spelling'" in capsys.readouterr().err
+
+
+SCENE = {
+    "objects": ["circle", "square"],
+    "colours": ["red", "blue", "gray"],
+    "people": False,
+    "animals": False,
+}
+
+
+def test_facts_rule_rejects_what_the_image_does_not_show() -> None:
+    truth = Truth.from_words(SCENE)
+    grounded = (
+        "A red circle sits in the top left corner and a blue square in the middle, on a plain gray field."
+    )
+    assert judge(grounded, FilterSettings(min_words=1), truth) == []
+    assert judge(grounded, FilterSettings(min_words=1)) == []  # no truth: the rule has nothing to check
+    invented_person = grounded + " A woman in a green coat walks past them."
+    wrong = judge(invented_person, FilterSettings(min_words=1), truth)
+    assert len(wrong) == 1 and wrong[0].startswith("facts: names ")
+    assert "woman" in wrong[0] and "green" in wrong[0]
+    ungrounded = "A calm picture of a summer afternoon, with soft light and a quiet mood over everything."
+    assert judge(ungrounded, FilterSettings(min_words=1), truth) == [
+        "facts: names none of the image's objects (circle, square)"
+    ]
+    assert judge(invented_person, FilterSettings(min_words=1, rules=("length",)), truth) == []
+
+
+def test_filter_step_checks_the_truth_each_record_keeps(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    work = WorkDir(tmp_path)
+    scene_text = (
+        "The picture shows a red circle near the top left corner and a blue square right in the middle of "
+        "the frame, both on a plain gray background with nothing else in the scene."
+    )
+    made_up = scene_text + " A small dog sleeps beside the square."
+    write_jsonl(work.refine, [
+        {"image_id": "true", "raw": "x", "refined": scene_text, "truth": SCENE},
+        {"image_id": "dog", "raw": "x", "refined": made_up, "truth": SCENE},
+        {"image_id": "free", "raw": "x", "refined": made_up},
+    ])  # fmt: skip
+    assert main(["filter", "--work", str(tmp_path)]) == 0
+    assert table_rows(capsys.readouterr().out) == {"facts": 1, "rejected": 1, "passed": 2, "total": 3}
+    verdicts = {r["image_id"]: r for r in read_records(work.filter)}
+    assert not verdicts["dog"]["passed"] and verdicts["dog"]["truth"] == SCENE
+    assert verdicts["free"]["passed"] and "truth" not in verdicts["free"]
+
+    # A record whose truth changes is judged again; the others are not.
+    write_jsonl(
+        work.refine,
+        [{"image_id": "dog", "raw": "x", "refined": made_up, "truth": {**SCENE, "animals": True}}],
+    )
+    assert main(["filter", "--work", str(tmp_path)]) == 0
+    assert table_rows(capsys.readouterr().out)["passed"] == 3
+    assert len(read_records(work.filter)) == 4

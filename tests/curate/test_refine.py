@@ -243,3 +243,26 @@ def test_a_missing_or_malformed_facts_file_is_one_clear_error(
         assert not server.requests
     err = capsys.readouterr().err
     assert "none.jsonl: no such file" in err and "bad.jsonl:1 is not a record with a string 'image_id'" in err
+
+
+def test_a_facts_row_truth_is_kept_for_the_filter_and_checked(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    work = generated_work(tmp_path, 2)
+    records = read_records(work.generate)
+    truth = {"objects": ["circle"], "colours": ["red", "gray"], "people": False, "animals": False}
+    facts = tmp_path / "facts.jsonl"
+    write_jsonl(
+        facts,
+        [{"image_id": records[0]["image_id"], "facts": "The image shows a red circle.", "truth": truth}],
+    )
+    bad = tmp_path / "bad.jsonl"
+    write_jsonl(bad, [{"image_id": records[0]["image_id"], "facts": "x", "truth": {"objects": "circle"}}])
+    with ChatCompletionsServer() as server:
+        assert refine(work, server, "--facts", str(bad)) == 2
+        assert not server.requests
+        assert "bad.jsonl: row 1: truth needs objects and colours" in capsys.readouterr().err
+        assert refine(work, server, "--facts", str(facts)) == 0
+    refined = refined_by_id(work)
+    assert refined[records[0]["image_id"]]["truth"] == truth
+    assert "truth" not in refined[records[1]["image_id"]]

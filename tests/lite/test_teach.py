@@ -162,6 +162,10 @@ def test_make_data_lite_teach_no_ask_rebuilds_the_same_images_and_set(tmp_path: 
     assert len(first) >= 3 and len(list((out / "describe").iterdir())) == 2
     facts = [json.loads(line) for line in (out / "describe_facts.jsonl").read_text().splitlines()]
     assert [f["image_id"] for f in facts] == ["d00000", "d00001"] and all(f["facts"] for f in facts)
+    for f in facts:  # the truth the filter's facts rule checks: words the facts sentence uses
+        truth = instruct.Truth.from_words(f["truth"])
+        assert instruct.found(f["facts"], truth.objects)
+        assert not truth.people and not truth.animals
     counts = json.loads((out / "counts.json").read_text())
     assert sum(c["asked"] for c in counts.values()) == len(asked)
 
