@@ -21,6 +21,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "bench": ("minigpt4.eval.bench", "speed benchmarks (inference; `bench train` for training)"),
     "curate": ("minigpt4.curate", "stage-2 data curation: generate, refine, filter, review, export"),
     "serve": ("minigpt4.serve", "OpenAI-compatible HTTP API"),
+    "convert-llm": (
+        "minigpt4.commands.convert_llm",
+        "convert a Hugging Face LLaMA-family LLM to a (quantised) GGUF for llama.cpp",
+    ),
 }
 
 

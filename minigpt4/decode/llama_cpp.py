@@ -60,30 +60,36 @@ WEIGHT_TYPES = {
     "f16": "LLAMA_FTYPE_MOSTLY_F16",
     "q8_0": "LLAMA_FTYPE_MOSTLY_Q8_0",
     "q4_0": "LLAMA_FTYPE_MOSTLY_Q4_0",
+    "q4_k_m": "LLAMA_FTYPE_MOSTLY_Q4_K_M",
 }
 
 
-def converted_gguf(gguf_path: Path, weights: str) -> Path:
-    """`gguf_path` with its weights converted to `weights` (a WEIGHT_TYPES key), made once and cached."""
-    from minigpt4.lite.gguf_llm import cache_entry  # noqa: PLC0415 (the lite folder owns the cache)
-
+def quantize_gguf(source: Path, target: Path, weights: str) -> Path:
+    """Write `source` with its weights converted to `weights` (a WEIGHT_TYPES key) to `target`, whole."""
     lib = _llama()
-    entry = cache_entry(gguf_path)
-    target = entry.with_name(f"{entry.name}-{weights}.gguf")
-    if target.is_file():
-        return target
-    log.info("LLM decode: converting %s to %s once (%s)", gguf_path.name, weights, target)
     params = lib.llama_model_quantize_default_params()
     params.ftype = getattr(lib, WEIGHT_TYPES[weights])
     params.allow_requantize = True
     params.nthread = torch.get_num_threads()
 
     def write(tmp: Path) -> None:
-        if lib.llama_model_quantize(str(gguf_path).encode(), str(tmp).encode(), params) != 0:
-            raise ConfigError(f"llama.cpp could not convert {gguf_path} to {weights}")
+        if lib.llama_model_quantize(str(source).encode(), str(tmp).encode(), params) != 0:
+            raise ConfigError(f"llama.cpp could not convert {source} to {weights}")
 
     write_atomic(target, write)
     return target
+
+
+def converted_gguf(gguf_path: Path, weights: str) -> Path:
+    """`gguf_path` with its weights converted to `weights` (a WEIGHT_TYPES key), made once and cached."""
+    from minigpt4.lite.gguf_llm import cache_entry  # noqa: PLC0415 (the lite folder owns the cache)
+
+    entry = cache_entry(gguf_path)
+    target = entry.with_name(f"{entry.name}-{weights}.gguf")
+    if target.is_file():
+        return target
+    log.info("LLM decode: converting %s to %s once (%s)", gguf_path.name, weights, target)
+    return quantize_gguf(gguf_path, target, weights)
 
 
 class LlamaSequence:
