@@ -230,7 +230,7 @@ class ChatHandlers:
         if session.n_images == 0:
             raise gr.Error(NO_IMAGE_YET, print_exception=False)
         try:
-            self.chat.ask(session, text)
+            self.chat.add_question(session, text)
         except InputError as error:
             raise _user_error(error) from error
         return _accumulate(self.chat.stream_answer(session, **generation))

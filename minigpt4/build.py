@@ -18,13 +18,13 @@ from transformers import (
 )
 
 from minigpt4.config import LLMConfig, ModelConfig, resolve_path
+from minigpt4.decode.half_weights import add_half_decode_weights
 from minigpt4.decode.kv_budget import KVBudget, default_kv_positions, kv_bytes_per_position
 from minigpt4.decode.runtime import DecodeRuntime, TorchRuntime
-from minigpt4.decode_weights import add_half_decode_weights
-from minigpt4.errors import ConfigError
-from minigpt4.lite.gguf_llm import converted_dir
-from minigpt4.lite.packages import resolve_package_path
+from minigpt4.errors import ConfigError, MessageError
+from minigpt4.gguf_checkpoint import converted_dir
 from minigpt4.model import DeferredLLM, MiniGPT4
+from minigpt4.packages import resolve_package_path
 from minigpt4.vision import build_vision
 from minigpt4.weights import load_trainable, read_trainable
 
@@ -135,28 +135,61 @@ def load_llm(cfg: LLMConfig, tokenizer, device: torch.device, seed: int = 0) -> 
 def build_runtime(cfg: ModelConfig, model: MiniGPT4) -> DecodeRuntime:
     """Where a preset's answers are decoded: `model.llm.runtime` (llama_cpp only on the CPU).
 
+    The GGUF is the preset's `gguf_file`, or its Hugging Face checkpoint converted once (cached).
     With LoRA, llama.cpp decodes the float16 GGUF with the adapters merged in (made once, cached),
-    quantised afterwards when `runtime_weights` asks for q8_0 or q4_0.
+    quantised afterwards when `runtime_weights` asks for q8_0, q4_0 or q4_k_m.
     """
     llm = cfg.llm
     if decodes_elsewhere(cfg, model.device):
         from minigpt4.decode.llama_cpp import LlamaCppRuntime, converted_gguf  # noqa: PLC0415 (optional)
         from minigpt4.decode.lora_gguf import merged_gguf  # noqa: PLC0415
 
-        folder = Path(_source(resolve_package_path(llm.pretrained, "model.llm.pretrained")))
-        path = folder / llm.gguf_file
+        weights = llm.runtime_weights
+        if llm.gguf_file:
+            folder = Path(_source(resolve_package_path(llm.pretrained, "model.llm.pretrained")))
+            source = path = folder / llm.gguf_file
+
+            def convert(to: str) -> Path:
+                return converted_gguf(source, to)
+        else:  # a Hugging Face checkpoint, converted once (convert-llm) into the cache
+            from minigpt4.decode.convert_llm import converted_llm  # noqa: PLC0415
+
+            checkpoint = checkpoint_dir(llm.pretrained)
+            weights = weights or "f16"
+
+            def convert(to: str) -> Path:
+                return converted_llm(checkpoint, to)
+
         if cfg.lora is not None:
-            path = merged_gguf(converted_gguf(path, "f16"), _lora_weights(cfg, model))
-            if llm.runtime_weights not in (None, "f16"):
-                path = converted_gguf(path, llm.runtime_weights)
-        elif llm.runtime_weights is not None:
-            path = converted_gguf(path, llm.runtime_weights)
+            path = merged_gguf(convert("f16"), _lora_weights(cfg, model))
+            if weights not in (None, "f16"):
+                path = converted_gguf(path, weights)
+        elif weights is not None:
+            path = convert(weights)
         return LlamaCppRuntime(path, cfg.max_context_tokens, llm.max_sequences)
     if llm.runtime == "llama_cpp":
         log.info(
             "model.llm.runtime: llama_cpp is for the CPU; on %s decoding with transformers", model.device
         )
     return TorchRuntime(model.llm, llm.max_sequences, kv_budget(cfg, model))
+
+
+# The files of a Hugging Face LLM checkpoint that the converter reads (weights in one format only).
+_CHECKPOINT_FILES = ("*.json", "tokenizer.model", "*.txt")
+
+
+def checkpoint_dir(pretrained: str) -> Path:
+    """The local folder of an LLM checkpoint: a path as it is, a hub id downloaded (once, into the
+    hub's cache: config, tokenizer, and the safetensors weights, else the `.bin` shards)."""
+    source = _source(resolve_package_path(pretrained, "model.llm.pretrained"))
+    if Path(source).is_dir():
+        return Path(source)
+    from huggingface_hub import list_repo_files, snapshot_download  # noqa: PLC0415
+
+    files = list_repo_files(source)
+    weights = "*.safetensors" if any(f.endswith(".safetensors") for f in files) else "*.bin"
+    log.info("LLM: downloading %s (%s) for llama.cpp", source, weights)
+    return Path(snapshot_download(source, allow_patterns=[*_CHECKPOINT_FILES, weights]))
 
 
 def _lora_weights(cfg: ModelConfig, model: MiniGPT4) -> list:
@@ -171,8 +204,41 @@ def _lora_weights(cfg: ModelConfig, model: MiniGPT4) -> list:
 
 
 def build_beam_runtime(cfg: ModelConfig, model: MiniGPT4) -> TorchRuntime:
-    """The transformers runtime beam search runs on when the preset decodes elsewhere (llama.cpp)."""
+    """The transformers runtime beam search runs on when the preset decodes elsewhere (llama.cpp).
+
+    Beam search needs the transformers copy of the LLM, which such a preset has not loaded: when that
+    copy would not fit in the memory the machine has free (a 7B LLM is 27 GB in float32), the request
+    is refused with a message (MessageError) instead of the process being killed for memory.
+    """
+    if not model.llm_loaded:
+        needed, free = transformers_llm_bytes(cfg.llm, model.llm_dtype), available_memory()
+        if free is not None and needed > free:
+            raise MessageError(
+                f"beam search would load a second, transformers copy of the LLM ({needed / 1e9:.1f} GB); "
+                f"{free / 1e9:.1f} GB of memory is free: use num_beams 1 (this preset decodes with llama.cpp)"
+            )
     return TorchRuntime(model.llm, cfg.llm.max_sequences, kv_budget(cfg, model))
+
+
+def transformers_llm_bytes(cfg: LLMConfig, dtype: torch.dtype) -> int:
+    """The bytes of the LLM's weights as transformers would load them in `dtype` (counted on the meta
+    device, from its config alone)."""
+    source, kwargs = _pretrained(cfg, cfg.pretrained)
+    config = AutoConfig.from_pretrained(source, **kwargs)
+    with torch.device("meta"):
+        llm = AutoModelForCausalLM.from_config(config)
+    return sum(p.numel() for p in llm.parameters()) * torch.empty((), dtype=dtype).element_size()
+
+
+def available_memory() -> int | None:
+    """The memory the machine can give without swapping (Linux's MemAvailable), None where unknown."""
+    try:
+        with open("/proc/meminfo", encoding="ascii") as f:
+            fields = dict(line.split(":", 1) for line in f)
+    except OSError:
+        return None
+    value = fields.get("MemAvailable", "").split()
+    return int(value[0]) * 1024 if value else None
 
 
 def kv_budget(cfg: ModelConfig, model: MiniGPT4) -> KVBudget:

@@ -23,7 +23,7 @@ from typing import Any
 import torch
 
 from minigpt4.build import build_beam_runtime, build_model, build_runtime
-from minigpt4.config import GenerationConfig, load_eval_config
+from minigpt4.config import GenerationConfig, load_preset
 from minigpt4.conversation import IMAGE_TURN, Conversation, Template, clean_text, get_template
 from minigpt4.decode.engine import Engine, GenerationResult
 from minigpt4.decode.runtime import DecodeRuntime, TorchRuntime
@@ -51,7 +51,9 @@ class ChatSession:
         self.generator = torch.Generator().manual_seed(random.randrange(2**31))
         self.busy = threading.Lock()
         self.token_counts: dict[tuple[str, str], int] = {}  # tokens per message text (fitting the context)
-        self.fitted: tuple[int, FittedPrompt] | None = None  # (max_new_tokens, prompt) fitted by `ask`
+        self.fitted: tuple[int, FittedPrompt] | None = (
+            None  # (max_new_tokens, prompt) fitted by `add_question`
+        )
         self.last_result: GenerationResult | None = None  # the last answer's tokens, counts, finish reason
 
     @property
@@ -165,7 +167,7 @@ class Chat:
         session.conversation.add_image()
         session.fitted = None
 
-    def ask(self, session: ChatSession, text: str) -> None:
+    def add_question(self, session: ChatSession, text: str) -> None:
         """Add the user's message. Raises `MessageError` if it is empty or cannot fit the context.
 
         The text is cleaned (`clean_text`: lone surrogates, control characters) and is only ever
@@ -191,16 +193,16 @@ class Chat:
             log.exception("the message could not be tokenized")
             raise MessageError(f"the message could not be tokenized ({type(exc).__name__}: {exc})") from exc
 
-    def add_answer(self, session: ChatSession, text: str) -> None:
-        """Record an assistant turn that was said earlier (replaying a history); cleaned like `ask`."""
+    def add_past_answer(self, session: ChatSession, text: str) -> None:
+        """Record an assistant turn that was said earlier (replaying a history); cleaned like `add_question`."""
         if not isinstance(text, str):
             raise MessageError(f"the answer must be text, not {type(text).__name__}")
         session.conversation.add_assistant(clean_text(text).strip())
         session.fitted = None
 
-    def add_question(self, session: ChatSession, text: str) -> None:
-        """Record an earlier user turn of a history being replayed: checked like `ask`, not fitted
-        (only the last question of a history needs to fit, and `ask` fits it)."""
+    def add_past_question(self, session: ChatSession, text: str) -> None:
+        """Record an earlier user turn of a history being replayed: checked like `add_question`, not fitted
+        (only the last question of a history needs to fit, and `add_question` fits it)."""
         session.conversation.add_user(self._clean_message(text))
         session.fitted = None
 
@@ -285,7 +287,7 @@ def load_chat(
     preset: str | Path | None = None, device: str | None = None, overrides: list[str] | tuple[str, ...] = ()
 ) -> Chat:
     """Build the model of a preset (eval_configs/<name>.yaml or a path; None: the default) and its Chat."""
-    cfg = load_eval_config(preset, overrides)
+    cfg = load_preset(preset, overrides)
     model = build_model(cfg.model, device, defer_llm=True)
     runtime = build_runtime(cfg.model, model)
     beams = None if isinstance(runtime, TorchRuntime) else (lambda: build_beam_runtime(cfg.model, model))

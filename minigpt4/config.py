@@ -43,7 +43,8 @@ class VisionConfig:
     # Architecture of a randomly initialised vision side (tests, smoke runs): keys of
     # Blip2VisionConfig under "vision" and of Blip2QFormerConfig under "qformer".
     random_init: dict[str, Any] | None = None
-    dtype: str = "auto"  # "auto": fp16 on GPU, fp32 on CPU
+    # The ViT's weights: auto (float16 on GPU, float32 on CPU) | float32 | float16 (GPU) | bfloat16
+    dtype: str = "auto"
     # efficientnet_lite only: one more token, the main object's colour (minigpt4/lite/vision.py).
     object_colour: bool = False
 
@@ -64,7 +65,7 @@ class VisionConfig:
 
 
 RUNTIMES = ("transformers", "llama_cpp")
-RUNTIME_WEIGHTS = ("f16", "q8_0", "q4_0")  # as minigpt4.decode.llama_cpp.WEIGHT_TYPES
+RUNTIME_WEIGHTS = ("f16", "q8_0", "q4_0", "q4_k_m")  # as minigpt4.decode.llama_cpp.WEIGHT_TYPES
 
 
 @dataclass
@@ -87,16 +88,18 @@ class LLMConfig:
     # max_sequences whole contexts, fewer where the free GPU memory holds fewer); idle ones lose theirs
     # first, least recently used first
     kv_cache_positions: int | None = None
-    # llama_cpp: decode from the GGUF converted once to f16 | q8_0 | q4_0 (null: as the file is; with
-    # model.lora the adapters are merged into the f16 file, which null then decodes)
+    # llama_cpp: decode from the GGUF converted once to f16 | q8_0 | q4_0 | q4_k_m (null: as the file is,
+    # or f16 for a Hugging Face checkpoint; with model.lora the adapters are merged into the f16 file,
+    # which null then decodes)
     runtime_weights: str | None = None
 
     def __post_init__(self) -> None:
         if self.runtime not in RUNTIMES:
             raise ConfigError(f"model.llm.runtime must be one of {', '.join(RUNTIMES)}; got {self.runtime!r}")
-        if self.runtime == "llama_cpp" and not (self.pretrained and self.gguf_file):
+        if self.runtime == "llama_cpp" and not self.pretrained:
             raise ConfigError(
-                "model.llm.runtime: llama_cpp reads a GGUF file: set model.llm.pretrained and gguf_file"
+                "model.llm.runtime: llama_cpp reads a GGUF file: set model.llm.pretrained (with gguf_file, "
+                "a GGUF inside it; without, a Hugging Face checkpoint converted once by convert-llm)"
             )
         if self.runtime_weights not in (None, *RUNTIME_WEIGHTS):
             raise ConfigError(
@@ -117,7 +120,7 @@ class LLMConfig:
 
 @dataclass
 class ProjectionConfig:
-    """The trained bridge: a checkpoint (.pth of the original release, or our .safetensors)."""
+    """The trained projection: a checkpoint (.pth of the original release, or our .safetensors)."""
 
     checkpoint: str | None = None  # a path, or hf://org/repo/file for a file in a hub repository
 
@@ -171,7 +174,7 @@ class GenerationConfig:
 
 
 @dataclass
-class EvalConfig:
+class Preset:
     """A preset for inference: the app, the CLI, the server, evaluation and benchmarks."""
 
     name: str
@@ -299,12 +302,12 @@ def merge_sections(base: dict[str, Any], changes: dict[str, Any]) -> dict[str, A
     return merged
 
 
-def load_eval_config(name_or_path: str | Path | None = None, overrides: Sequence[str] = ()) -> EvalConfig:
+def load_preset(name_or_path: str | Path | None = None, overrides: Sequence[str] = ()) -> Preset:
     """Load an inference preset by name (eval_configs/<name>.yaml) or path, with overrides."""
     path = resolve_preset(name_or_path)
     data = read_yaml(path, overrides)
     data.setdefault("name", path.stem)
-    cfg = from_dict(EvalConfig, data, where=str(path))
+    cfg = from_dict(Preset, data, where=str(path))
     check_model_files(cfg.model, where=str(path))
     return cfg
 

@@ -84,6 +84,7 @@ class Blip2Vision(nn.Module):
         super().__init__()
         self.image_size = image_size
         self.vit_half_dtype: torch.dtype | None = None  # set by `halve_vit`
+        self.vit_stored_dtype: torch.dtype | None = None  # set by `store_vit_half`
         self.visual_encoder = Blip2VisionModel(vision_config)
         # ln_vision lives outside the ViT so that it stays in fp32 when the ViT runs in fp16.
         self.visual_encoder.post_layernorm = nn.Identity()
@@ -115,6 +116,16 @@ class Blip2Vision(nn.Module):
             if isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Linear)):
                 module.to(dtype)
         self.vit_half_dtype = dtype
+
+    def store_vit_half(self, dtype: torch.dtype = torch.bfloat16) -> None:
+        """The ViT's Linear weights stored in `dtype`, computed in float32 (`HalfStoredLinear`): half
+        the memory, float32's speed on a CPU, where half-precision products run several times slower
+        without the instructions for them. Everything else stays float32."""
+        for module in self.visual_encoder.modules():
+            if type(module) is nn.Linear:
+                module.__class__ = HalfStoredLinear
+                module.to(dtype)
+        self.vit_stored_dtype = dtype
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
         pixel_values = pixel_values.float()
@@ -167,6 +178,30 @@ def blip2_configs(cfg: VisionConfig) -> tuple[Blip2VisionConfig, Blip2QFormerCon
     return vision_config, qformer_config
 
 
+class HalfStoredLinear(nn.Linear):
+    """A Linear whose weights are held in half precision and used in float32 (the same state dict)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        bias = None if self.bias is None else self.bias.float()
+        return nn.functional.linear(x, self.weight.float(), bias)
+
+
+VIT_DTYPES = {"auto": None, "float32": None, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def vit_half_dtype(name: str, device: torch.device) -> torch.dtype | None:
+    """The ViT's half precision for `model.vision.dtype` (None: float32). "auto" is float16 on CUDA,
+    float32 on the CPU; on a CPU bfloat16 halves the ViT's memory (its weights stored in bfloat16,
+    computed in float32: `Blip2Vision.store_vit_half`); float16 is for GPUs."""
+    if name not in VIT_DTYPES:
+        raise ConfigError(f"model.vision.dtype: unknown dtype {name!r} (known: {', '.join(VIT_DTYPES)})")
+    if name == "auto":
+        return torch.float16 if device.type == "cuda" else None
+    if name == "float16" and device.type != "cuda":
+        raise ConfigError("model.vision.dtype: float16 is for CUDA; on the CPU use bfloat16 or float32")
+    return VIT_DTYPES[name]
+
+
 def build_vision(cfg: VisionConfig, device: torch.device) -> nn.Module:
     """Build (and load, when weights are named) the frozen vision side of a config."""
     if cfg.kind in ("blip2", "blip2_patches"):
@@ -175,9 +210,13 @@ def build_vision(cfg: VisionConfig, device: torch.device) -> nn.Module:
         # become its weights: no random fp32 copy lives beside them (about half the peak memory).
         with torch.device("meta") if has_blip2_weights(cfg) else nullcontext():
             module = Blip2Vision(vision_config, qformer_config, cfg.num_query_tokens, cfg.image_size)
-        # Halved before it moves: a 4.4 GB fp32 ViT never passes through the GPU.
-        if device.type == "cuda" and cfg.dtype in ("auto", "float16"):
-            module.halve_vit(torch.float16)
+        # Halved before the weights load and before it moves: a 4.4 GB fp32 ViT never passes
+        # through the GPU, nor through host memory when the CPU runs it in bfloat16.
+        half = vit_half_dtype(cfg.dtype, device)
+        if half is not None and device.type == "cpu":
+            module.store_vit_half(half)
+        elif half is not None:
+            module.halve_vit(half)
         load_blip2_weights(module, cfg)
     elif cfg.kind == "efficientnet_lite":
         from minigpt4.lite.vision import EfficientNetLiteVision  # noqa: PLC0415

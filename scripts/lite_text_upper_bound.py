@@ -1,6 +1,6 @@
 """How well the lite preset's LLM answers scene questions when it is *told* the scene in words.
 
-An upper bound for the bridge: the frozen SmolLM2-135M-Instruct gets a perfect text description of
+An upper bound for the projection: the frozen SmolLM2-135M-Instruct gets a perfect text description of
 a rendered scene ("top left: red circle. center: blue square.") instead of image tokens, and the
 eval's VQA question and prompt. Scored like `python -m minigpt4 eval --task vqa`: VQA accuracy after
 the official normalisation, and option accuracy (the one option of the question's closed answer set
@@ -18,7 +18,7 @@ from collections import defaultdict
 import torch
 
 from minigpt4.build import load_llm, load_tokenizer
-from minigpt4.config import load_eval_config
+from minigpt4.config import load_preset
 from minigpt4.data import scenes
 from minigpt4.eval.metrics import option_answer, vqa_accuracy
 from minigpt4.eval.run import VQA_PROMPT
@@ -29,7 +29,7 @@ def main() -> None:
     parser.add_argument("--scenes", type=int, default=60)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
-    cfg = load_eval_config("minigpt4_lite").model.llm
+    cfg = load_preset("minigpt4_lite").model.llm
     tokenizer = load_tokenizer(cfg)
     llm = load_llm(cfg, tokenizer, torch.device("cpu"))
     rng = random.Random(args.seed)

@@ -19,7 +19,7 @@ GREEDY = dict(do_sample=False, max_new_tokens=12)
 def _start(chat, image, question="What is in this image?"):
     session = chat.new_session()
     chat.upload_image(session, image)
-    chat.ask(session, question)
+    chat.add_question(session, question)
     return session
 
 
@@ -41,7 +41,7 @@ def test_kv_reuse_gives_the_full_prefill_answers_and_prefills_less(tiny_chat, ph
         tiny_chat.upload_image(session, photo)
         answers[reuse], prefill[reuse] = [], []
         for q in questions:
-            tiny_chat.ask(session, q)
+            tiny_chat.add_question(session, q)
             answers[reuse].append(tiny_chat.answer(session, **GREEDY))
             prefill[reuse].append(session.last_result.prefill_tokens)
     tiny_chat.kv_reuse = True
@@ -54,13 +54,13 @@ def test_several_images_in_one_conversation(tiny_chat, photo, red_square):
     session = tiny_chat.new_session()
     tiny_chat.upload_image(session, photo)
     tiny_chat.upload_image(session, Image.open(red_square))
-    tiny_chat.ask(session, "Compare the two images.")
+    tiny_chat.add_question(session, "Compare the two images.")
     assert session.n_images == 2
     prompt = session.conversation.render(tiny_chat.tokenizer)
     assert prompt.count("<ImageHere>") == 2
     assert tiny_chat.answer(session, **GREEDY)
     tiny_chat.upload_image(session, red_square.read_bytes())
-    tiny_chat.ask(session, "And this one?")
+    tiny_chat.add_question(session, "And this one?")
     assert tiny_chat.answer(session, **GREEDY)
     assert session.conversation.render(tiny_chat.tokenizer).count("<ImageHere>") == 3
 
@@ -69,7 +69,7 @@ def test_interleaved_sessions_keep_their_own_history(tiny_chat, photo, red_squar
     a, b = _start(tiny_chat, photo, "first question"), _start(tiny_chat, red_square, "other question")
     answer_a = tiny_chat.answer(a, **GREEDY)
     tiny_chat.answer(b, **GREEDY)
-    tiny_chat.ask(a, "second question")
+    tiny_chat.add_question(a, "second question")
     tiny_chat.answer(a, **GREEDY)
     assert [t for r, t in a.history if r == "user"] == [
         "<Img><ImageHere></Img> first question",
@@ -101,7 +101,7 @@ def test_closing_the_stream_keeps_what_was_said(tiny_chat, photo):
     first = next(stream)
     stream.close()
     assert session.history[-1] == ("assistant", first)
-    tiny_chat.ask(session, "go on")
+    tiny_chat.add_question(session, "go on")
     assert tiny_chat.answer(session, **GREEDY)
 
 
@@ -117,10 +117,10 @@ def test_message_errors_leave_the_conversation_as_it_was(tiny_chat, photo):
     before = list(session.history)
     for bad, match in [("", "empty"), ("   \n", "empty"), ("x" * 100_000, "100,000 characters")]:
         with pytest.raises(MessageError, match=match):
-            tiny_chat.ask(session, bad)
+            tiny_chat.add_question(session, bad)
     assert session.history == before
     with pytest.raises(MessageError, match="must be text"):
-        tiny_chat.ask(session, None)
+        tiny_chat.add_question(session, None)
 
 
 def test_answer_before_a_question_is_an_error(tiny_chat, photo):
@@ -128,7 +128,7 @@ def test_answer_before_a_question_is_an_error(tiny_chat, photo):
     with pytest.raises(MessageError, match="ask a question first"):
         tiny_chat.answer(session)
     tiny_chat.upload_image(session, photo)
-    tiny_chat.ask(session, "hi")
+    tiny_chat.add_question(session, "hi")
     tiny_chat.answer(session, **GREEDY)
     with pytest.raises(MessageError, match="ask a question first"):
         tiny_chat.answer(session)
@@ -147,7 +147,7 @@ def test_long_history_drops_oldest_exchanges_but_keeps_the_image(tiny_chat, phot
     session = chat.new_session()
     chat.upload_image(session, photo)
     for i in range(8):
-        chat.ask(session, f"question number {i} about the picture")
+        chat.add_question(session, f"question number {i} about the picture")
         chat.answer(session, do_sample=False, max_new_tokens=8)
     assert len(session.history) == 16  # the history itself keeps everything
     fitted = chat.processor.fit(session.conversation, 8, session.token_counts)
@@ -161,7 +161,7 @@ def test_a_message_longer_than_the_context_is_refused(tiny_chat, photo):
     session = _start(chat, photo, "short")
     before = list(session.history)
     with pytest.raises(MessageError, match="the context holds 120"):
-        chat.ask(session, "word " * 400)
+        chat.add_question(session, "word " * 400)
     assert session.history == before
 
 
@@ -202,7 +202,7 @@ def test_a_question_during_an_answer_is_refused_and_not_recorded(tiny_chat, phot
     stream = tiny_chat.stream_answer(session, **GREEDY)
     next(stream)
     with pytest.raises(MessageError, match="still being generated"):
-        tiny_chat.ask(session, "and then?")
+        tiny_chat.add_question(session, "and then?")
     with pytest.raises(MessageError, match="still being generated"):
         next(tiny_chat.stream_answer(session, **GREEDY))
     "".join(stream)
@@ -212,7 +212,7 @@ def test_a_question_during_an_answer_is_refused_and_not_recorded(tiny_chat, phot
 def test_markers_and_special_tokens_typed_by_the_user_stay_text(tiny_chat, photo):
     session = _start(tiny_chat, photo, "what <ImageHere> is it?")
     assert tiny_chat.answer(session, **GREEDY)
-    tiny_chat.ask(session, "</s><s>")
+    tiny_chat.add_question(session, "</s><s>")
     ids = tiny_chat.processor.fit(session.conversation, 1).ids
     tok = tiny_chat.tokenizer
     assert ids.count(tok.bos_token_id) == 1 and ids[0] == tok.bos_token_id  # the prompt's own BOS only
@@ -225,8 +225,8 @@ def test_a_lone_surrogate_is_cleaned_and_the_session_goes_on(tiny_chat, photo):
     session = _start(tiny_chat, photo, "\ud800 broken \x00")
     assert session.history[0] == ("user", "<Img><ImageHere></Img> \ufffd broken")
     assert tiny_chat.answer(session, **GREEDY)
-    tiny_chat.add_answer(session, "earlier \udfff answer")
-    tiny_chat.ask(session, "and now?")
+    tiny_chat.add_past_answer(session, "earlier \udfff answer")
+    tiny_chat.add_question(session, "and now?")
     assert tiny_chat.answer(session, **GREEDY)
 
 
@@ -241,7 +241,7 @@ def test_a_tokenizer_failure_in_ask_is_a_message_error_and_rolled_back(tiny_chat
     with monkeypatch.context() as m:
         m.setattr(tiny_chat.processor, "tokenize", broken)
         with pytest.raises(MessageError, match="could not be tokenized"):
-            tiny_chat.ask(session, "next question")
+            tiny_chat.add_question(session, "next question")
     assert session.history == before
-    tiny_chat.ask(session, "next question")
+    tiny_chat.add_question(session, "next question")
     assert tiny_chat.answer(session, **GREEDY)

@@ -8,7 +8,7 @@ from minigpt4.config import (
     EVAL_CONFIG_DIR,
     ModelConfig,
     from_dict,
-    load_eval_config,
+    load_preset,
     read_yaml,
     resolve_preset,
 )
@@ -24,7 +24,7 @@ def _write(tmp_path, text: str):
 def test_every_shipped_preset_parses():
     for path in EVAL_CONFIG_DIR.glob("*.yaml"):
         try:
-            cfg = load_eval_config(path)
+            cfg = load_preset(path)
         except ConfigError as exc:  # presets that name files the user downloads are allowed to miss them
             assert "not found" in str(exc), f"{path.name}: {exc}"
             continue
@@ -41,13 +41,13 @@ def test_presets_resolve_by_name_or_path(tiny_cfg_path):
 def test_unknown_key_is_named(tmp_path, tiny_cfg_path):
     text = tiny_cfg_path.read_text().replace("  template: vicuna0", "  templat: vicuna0")
     with pytest.raises(ConfigError, match=r"preset.yaml: unknown key model.templat"):
-        load_eval_config(_write(tmp_path, text))
+        load_preset(_write(tmp_path, text))
 
 
 def test_wrong_type_is_named(tmp_path, tiny_cfg_path):
     text = tiny_cfg_path.read_text().replace("max_new_tokens: 24", "max_new_tokens: many")
     with pytest.raises(ConfigError, match=r"generation.max_new_tokens must be int, got str 'many'"):
-        load_eval_config(_write(tmp_path, text))
+        load_preset(_write(tmp_path, text))
 
 
 def test_missing_checkpoint_names_the_key_and_what_it_is(tmp_path, tiny_cfg_path):
@@ -55,28 +55,28 @@ def test_missing_checkpoint_names_the_key_and_what_it_is(tmp_path, tiny_cfg_path
     with pytest.raises(
         ConfigError, match=r"model.projection.checkpoint: the trained projection checkpoint not found"
     ):
-        load_eval_config(_write(tmp_path, text))
+        load_preset(_write(tmp_path, text))
 
 
 def test_missing_tokenizer_dir_is_named(tiny_cfg_path):
     with pytest.raises(ConfigError, match=r"model.llm.tokenizer: directory './no/such/dir' not found"):
-        load_eval_config(tiny_cfg_path, ["model.llm.tokenizer=./no/such/dir"])
+        load_preset(tiny_cfg_path, ["model.llm.tokenizer=./no/such/dir"])
 
 
 def test_overrides_are_typed_and_checked(tiny_cfg_path):
-    cfg = load_eval_config(tiny_cfg_path, ["generation.top_p=0.5", "model.max_context_tokens=512"])
+    cfg = load_preset(tiny_cfg_path, ["generation.top_p=0.5", "model.max_context_tokens=512"])
     assert cfg.generation.top_p == 0.5 and cfg.model.max_context_tokens == 512
     with pytest.raises(ConfigError, match="generation.top_p must be in"):
-        load_eval_config(tiny_cfg_path, ["generation.top_p=2"])
+        load_preset(tiny_cfg_path, ["generation.top_p=2"])
     with pytest.raises(ConfigError, match="unknown key generation.topp"):
-        load_eval_config(tiny_cfg_path, ["generation.topp=0.5"])
+        load_preset(tiny_cfg_path, ["generation.topp=0.5"])
     with pytest.raises(ConfigError, match="must look like key.sub=value"):
-        load_eval_config(tiny_cfg_path, ["generation.top_p"])
+        load_preset(tiny_cfg_path, ["generation.top_p"])
 
 
 def test_bad_template_is_named(tiny_cfg_path):
     with pytest.raises(ConfigError, match="model.template must be one of"):
-        load_eval_config(tiny_cfg_path, ["model.template=alpaca"])
+        load_preset(tiny_cfg_path, ["model.template=alpaca"])
 
 
 @pytest.mark.parametrize(
@@ -89,7 +89,7 @@ def test_bad_template_is_named(tiny_cfg_path):
 )
 def test_unknown_random_init_keys_are_named(tiny_cfg_path, override, key):
     with pytest.raises(ConfigError, match=rf"unknown key {key}: not an argument of"):
-        load_eval_config(tiny_cfg_path, [override])
+        load_preset(tiny_cfg_path, [override])
 
 
 @pytest.mark.parametrize(
@@ -105,7 +105,7 @@ def test_unknown_random_init_keys_are_named(tiny_cfg_path, override, key):
 def test_non_positive_limits_are_refused_at_load(tiny_cfg_path, override):
     key, _, value = override.partition("=")
     with pytest.raises(ConfigError, match=rf"{key} must be a positive number, got {value}"):
-        load_eval_config(tiny_cfg_path, [override])
+        load_preset(tiny_cfg_path, [override])
 
 
 def test_object_colour_is_refused_for_a_vision_that_has_no_such_token():

@@ -7,14 +7,14 @@ import torch
 from decode_helpers import prompt_ids
 
 from minigpt4.build import build_model
-from minigpt4.config import load_eval_config
+from minigpt4.config import load_preset
 from minigpt4.errors import ConfigError
 from minigpt4.model import IGNORE_INDEX, IMAGE_TOKEN_ID
 
 
 @pytest.fixture(scope="module")
 def model():
-    return build_model(load_eval_config("minigpt4_tiny_random").model, "cpu")
+    return build_model(load_preset("minigpt4_tiny_random").model, "cpu")
 
 
 def test_only_the_projection_trains(model):
@@ -80,9 +80,7 @@ def test_a_batch_with_nothing_to_learn_is_an_error(model):
 
 
 def test_llama2_variant_groups_four_patches():
-    cfg = load_eval_config(
-        "minigpt4_tiny_random", ["model.vision.kind=blip2_patches", "model.template=llama2"]
-    )
+    cfg = load_preset("minigpt4_tiny_random", ["model.vision.kind=blip2_patches", "model.template=llama2"])
     model = build_model(cfg.model, "cpu")
     assert (model.n_image_tokens, model.feature_dim) == (64, 4 * 32)
     assert model.llama_proj.in_features == 128
@@ -90,7 +88,7 @@ def test_llama2_variant_groups_four_patches():
 
 
 def test_low_resource_on_cpu_is_a_clear_error():
-    cfg = load_eval_config(
+    cfg = load_preset(
         "minigpt4_tiny_random",
         ["model.llm.low_resource=true", "model.llm.pretrained=org/model", "model.llm.random_init=null"],
     )

@@ -20,7 +20,7 @@ from safetensors.torch import save_file
 from vision_helpers import TINY_QFORMER, TINY_VIT
 
 from minigpt4.build import build_model
-from minigpt4.config import VisionConfig, load_eval_config
+from minigpt4.config import VisionConfig, load_preset
 from minigpt4.errors import ConfigError
 from minigpt4.train import loop
 from minigpt4.vision import build_vision
@@ -83,7 +83,7 @@ def test_bf16_mixed_precision_puts_an_auto_dtype_llm_in_bfloat16(
 
 
 def test_lora_dropout_runs_in_training_while_the_frozen_llm_stays_in_eval_mode():
-    cfg = load_eval_config("minigpt4_tiny_random", ["model.lora={r: 4, alpha: 8, dropout: 0.5}"])
+    cfg = load_preset("minigpt4_tiny_random", ["model.lora={r: 4, alpha: 8, dropout: 0.5}"])
     model = build_model(cfg.model, "cpu")
     model.train()
     modes = {name: m.training for name, m in model.llm.named_modules()}
@@ -113,7 +113,7 @@ def test_low_resource_without_bitsandbytes_stops_before_any_weights_load(monkeyp
     monkeypatch.setattr(build, "find_spec", lambda name: None)
     monkeypatch.setattr(build, "build_vision", no_weights)
     monkeypatch.setattr(build, "load_llm", no_weights)
-    cfg = load_eval_config(
+    cfg = load_preset(
         "minigpt4_tiny_random",
         ["model.llm.low_resource=true", "model.llm.pretrained=org/model", "model.llm.random_init=null"],
     )
@@ -330,7 +330,7 @@ def test_prompt_token_ids_match_the_originals_llama_tokenizer(llama_tokenizer_di
     from minigpt4.conversation import Conversation, get_template
 
     directory, sp = llama_tokenizer_dir
-    cfg = load_eval_config(
+    cfg = load_preset(
         "minigpt4_tiny_random", [f"model.llm.tokenizer={directory}", f"model.template={template}"]
     )
     model = build_model(cfg.model, "cpu")
@@ -407,3 +407,62 @@ def test_the_memory_table_adds_up():
         assert figures == pytest.approx(expected, abs=0.3), label
         checked.add(preset)
     assert checked == set(vision)
+
+
+def test_vision_dtype_bfloat16_stores_the_vit_in_half_on_the_cpu_and_computes_in_float32():
+    torch.manual_seed(0)
+    random_init = {"vision": TINY_VIT, "qformer": TINY_QFORMER}
+    stored = build_vision(
+        VisionConfig(num_query_tokens=4, random_init=random_init, dtype="bfloat16"), torch.device("cpu")
+    )
+    assert stored.vit_stored_dtype == torch.bfloat16 and stored.vit_half_dtype is None  # no autocast
+    assert stored.visual_encoder.encoder.layers[0].mlp.fc1.weight.dtype == torch.bfloat16
+    assert {p.dtype for p in stored.qformer.parameters()} == {torch.float32}
+    assert stored.ln_vision.weight.dtype == torch.float32
+    # The same numbers as a float32 ViT holding the bfloat16-rounded weights: only storage is halved.
+    reference = copy.deepcopy(stored)
+    for module in reference.visual_encoder.modules():
+        if isinstance(module, torch.nn.Linear):
+            module.__class__ = torch.nn.Linear
+            module.float()
+    pixels = torch.randn(2, 3, 224, 224)
+    with torch.no_grad():
+        torch.testing.assert_close(stored(pixels), reference(pixels))
+    assert set(stored.state_dict()) == set(reference.state_dict())  # checkpoints load the same keys
+    for name in ("auto", "float32"):
+        plain = build_vision(
+            VisionConfig(num_query_tokens=4, random_init=random_init, dtype=name), torch.device("cpu")
+        )
+        assert plain.vit_half_dtype is None and plain.vit_stored_dtype is None
+    with pytest.raises(ConfigError, match="float16 is for CUDA"):
+        build_vision(
+            VisionConfig(num_query_tokens=4, random_init=random_init, dtype="float16"), torch.device("cpu")
+        )
+    with pytest.raises(ConfigError, match="unknown dtype 'fp8'"):
+        build_vision(
+            VisionConfig(num_query_tokens=4, random_init=random_init, dtype="fp8"), torch.device("cpu")
+        )
+
+
+@pytest.mark.parametrize(
+    ("cpu", "gpu"),
+    [
+        ("minigpt4_vicuna0_7b_cpu", "minigpt4_vicuna0_7b"),
+        ("minigpt4_vicuna0_13b_cpu", "minigpt4_vicuna0_13b"),
+        ("minigpt4_llama2_7b_cpu", "minigpt4_llama2_7b"),
+        ("minigpt4_space_cpu", "minigpt4_space"),
+    ],
+)
+def test_cpu_presets_load_the_gpu_presets_weights_through_llama_cpp(cpu, gpu):
+    no_projection = ["model.projection.checkpoint=null"]  # the released file is not here
+    ours, theirs = load_preset(cpu, no_projection), load_preset(gpu, no_projection)
+    with open(ROOT / "eval_configs" / f"{cpu}.yaml", encoding="utf-8") as f:
+        assert f"base: {gpu}.yaml" in f.read()  # the same weights, by construction
+    assert (ours.model.llm.runtime, ours.model.llm.gguf_file) == ("llama_cpp", None)  # converted from HF
+    assert ours.model.llm.runtime_weights == "q4_0" and ours.model.vision.dtype == "bfloat16"
+    assert ours.model.llm.pretrained == theirs.model.llm.pretrained
+    assert ours.model.vision.pretrained == theirs.model.vision.pretrained
+    assert ours.model.template == theirs.model.template and ours.generation == theirs.generation
+    assert (
+        theirs.model.llm.runtime == "transformers" and theirs.model.vision.dtype == "auto"
+    )  # GPU presets as before

@@ -14,7 +14,7 @@ from transformers import Blip2Config, Blip2ForConditionalGeneration, LlamaForCau
 from vision_helpers import TINY_QFORMER, TINY_VIT
 
 from minigpt4.build import build_model
-from minigpt4.config import VisionConfig, load_eval_config
+from minigpt4.config import VisionConfig, load_preset
 from minigpt4.errors import ConfigError
 from minigpt4.vision import build_vision
 from minigpt4.weights import WeightsError, copy_trainable, load_trainable, save_trainable
@@ -169,14 +169,14 @@ def test_pickled_objects_are_refused(tmp_path):
 
     path = tmp_path / "evil.pth"
     path.write_bytes(pickle.dumps({"model": {"llama_proj.weight": Evil()}}))
-    model = build_model(load_eval_config("minigpt4_tiny_random").model, "cpu")
+    model = build_model(load_preset("minigpt4_tiny_random").model, "cpu")
     with pytest.raises(WeightsError, match="evil.pth: cannot read this checkpoint"):  # named, not run
         load_trainable(model, path)
 
 
 @pytest.fixture(scope="module")
 def tiny_model():
-    return build_model(load_eval_config("minigpt4_tiny_random").model, "cpu")
+    return build_model(load_preset("minigpt4_tiny_random").model, "cpu")
 
 
 def test_released_projection_layout_loads(tiny_model, tmp_path):
@@ -228,7 +228,7 @@ def test_save_trainable_writes_only_the_projection_and_round_trips(tiny_model, t
     with safe_open(str(path), framework="pt") as fh:
         assert sorted(fh.keys()) == ["llama_proj.bias", "llama_proj.weight"]
         assert json.loads(fh.metadata()["minigpt4"]) == {"step": 3}
-    other = build_model(load_eval_config("minigpt4_tiny_random", ["model.seed=5"]).model, "cpu")
+    other = build_model(load_preset("minigpt4_tiny_random", ["model.seed=5"]).model, "cpu")
     assert not torch.equal(other.llama_proj.weight, tiny_model.llama_proj.weight)
     load_trainable(other, path)
     torch.testing.assert_close(other.llama_proj.weight, tiny_model.llama_proj.weight)
@@ -244,7 +244,7 @@ def test_a_float16_copy_halves_the_file_and_loads_into_a_float32_model(tiny_mode
     with safe_open(str(half), framework="pt") as fh:
         assert json.loads(fh.metadata()["minigpt4"]) == {"step": 3, "dtype": "float16"}
     assert half.stat().st_size < 0.6 * path.stat().st_size
-    other = build_model(load_eval_config("minigpt4_tiny_random", ["model.seed=5"]).model, "cpu")
+    other = build_model(load_preset("minigpt4_tiny_random", ["model.seed=5"]).model, "cpu")
     load_trainable(other, half)
     assert other.llama_proj.weight.dtype == torch.float32
     expected = tiny_model.llama_proj.weight.half().float()
@@ -264,7 +264,7 @@ def test_a_float16_copy_refuses_values_beyond_its_range(tmp_path):
 def test_hf_llm_directory_loads_the_same_weights(tiny_model, tmp_path):
     tiny_model.llm.save_pretrained(tmp_path / "llm")
     tiny_model.tokenizer.save_pretrained(tmp_path / "llm")
-    cfg = load_eval_config(
+    cfg = load_preset(
         "minigpt4_tiny_random",
         [
             f"model.llm.pretrained={tmp_path / 'llm'}",
@@ -288,7 +288,7 @@ def test_lavis_and_released_projection_files_rebuild_the_tiny_model(tiny_model, 
     )
     proj = {"llama_proj." + k: v for k, v in tiny_model.llama_proj.state_dict().items()}
     torch.save({"model": proj}, tmp_path / "pretrained_minigpt4.pth")
-    cfg = load_eval_config(
+    cfg = load_preset(
         "minigpt4_tiny_random",
         [
             f"model.vision.lavis_checkpoint={tmp_path / 'blip2.pth'}",
@@ -374,7 +374,7 @@ def test_llama2_presets_documented_eva_vit_fallback_loads(trained_ln_blip2, pixe
         if k.startswith("visual_encoder.")
     }
     torch.save(vit, tmp_path / "eva_vit_g.pth")
-    cfg = load_eval_config(
+    cfg = load_preset(
         "minigpt4_llama2_7b",
         [
             "model.vision.pretrained=null",
@@ -391,7 +391,7 @@ def test_llama2_presets_documented_eva_vit_fallback_loads(trained_ln_blip2, pixe
     with pytest.raises(
         ConfigError, match="model.vision needs one of pretrained, lavis_checkpoint, eva_vit_checkpoint"
     ):
-        load_eval_config(
+        load_preset(
             "minigpt4_llama2_7b", ["model.vision.pretrained=null", "model.projection.checkpoint=null"]
         )
 

@@ -183,7 +183,7 @@ def _caption(
             session = chat.new_session()
             try:
                 chat.upload_image(session, path)
-                chat.ask(session, args.prompt)
+                chat.add_question(session, args.prompt)
                 caption = chat.answer(session, params)
             except InputError as exc:
                 failed += 1

@@ -94,7 +94,7 @@ def main(argv: list[str]) -> int:
                 continue
             if session.n_images == 0:
                 raise InputError(NO_IMAGE)
-            chat.ask(session, line)
+            chat.add_question(session, line)
             print("Assistant: ", end="", flush=True)
             for piece in chat.stream_answer(session, params):
                 print(piece, end="", flush=True)

@@ -14,7 +14,7 @@ import sys
 from dataclasses import replace
 from typing import TYPE_CHECKING, NoReturn
 
-from minigpt4.config import DEFAULT_PRESET, EvalConfig, load_eval_config, resolve_preset
+from minigpt4.config import DEFAULT_PRESET, Preset, load_preset, resolve_preset
 from minigpt4.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -158,14 +158,14 @@ def add_generation_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--max-new-tokens", type=_ranged(int, lambda n: n >= 1, "≥ 1"))
 
 
-def load_config(args: argparse.Namespace) -> EvalConfig:
+def load_config(args: argparse.Namespace) -> Preset:
     """The preset with its `--options`; a mistake in the options is reported as the command line's."""
     path = resolve_preset(args.cfg_path)
-    cfg = load_eval_config(path)  # errors here are the file's and name it
+    cfg = load_preset(path)  # errors here are the file's and name it
     if not args.options:
         return cfg
     try:
-        return load_eval_config(path, args.options)
+        return load_preset(path, args.options)
     except ConfigError as exc:
         message = str(exc).removeprefix(f"{path}: ")
         raise ConfigError(f"--options {' '.join(args.options)}: {message}") from exc
@@ -196,7 +196,7 @@ def check_device(device: str | None) -> None:
         raise ConfigError(f"--device {device}: unsupported device type {parsed.type!r} (use cpu or cuda)")
 
 
-def check_model_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> EvalConfig:
+def check_model_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Preset:
     """Check the preset, `--options` and `--device` before anything heavy loads; the loaded preset."""
     try:
         cfg = load_config(args)
@@ -206,7 +206,7 @@ def check_model_args(parser: argparse.ArgumentParser, args: argparse.Namespace) 
     return cfg
 
 
-def check_generation_args(parser: argparse.ArgumentParser, args: argparse.Namespace, cfg: EvalConfig) -> None:
+def check_generation_args(parser: argparse.ArgumentParser, args: argparse.Namespace, cfg: Preset) -> None:
     """Refuse sampling flags that would change nothing because decoding is greedy."""
     sampling = args.sample or (cfg.generation.do_sample and not args.greedy)
     given = [

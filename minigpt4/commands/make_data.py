@@ -2,7 +2,7 @@
 
 `make-data train` writes what the tiny training configs read (see minigpt4/data/make.py).
 `make-data eval` writes the offline eval set (see minigpt4/eval/evalset.py) to data/eval/.
-`make-data lite` writes the lite bridge's training data (see minigpt4/lite/data.py).
+`make-data lite` writes the lite projection's training data (see minigpt4/lite/data.py).
 `make-data lite-teach` writes the teacher-answered open instructions (see minigpt4/lite/teach.py).
 `make-data lite-mix` puts several stage-2 sets into one, with its features (see minigpt4/lite/mix.py).
 Every file is written to a temporary name and renamed, so an interrupted run leaves no half file.

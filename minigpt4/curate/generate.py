@@ -56,10 +56,10 @@ def describe(chat: Chat, image: Path, settings: GenerateSettings) -> list[str]:
     """The model's answers about `image`: the first, then one per "Continue" while under `min_words`."""
     session = chat.new_session()
     chat.upload_image(session, image)
-    chat.ask(session, GENERATE_PROMPT)
+    chat.add_question(session, GENERATE_PROMPT)
     answers = [chat.answer(session, **dict(settings.overrides)).strip()]
     while _wants_more(answers, settings):
-        chat.ask(session, CONTINUE_PROMPT)
+        chat.add_question(session, CONTINUE_PROMPT)
         answers.append(chat.answer(session, **dict(settings.overrides)).strip())
     return answers
 

@@ -32,6 +32,7 @@ import logging
 import os
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -461,7 +462,7 @@ def checkpoint_digest(hf_dir: Path) -> str:
 
 def cached_llm_path(hf_dir: Path, weights: str) -> Path:
     """Where `converted_llm` keeps the conversion of `hf_dir` to `weights`."""
-    from minigpt4.lite.gguf_llm import cache_root  # noqa: PLC0415 (the lite folder owns the cache)
+    from minigpt4.gguf_checkpoint import cache_root  # noqa: PLC0415
 
     hf_dir = Path(hf_dir)
     llama_config(hf_dir)  # another architecture is refused before anything else is read
@@ -493,3 +494,156 @@ def converted_llm(hf_dir: Path, weights: str) -> Path:
         target.stat().st_size / 2**20,
     )
     return target
+
+
+# --- a random LLaMA of a real size (for the bench) -------------------------------------------------------
+
+# The shapes of the LLaMA models MiniGPT-4 uses (Vicuna v0 7B / 13B, LLaMA-2-7B-chat), as config.json has them.
+LLAMA_SHAPES = {
+    "7b": {
+        "hidden_size": 4096,
+        "intermediate_size": 11008,
+        "num_hidden_layers": 32,
+        "num_attention_heads": 32,
+    },
+    "13b": {
+        "hidden_size": 5120,
+        "intermediate_size": 13824,
+        "num_hidden_layers": 40,
+        "num_attention_heads": 40,
+    },
+}
+# Bytes of one block and where its float16 scales sit (a random block keeps them small and finite).
+_BLOCKS = {"q8_0": (0, 1), "q4_0": (0, 1), "q4_k": (0, 2), "q6_k": (-1, 1)}  # (first scale, how many)
+_RANDOM_FILE_TYPES = {
+    "f16": "MOSTLY_F16",
+    "q8_0": "MOSTLY_Q8_0",
+    "q4_0": "MOSTLY_Q4_0",
+    "q4_k_m": "MOSTLY_Q4_K_M",
+}
+
+
+def _random_types(weights: str, n_layers: int) -> Callable[[str], str]:
+    """The type of each 2-D tensor: one type, or llama.cpp's q4_k_m mix (q6_k for the output layer and
+    for attn_v / ffn_down in the first and last eighth of the layers and every third in between)."""
+    if weights != "q4_k_m":
+        return lambda name: weights
+
+    def q4_k_m(name: str) -> str:
+        if name == "output.weight":
+            return "q6_k"
+        if name.endswith(("attn_v.weight", "ffn_down.weight")):
+            i = int(name.split(".")[1])
+            eighth = n_layers // 8
+            if i < eighth or i >= 7 * n_layers // 8 or (i - eighth) % 3 == 2:
+                return "q6_k"
+        return "q4_k"
+
+    return q4_k_m
+
+
+def _random_tensor(rng: np.random.Generator, shape: tuple[int, ...], kind: str) -> np.ndarray:
+    """Random values of `kind` for `shape`: float32 / float16 normals, or quantised blocks of random
+    bytes whose float16 scales are 1e-3 (so every value is finite)."""
+    if kind in ("f32", "f16"):
+        values = rng.standard_normal(shape, dtype=np.float32) * 0.02
+        return values.astype(np.float16 if kind == "f16" else np.float32)
+    block_weights, block_bytes = _quant_size(kind)
+    n_blocks = int(np.prod(shape)) // block_weights
+    blocks = rng.integers(0, 256, (n_blocks, block_bytes), dtype=np.uint8)
+    first, count = _BLOCKS[kind]
+    start = first * 2 if first >= 0 else block_bytes - 2
+    scale = np.frombuffer(np.float16(1e-3).tobytes() * count, dtype=np.uint8)
+    blocks[:, start : start + 2 * count] = scale
+    return blocks.reshape(-1)
+
+
+def _random_vocab(vocab_size: int) -> GGUFVocab:
+    """A sentencepiece-style vocabulary: <unk>, <s>, </s>, the 256 byte tokens, then plain pieces."""
+    from gguf import TokenType  # noqa: PLC0415
+
+    tokens = [b"<unk>", b"<s>", b"</s>"] + [f"<0x{b:02X}>".encode() for b in range(256)]
+    types = [int(TokenType.UNKNOWN), int(TokenType.CONTROL), int(TokenType.CONTROL)] + [
+        int(TokenType.BYTE)
+    ] * 256
+    pieces = range(vocab_size - len(tokens))
+    tokens += [f"\u2581w{i}".encode() for i in pieces]
+    types += [int(TokenType.NORMAL)] * len(pieces)
+    return GGUFVocab("llama", tokens, [-float(i) for i in range(vocab_size)], types, add_space_prefix=True)
+
+
+def random_llama_gguf(shape: str | dict, out: Path, weights: str = "q4_0", seed: int = 0) -> Path:
+    """A GGUF of a LLaMA of `shape` (a LLAMA_SHAPES key, or such a dict) with random weights of type
+    `weights` (f16, q8_0, q4_0 or q4_k_m), written as `convert_llm` writes a checkpoint, tensor by
+    tensor: decode speed and memory do not depend on the values, so this measures a real size without
+    the real weights."""
+    from gguf import GGMLQuantizationType, GGUFWriter, LlamaFileType  # noqa: PLC0415
+
+    if (isinstance(shape, str) and shape not in LLAMA_SHAPES) or weights not in _RANDOM_FILE_TYPES:
+        raise ConfigError(
+            f"random LLaMA: shape {shape!r} (known: {', '.join(LLAMA_SHAPES)}), weights {weights!r} "
+            f"(known: {', '.join(_RANDOM_FILE_TYPES)})"
+        )
+    label = shape if isinstance(shape, str) else f"{shape['hidden_size']}x{shape['num_hidden_layers']}"
+    dims = LLAMA_SHAPES[shape] if isinstance(shape, str) else shape
+    config = {**dims, "vocab_size": 32000, "max_position_embeddings": 2048, "rms_norm_eps": 1e-6}
+    hidden, ffn, n_layers = config["hidden_size"], config["intermediate_size"], config["num_hidden_layers"]
+    tensors = {"token_embd.weight": (config["vocab_size"], hidden), "output_norm.weight": (hidden,)}
+    for i in range(n_layers):
+        for kind in ("attn_q", "attn_k", "attn_v", "attn_output"):
+            tensors[f"blk.{i}.{kind}.weight"] = (hidden, hidden)
+        tensors |= {f"blk.{i}.ffn_gate.weight": (ffn, hidden), f"blk.{i}.ffn_up.weight": (ffn, hidden)}
+        tensors |= {f"blk.{i}.ffn_down.weight": (hidden, ffn)}
+        tensors |= {f"blk.{i}.attn_norm.weight": (hidden,), f"blk.{i}.ffn_norm.weight": (hidden,)}
+    tensors["output.weight"] = (config["vocab_size"], hidden)
+    type_of = _random_types(weights, n_layers)
+    rng = np.random.default_rng(seed)
+
+    def write(tmp: Path) -> None:
+        writer = GGUFWriter(tmp, "llama")
+        _add_hyperparameters(
+            writer, config, Path(f"llama-{label}-random"), LlamaFileType[_RANDOM_FILE_TYPES[weights]]
+        )
+        vocab = _random_vocab(config["vocab_size"])
+        writer.add_tokenizer_model(vocab.model)
+        writer.add_token_list(vocab.tokens)
+        writer.add_token_scores(vocab.scores)
+        writer.add_token_types(vocab.types)
+        writer.add_add_space_prefix(True)
+        writer.add_bos_token_id(1)
+        writer.add_eos_token_id(2)
+        writer.add_unk_token_id(0)
+        kinds = {name: "f32" if len(dims) == 1 else type_of(name) for name, dims in tensors.items()}
+        for name, dims in tensors.items():
+            kind = kinds[name]
+            if kind in ("f32", "f16"):
+                itemsize = 4 if kind == "f32" else 2
+                writer.add_tensor_info(
+                    name,
+                    dims,
+                    np.dtype(np.float32 if kind == "f32" else np.float16),
+                    itemsize * int(np.prod(dims)),
+                )
+            else:
+                block_weights, block_bytes = _quant_size(kind)
+                nbytes = int(np.prod(dims)) // block_weights * block_bytes
+                writer.add_tensor_info(
+                    name, dims, np.dtype(np.float32), nbytes, raw_dtype=GGMLQuantizationType[kind.upper()]
+                )
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_ti_data_to_file()
+        try:
+            for name, dims in tqdm(tensors.items(), desc=f"random LLaMA {label} ({weights})", unit="tensor"):
+                writer.write_tensor_data(_random_tensor(rng, dims, kinds[name]))
+        finally:
+            writer.close()
+
+    write_atomic(Path(out), write)
+    return Path(out)
+
+
+def _quant_size(kind: str) -> tuple[int, int]:
+    import gguf  # noqa: PLC0415
+
+    return gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[kind.upper()]]

@@ -15,10 +15,10 @@ from typing import Protocol
 import torch
 from transformers import DynamicCache, StoppingCriteria, StoppingCriteriaList
 
+from minigpt4.decode.half_weights import decode_weight_tensors
 from minigpt4.decode.inputs import PromptInput, splice_images
 from minigpt4.decode.kv_budget import KVBudget
 from minigpt4.decode.stops import Stops
-from minigpt4.decode_weights import decode_weight_tensors
 from minigpt4.generation import GenerationParams, logits_processors
 
 

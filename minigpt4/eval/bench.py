@@ -3,6 +3,7 @@
     python -m minigpt4 bench --cfg-path minigpt4_tiny_random [--json]
     python -m minigpt4 bench train …        # training speed (minigpt4.train.bench)
     python -m minigpt4 bench replicas …     # N serve processes behind a round-robin (minigpt4.serve.replicas)
+    python -m minigpt4 bench original …     # a CPU preset of the original at its real size (bench_original)
 
 Each figure is the fastest of `--repeats` runs (default 1, on 1 torch thread, so the default run
 finishes in a few minutes on a busy 2-core machine; other processes can only add time, so the minimum
@@ -48,8 +49,8 @@ from tqdm import tqdm
 from minigpt4.chat import Chat, ChatSession
 from minigpt4.commands.common import HelpFormatter, add_model_args, at_least, chat_from_args
 from minigpt4.decode.engine import Engine
+from minigpt4.decode.half_weights import decode_weight_tensors, float32_decode, has_half_decode_weights
 from minigpt4.decode.stops import NO_STOPS
-from minigpt4.decode_weights import decode_weight_tensors, float32_decode, has_half_decode_weights
 from minigpt4.errors import ConfigError, InputError
 from minigpt4.eval.bandwidth import WeightStream
 from minigpt4.eval.provenance import git_state
@@ -121,7 +122,7 @@ class InferenceBench:
         session = self.chat.new_session()
         self.chat.upload_image(session, self.image)
         if question is not None:
-            self.chat.ask(session, question)
+            self.chat.add_question(session, question)
         return session
 
     def _sync(self) -> None:
@@ -151,7 +152,7 @@ class InferenceBench:
         them again (greedy answers are the same with and without KV reuse).
         """
         self.chat.kv_reuse = kv_reuse
-        self.chat.ask(session, question)
+        self.chat.add_question(session, question)
         context = self.context_tokens(session)
         start = time.perf_counter()
         first = None
@@ -490,6 +491,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if argv[:1] == ["train"]:
         train_bench = importlib.import_module("minigpt4.train.bench")
         return int(train_bench.main(argv[1:]) or 0)
+    if argv[:1] == ["original"]:
+        original = importlib.import_module("minigpt4.eval.bench_original")
+        return int(original.main(argv[1:]) or 0)
     if argv[:1] == ["replicas"]:
         replicas = importlib.import_module("minigpt4.serve.replicas")
         return int(replicas.main(argv[1:]) or 0)

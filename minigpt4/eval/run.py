@@ -34,7 +34,7 @@ from tqdm import tqdm
 
 from minigpt4.commands.common import HelpFormatter, add_model_args, at_least, chat_from_args
 from minigpt4.commands.ranks import Rank, RankedJsonl, job_digest, read_rows
-from minigpt4.config import load_eval_config, resolve_preset
+from minigpt4.config import load_preset, resolve_preset
 from minigpt4.errors import ConfigError, ImageError
 from minigpt4.eval import evalset, instruct
 from minigpt4.eval.answer import BatchAnswerer
@@ -417,7 +417,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         answerer = BatchAnswerer(chat, max_new_tokens)
         upper = None
         if args.task == "instruct":
-            upper = BareLLM(chat, load_eval_config(cfg_file, args.options).model, max_new_tokens)
+            upper = BareLLM(chat, load_preset(cfg_file, args.options).model, max_new_tokens)
     except ConfigError as e:
         return _fail(str(e))
     out = args.out or Path("outputs") / "eval" / f"{chat.preset_name}_{args.task}.json"

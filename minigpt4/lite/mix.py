@@ -30,7 +30,7 @@ from pathlib import Path
 from minigpt4.commands.common import HelpFormatter
 from minigpt4.files import write_text_atomic
 from minigpt4.lite.data import FEATURES_DIR, write_stage2_features
-from minigpt4.lite.packages import MissingPackageError
+from minigpt4.packages import MissingPackageError
 
 # The original's stage-2 instructions (a sample of its list), for examples that have none.
 DETAIL_INSTRUCTIONS = (

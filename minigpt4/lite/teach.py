@@ -416,7 +416,7 @@ def add_parser(sets: argparse._SubParsersAction) -> None:
 
 def make_teach(args: argparse.Namespace) -> int:
     from minigpt4.chat import load_chat  # noqa: PLC0415 (the model only when the command runs)
-    from minigpt4.config import load_eval_config  # noqa: PLC0415
+    from minigpt4.config import load_preset  # noqa: PLC0415
     from minigpt4.eval.upper_bound import BareLLM  # noqa: PLC0415
 
     out = Path(args.out)
@@ -430,7 +430,7 @@ def make_teach(args: argparse.Namespace) -> int:
         rows = read_answers(out / "answers.jsonl")
     else:
         try:
-            cfg = load_eval_config(args.teacher)
+            cfg = load_preset(args.teacher)
             chat = load_chat(args.teacher)
         except (ValueError, OSError) as exc:
             print(f"error: {exc}", file=sys.stderr)

@@ -1,11 +1,11 @@
 """The lite model's frozen vision side: EfficientNet-Lite0 (ImageNet-pretrained) read out as image tokens.
 
 Each image becomes `N_CLASS_TOKENS + GRID * GRID` tokens, all of width `FEATURE_DIM`, so that the
-model's one trainable bridge (`llama_proj`, a Linear applied per token) maps every token into the LLM:
+model's one trainable projection (`llama_proj`, a Linear applied per token) maps every token into the LLM:
 
 * class tokens: the classifier's top-`TOP_K` probabilities (the rest set to zero), divided by their
-  sum (at least `MIN_CLASS_MASS`), written into block `j` of token `j`. The bridge's block `j` starts as
-  the LLM's embedding of the `j`-th sub-word of every class name (`initial_bridge`), so before any
+  sum (at least `MIN_CLASS_MASS`), written into block `j` of token `j`. The projection's block `j` starts as
+  the LLM's embedding of the `j`-th sub-word of every class name (`initial_projection`), so before any
   training token `j` is the probability-weighted `j`-th sub-word of what the network recognised, with
   the size of a word's embedding when the network is sure. Keeping only the top classes means training
   updates only the columns of classes that were actually seen.
@@ -35,8 +35,8 @@ from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 from transformers import PreTrainedTokenizerBase
 
-from minigpt4.lite.packages import require
 from minigpt4.lite.vocabulary import POSITIONS, nearest_colour
+from minigpt4.packages import require
 
 N_CLASSES = 1000
 N_CLASS_TOKENS = 3
@@ -152,7 +152,7 @@ class EfficientNetLiteVision(nn.Module):
         self.register_buffer("slots", torch.eye(GRID * GRID), persistent=False)
 
     def train(self, mode: bool = True) -> EfficientNetLiteVision:
-        # Frozen: dropout (and batch norm, in a network not folded) stays in inference mode while the bridge trains.
+        # Frozen: dropout (and batch norm, in a network not folded) stays in inference mode while the projection trains.
         super().train(mode)
         self.net.eval()
         return self
@@ -285,10 +285,10 @@ def bin_colour_words() -> list[str]:
     return [nearest_colour(centre) for centre in itertools.product((0, 128, 255), repeat=3)]
 
 
-def initial_bridge(
+def initial_projection(
     tokenizer: PreTrainedTokenizerBase, embeddings: torch.Tensor, object_colour: bool = False
 ) -> dict[str, torch.Tensor]:
-    """The bridge's starting weights: every block starts as the LLM's embeddings of words it stands for.
+    """The projection's starting weights: every block starts as the LLM's embeddings of words it stands for.
 
     Class block `j` = the embedding of each class name's `j`-th sub-word, so before training the class
     tokens read as the recognised class name; each colour bin = its nearest colour word ("red"); each

@@ -225,13 +225,13 @@ def replay(
             return False
         if turn.role == "assistant":
             with _located(turn.where):
-                chat.add_answer(session, turn.text)
+                chat.add_past_answer(session, turn.text)
             continue
         for image in turn.images:
             with _located(image.where):
                 chat.upload_image(session, image.data)
         with _located(turn.where):
-            (chat.ask if i == last_user else chat.add_question)(session, turn.text)
+            (chat.add_question if i == last_user else chat.add_past_question)(session, turn.text)
     return not cancelled()
 
 

@@ -50,7 +50,7 @@ def _picture() -> Image.Image:
 
 
 def _still_answers(chat: Chat, session) -> None:
-    chat.ask(session, "What colour is it?")
+    chat.add_question(session, "What colour is it?")
     chat.answer(session, **QUICK)
     assert session.history[-1][0] == "assistant"
     assert session.history[-2][1].endswith("What colour is it?")
@@ -73,7 +73,7 @@ def test_text_case(chats, template: str, case: TextCase):
     if not case.ok:
         before = list(session.history)
         with pytest.raises(InputError) as err:
-            chat.ask(session, case.text)
+            chat.add_question(session, case.text)
         assert type(err.value) is MessageError
         assert re.search(case.error, str(err.value)), str(err.value)
         assert session.history == before
@@ -81,8 +81,8 @@ def test_text_case(chats, template: str, case: TextCase):
         return
     plain = chat.new_session()
     chat.upload_image(plain, _picture())
-    chat.ask(plain, "plain words")
-    chat.ask(session, case.text)
+    chat.add_question(plain, "plain words")
+    chat.add_question(session, case.text)
     assert _structure(chat, session) == _structure(chat, plain)
     answer = chat.answer(session, **QUICK)
     assert session.history[-1] == ("assistant", answer)
@@ -98,7 +98,7 @@ def test_image_case(tiny_chat, case: ImageCase):
     if case.ok:
         chat.upload_image(session, data)
         assert session.n_images == 1
-        chat.ask(session, "What is in the image?")
+        chat.add_question(session, "What is in the image?")
         chat.answer(session, **QUICK)
     else:
         with pytest.raises(InputError) as err:

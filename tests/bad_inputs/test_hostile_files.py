@@ -18,7 +18,7 @@ import yaml
 from PIL import Image
 
 from minigpt4.commands.caption import main as caption_main
-from minigpt4.config import from_dict, load_eval_config
+from minigpt4.config import from_dict, load_preset
 from minigpt4.data.config import DataConfig
 from minigpt4.data.stage1 import (
     DEFAULT_MAX_MEMBER_BYTES,
@@ -229,7 +229,7 @@ def test_a_yaml_alias_bomb_gives_a_short_error(tmp_path: Path, levels: int) -> N
     path = tmp_path / "bomb.yaml"
     path.write_text(f"{preset}\nname: {_alias_bomb(levels)}\n", encoding="utf-8")
     with pytest.raises(ConfigError) as error:
-        load_eval_config(path)
+        load_preset(path)
     message = str(error.value)
     assert len(message) < 1000 and "name must be str, got list [[" in message
 
@@ -244,7 +244,7 @@ def test_a_yaml_alias_bomb_gives_a_short_error(tmp_path: Path, levels: int) -> N
 )
 def test_a_broken_override_value_is_a_config_error(override: str, says: str) -> None:
     with pytest.raises(ConfigError, match=says):
-        load_eval_config(TINY, [override])
+        load_preset(TINY, [override])
 
 
 def test_a_broken_options_value_is_one_line_on_the_command_line(tmp_path: Path, capsys) -> None:

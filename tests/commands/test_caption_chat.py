@@ -17,7 +17,7 @@ from minigpt4.commands.common import (
     check_generation_args,
     params_from_args,
 )
-from minigpt4.config import PROJECT_ROOT, load_eval_config
+from minigpt4.config import PROJECT_ROOT, load_preset
 from minigpt4.generation import GenerationParams
 
 
@@ -120,7 +120,7 @@ def test_sampling_flags_need_sampling(preset_samples: bool, capsys):
     parser = argparse.ArgumentParser()
     add_generation_args(parser)
     args = parser.parse_args(["--sample", "--temperature", "0.7"])
-    cfg = load_eval_config(preset)
+    cfg = load_preset(preset)
     check_generation_args(parser, args, cfg)  # accepted
     chat = SimpleNamespace(defaults=GenerationParams(do_sample=preset_samples))
     params = params_from_args(chat, args)

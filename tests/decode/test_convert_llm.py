@@ -432,3 +432,86 @@ def test_converted_llm_converts_once_into_the_cache(checkpoint, tmp_path, monkey
     (directory / "model.safetensors").touch()  # a changed checkpoint: converted again
     again = converted_llm(directory, "f16")
     assert again != path and again.parent == path.parent
+
+
+# --- the CPU presets of the original release ------------------------------------------------------------
+
+
+@pytest.mark.parametrize("preset", ["minigpt4_vicuna0_7b_cpu", "minigpt4_llama2_7b_cpu"])
+def test_a_cpu_preset_converts_its_checkpoint_once_and_answers_without_a_transformers_llm(
+    checkpoint, tmp_path, monkeypatch, preset
+):
+    from PIL import Image
+    from vision_helpers import TINY_QFORMER, TINY_VIT
+
+    from minigpt4.chat import load_chat
+
+    monkeypatch.setenv("MINIGPT4_CACHE_DIR", str(tmp_path / "cache"))
+    random_vision = json.dumps({"vision": TINY_VIT, "qformer": TINY_QFORMER})
+    overrides = [
+        f"model.llm.pretrained={checkpoint[0]}",
+        "model.vision.pretrained=null",
+        f"model.vision.random_init={random_vision}",
+        "model.projection.checkpoint=null",  # the released projection is not here
+        "model.max_context_tokens=256",
+        "generation.max_new_tokens=8",
+    ]
+    chat = load_chat(preset, overrides=overrides)
+    assert isinstance(chat.engine.runtime, LlamaCppRuntime)
+    assert chat.engine.runtime.path.name.endswith("-q4_0.gguf")
+    assert chat.engine.runtime.path.is_relative_to(tmp_path / "cache")
+    assert chat.model.vision.vit_stored_dtype == torch.bfloat16
+    session = chat.new_session()
+    chat.upload_image(session, Image.new("RGB", (64, 48), "red"))
+    chat.add_question(session, "What is in this image?")
+    answer = chat.answer(session, do_sample=False)
+    assert isinstance(answer, str)
+    assert not chat.model.llm_loaded  # llama.cpp decoded from the GGUF alone
+    assert len(list((tmp_path / "cache" / "gguf").glob("*.gguf"))) == 1  # the float16 step was let go
+
+    again = load_chat(preset, overrides=overrides)  # a second start reuses the conversion
+    assert again.engine.runtime.path == chat.engine.runtime.path
+
+    # Beam search needs the transformers copy: refused with a message where it would not fit in memory.
+    from minigpt4 import build
+    from minigpt4.errors import MessageError
+
+    chat.add_question(session, "And its colour?")
+    monkeypatch.setattr(build, "available_memory", lambda: 1000)
+    with pytest.raises(MessageError, match=r"beam search would load a second, transformers copy of the LLM"):
+        chat.answer(session, num_beams=2, do_sample=False)
+    assert not chat.model.llm_loaded
+    monkeypatch.setattr(build, "available_memory", lambda: 10**12)
+    assert isinstance(chat.answer(session, num_beams=2, do_sample=False), str)
+    assert chat.model.llm_loaded
+
+
+# --- a random LLaMA of a real size, for the bench ------------------------------------------------------
+
+SMALL_SHAPE = {"hidden_size": 256, "intermediate_size": 512, "num_hidden_layers": 8, "num_attention_heads": 4}
+
+
+@pytest.mark.parametrize("weights", ["q4_0", "q4_k_m", "f16"])
+def test_a_random_llama_gguf_has_the_shapes_and_types_asked_and_decodes(tmp_path, weights):
+    from minigpt4.decode.convert_llm import random_llama_gguf
+    from minigpt4.decode.engine import Engine
+    from minigpt4.decode.stops import NO_STOPS
+    from minigpt4.generation import GenerationParams
+
+    path = random_llama_gguf(SMALL_SHAPE, tmp_path / f"random-{weights}.gguf", weights)
+    tensors = {t.name: t for t in gguf.GGUFReader(path).tensors}
+    assert len(tensors) == 3 + 9 * 8
+    assert tuple(int(d) for d in tensors["blk.0.ffn_down.weight"].shape) == (512, 256)  # GGUF order
+    kinds = {name: t.tensor_type.name for name, t in tensors.items()}
+    assert kinds["output_norm.weight"] == "F32"
+    if weights == "q4_k_m":  # llama.cpp's mix: more bits for the output and some attn_v / ffn_down
+        assert kinds["output.weight"] == "Q6_K" and kinds["blk.0.attn_v.weight"] == "Q6_K"
+        assert kinds["blk.1.attn_v.weight"] == "Q4_K" and kinds["blk.7.ffn_down.weight"] == "Q6_K"
+        assert kinds["blk.0.attn_q.weight"] == "Q4_K"
+    else:
+        assert kinds["blk.0.attn_q.weight"] == weights.upper() and kinds["output.weight"] == weights.upper()
+    engine = Engine(LlamaCppRuntime(path, 64, 1), NO_STOPS, pad_id=0)
+    prompt = PromptInput([1, IMAGE_TOKEN_ID, IMAGE_TOKEN_ID, 5, 6], torch.randn(2, 256) * 0.02)
+    result = engine.generate(prompt, GenerationParams(max_new_tokens=6, do_sample=False)).run()
+    assert len(result.tokens) == 6 and all(0 <= t < 32000 for t in result.tokens)
+    assert result.finish_reason == "length"

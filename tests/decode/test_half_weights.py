@@ -7,8 +7,8 @@ import torch
 from torch import nn
 
 from minigpt4.build import build_model
-from minigpt4.config import load_eval_config
-from minigpt4.decode_weights import (
+from minigpt4.config import load_preset
+from minigpt4.decode.half_weights import (
     DECODE_DTYPES,
     HalfDecodeLinear,
     add_half_decode_weights,
@@ -19,8 +19,8 @@ from minigpt4.errors import ConfigError
 
 
 def _models(tiny_cfg_path):
-    plain = build_model(load_eval_config(tiny_cfg_path).model, "cpu")
-    half = build_model(load_eval_config(tiny_cfg_path, ["model.llm.decode_dtype=float16"]).model, "cpu")
+    plain = build_model(load_preset(tiny_cfg_path).model, "cpu")
+    half = build_model(load_preset(tiny_cfg_path, ["model.llm.decode_dtype=float16"]).model, "cpu")
     return plain, half
 
 
@@ -75,8 +75,6 @@ def test_an_overflowing_product_is_redone_in_float32():
 
 def test_unknown_decode_dtype_is_a_config_error(tiny_cfg_path):
     with pytest.raises(ConfigError, match="decode_dtype"):
-        load_eval_config(tiny_cfg_path, ["model.llm.decode_dtype=int4"])
+        load_preset(tiny_cfg_path, ["model.llm.decode_dtype=int4"])
     for name in DECODE_DTYPES:  # the config accepts every dtype the copies can take
-        assert (
-            load_eval_config(tiny_cfg_path, [f"model.llm.decode_dtype={name}"]).model.llm.decode_dtype == name
-        )
+        assert load_preset(tiny_cfg_path, [f"model.llm.decode_dtype={name}"]).model.llm.decode_dtype == name

@@ -86,7 +86,7 @@ def small_budget_chat():
 def _asked(chat, image, question: str):
     session = chat.new_session()
     chat.upload_image(session, image)
-    chat.ask(session, question)
+    chat.add_question(session, question)
     return session
 
 
@@ -108,7 +108,7 @@ def test_a_new_conversation_takes_the_room_of_the_least_recently_used_idle_one(s
     assert chat.engine.sequence(first).length == 0, "the idle conversation's cache was released"
     assert chat.engine.sequence(second).length > 0
     assert chat.engine.runtime.kv_budget.held() <= 200
-    chat.ask(first, "And now?")  # the released conversation still answers, prefilling everything
+    chat.add_question(first, "And now?")  # the released conversation still answers, prefilling everything
     assert chat.answer(first, max_new_tokens=8, **GREEDY)
     assert first.last_result.prefill_tokens == first.last_result.prompt_tokens
     assert chat.engine.runtime.kv_budget.held() <= 200

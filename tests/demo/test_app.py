@@ -22,7 +22,7 @@ import app
 from demo import build_demo, launch
 from demo.examples import example_rows
 from demo.handlers import THINKING, THINKING_MESSAGE, ChatHandlers
-from minigpt4.config import load_eval_config
+from minigpt4.config import load_preset
 
 ROOT = Path(__file__).resolve().parents[2]
 CAT = Path(example_rows()[0][0])  # scikit-image's chelsea.png
@@ -187,8 +187,8 @@ def test_space_front_matter_matches_the_project() -> None:
 
 def test_space_preset_is_the_released_7b_model() -> None:
     no_download = ["model.projection.checkpoint=null"]
-    space = load_eval_config("minigpt4_space", no_download)
-    assert space.model == load_eval_config("minigpt4_vicuna0_7b", no_download).model
+    space = load_preset("minigpt4_space", no_download)
+    assert space.model == load_preset("minigpt4_vicuna0_7b", no_download).model
     assert space.model.llm.pretrained == "Vision-CAIR/vicuna-7b"
 
 
@@ -320,4 +320,4 @@ def test_the_status_line_says_which_models_run(tiny_chat) -> None:
     status = ChatHandlers(tiny_chat).model_status()
     assert "**minigpt4_tiny_random** (tiny random weights, for tests: answers are noise) on **cpu**" in status
     for name in ("minigpt4_lite", "minigpt4_vicuna0_7b", "minigpt4_space"):
-        assert load_eval_config(name, ["model.projection.checkpoint=null"]).description, name
+        assert load_preset(name, ["model.projection.checkpoint=null"]).description, name

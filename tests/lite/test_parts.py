@@ -1,4 +1,4 @@
-"""The lite model's parts that need no LLM: package lookup, the EfficientNet readout, the bridge's start."""
+"""The lite model's parts that need no LLM: package lookup, the EfficientNet readout, the projection's start."""
 
 from __future__ import annotations
 
@@ -8,7 +8,8 @@ import pytest
 import torch
 from PIL import Image, ImageDraw
 
-from minigpt4.lite import packages, vision
+from minigpt4 import packages
+from minigpt4.lite import vision
 from minigpt4.lite.vision import (
     CNN_START,
     COLOUR_START,
@@ -218,15 +219,15 @@ def test_backbone_stays_in_eval_mode_when_training(lite_vision):
 
 
 class _CharTokenizer:
-    """One token per character: enough to check which embedding rows the bridge starts from."""
+    """One token per character: enough to check which embedding rows the projection starts from."""
 
     def __call__(self, text: str, add_special_tokens: bool = False):
         return type("Encoding", (), {"input_ids": [ord(c) % 64 for c in text]})()
 
 
-def test_initial_bridge_starts_from_the_words_of_classes_colours_and_places():
+def test_initial_projection_starts_from_the_words_of_classes_colours_and_places():
     embeddings = torch.randn(64, 8)
-    state = vision.initial_bridge(_CharTokenizer(), embeddings)
+    state = vision.initial_projection(_CharTokenizer(), embeddings)
     weight = state["llama_proj.weight"]
     assert weight.shape == (8, vision.FEATURE_DIM)
     assert state["llama_proj.bias"].abs().sum() == 0
@@ -246,10 +247,10 @@ def test_initial_bridge_starts_from_the_words_of_classes_colours_and_places():
     torch.testing.assert_close(weight[:, SLOT_START + 8], mean_embedding(" bottom right"))
 
 
-def test_initial_bridge_starts_the_object_colour_block_from_the_colour_words():
+def test_initial_projection_starts_the_object_colour_block_from_the_colour_words():
     embeddings = torch.randn(64, 8)
-    plain = vision.initial_bridge(_CharTokenizer(), embeddings)["llama_proj.weight"]
-    weight = vision.initial_bridge(_CharTokenizer(), embeddings, object_colour=True)["llama_proj.weight"]
+    plain = vision.initial_projection(_CharTokenizer(), embeddings)["llama_proj.weight"]
+    weight = vision.initial_projection(_CharTokenizer(), embeddings, object_colour=True)["llama_proj.weight"]
     assert weight.shape == (8, FEATURE_DIM + len(OBJECT_COLOURS))
     assert torch.equal(weight[:, :FEATURE_DIM], plain)
     for i, word in enumerate(OBJECT_COLOURS):

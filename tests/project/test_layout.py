@@ -16,8 +16,8 @@ PACKAGES = ("minigpt4", "demo")
 ENGINE = ("minigpt4.model", "minigpt4.vision", "minigpt4.weights")
 CHAT_SIDE = ("minigpt4.chat", "minigpt4.conversation", "minigpt4.serve", "minigpt4.commands", "demo", "app")
 TOP_LEVEL_MODULES = {
-    "__init__", "__main__", "build", "chat", "config", "conversation", "decode_weights", "errors", "files",
-    "generation", "hosts", "images", "model", "processor", "vision", "weights",
+    "__init__", "__main__", "build", "chat", "config", "conversation", "errors", "files", "generation",
+    "gguf_checkpoint", "hosts", "images", "model", "packages", "processor", "vision", "weights",
 }  # fmt: skip
 TOP_LEVEL_FOLDERS = {"assets", "commands", "curate", "data", "decode", "eval", "lite", "serve", "train"}
 

@@ -63,8 +63,8 @@ def test_the_recipes_stage_2_trains_the_adapters_the_default_preset_loads():
 
     import yaml
 
-    from minigpt4.config import load_eval_config
+    from minigpt4.config import load_preset
 
     trained = yaml.safe_load((ROOT / "train_configs" / "lite_stage2.yaml").read_text())["model"]["lora"]
-    shipped = dataclasses.asdict(load_eval_config("minigpt4_lite").model.lora)
+    shipped = dataclasses.asdict(load_preset("minigpt4_lite").model.lora)
     assert {k: (list(v) if isinstance(v, tuple) else v) for k, v in shipped.items()} == trained

@@ -40,7 +40,7 @@ def text_part(text: str) -> dict[str, Any]:
 def engine_answer(chat: Any, calls: list[tuple[str, Any]], max_new_tokens: int = 8) -> str:
     """What the engine itself answers, greedily, to a session built by `calls`."""
     session = chat.new_session()
-    build = {"image": chat.upload_image, "user": chat.ask, "assistant": chat.add_answer}
+    build = {"image": chat.upload_image, "user": chat.add_question, "assistant": chat.add_past_answer}
     for kind, value in calls:
         build[kind](session, value)
     return chat.answer(session, max_new_tokens=max_new_tokens, do_sample=False)

@@ -72,7 +72,7 @@ def test_stage1_loss_falls_and_the_weights_load_into_the_chat_engine(tiny_config
     assert torch.equal(chat.model.llama_proj.weight.detach(), trained["llama_proj.weight"])
     session = chat.new_session()
     chat.upload_image(session, scenes.render_scene(random.Random(0)).image)
-    chat.ask(session, "What is in the image?")
+    chat.add_question(session, "What is in the image?")
     assert isinstance(chat.answer(session, max_new_tokens=4, do_sample=False), str)
 
 

@@ -20,7 +20,7 @@ import torch
 import transformers
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from minigpt4.lite.packages import require
+from minigpt4.packages import require
 
 logger = logging.getLogger(__name__)
 
