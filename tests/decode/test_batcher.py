@@ -167,7 +167,9 @@ def test_llama_cpp_reuses_its_cache_and_survives_losing_its_slot(lite_chat, phot
 
 def test_llama_cpp_reads_the_same_weights_as_transformers(lite_chat, photos):
     """Greedy tokens agree between the two runtimes of the same GGUF: after a text prompt (llama.cpp
-    embeds its tokens from the GGUF itself), and after prompts with image vectors spliced in."""
+    embeds its tokens from the GGUF itself), and after prompts with image vectors spliced in, except
+    where transformers' two likeliest tokens are nearly tied (llama.cpp decodes the LoRA merged into
+    float16 weights, transformers adds it in float32)."""
     prompt = "<|im_start|>user\nName three colours.<|im_end|>\n<|im_start|>assistant\n"
     text = PromptInput(lite_chat.tokenizer(prompt, add_special_tokens=False).input_ids)
     transformers = TorchRuntime(lite_chat.model.llm)
@@ -182,7 +184,19 @@ def test_llama_cpp_reads_the_same_weights_as_transformers(lite_chat, photos):
         with torch.no_grad():
             vectors = model.encode_images(model.preprocess([image]))
         spliced = PromptInput.of(ids, vectors)
-        assert greedy_tokens(runtime, spliced, 8) == greedy_tokens(transformers, spliced, 8)
+        ours, theirs = greedy_tokens(runtime, spliced, 8), greedy_tokens(transformers, spliced, 8)
+        if ours != theirs:  # only where the two runtimes' own logit differences swap the top two
+            k = next(i for i, (a, b) in enumerate(zip(ours, theirs, strict=True)) if a != b)
+            prefix = PromptInput.of(ids + theirs[:k], vectors)
+            logits = []
+            for each in (transformers, runtime):
+                seq = each.new_sequence()
+                logits.append(each.prefill(seq, prefix, 0).float())
+                each.release(seq)
+            pair = [theirs[k], ours[k]]
+            gap = float(logits[0][pair[0]] - logits[0][pair[1]])  # transformers' margin for its choice
+            drift = float((logits[0][pair] - logits[1][pair]).abs().sum())
+            assert 0 <= gap <= drift and gap < 0.5, (question, ours, theirs, gap, drift)
 
 
 def test_weight_types_convert_once(lite_chat, tmp_path: Path, monkeypatch):
