@@ -99,23 +99,6 @@ def random_vision(cfg: VisionConfig, dtype: str) -> torch.nn.Module:
     return module.eval()
 
 
-def gguf_hidden(path: Path) -> int:
-    """The LLM width a GGUF file says it has (the projection's output)."""
-    from gguf import GGUFReader  # noqa: PLC0415
-
-    field = GGUFReader(path).fields["llama.embedding_length"]
-    return int(field.parts[field.data[0]][0])
-
-
-def _fastest(fn: Callable[[], object], repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return min(times)
-
-
 @torch.no_grad()
 def measure_variant(
     preset: str, options: Sequence[str], gguf: Path, vision_dtype: str, repeats: int, decode_tokens: int
@@ -126,22 +109,21 @@ def measure_variant(
     from minigpt4.decode.llama_cpp import LlamaCppRuntime  # noqa: PLC0415
     from minigpt4.decode.stops import NO_STOPS  # noqa: PLC0415
     from minigpt4.eval.bandwidth import WeightStream  # noqa: PLC0415
-    from minigpt4.eval.bench import default_image  # noqa: PLC0415
+    from minigpt4.eval.bench import default_image, fastest  # noqa: PLC0415
     from minigpt4.generation import GenerationParams  # noqa: PLC0415
 
     cfg = load_preset(preset, real_size_overrides(preset, options)).model
     vision = random_vision(cfg.vision, vision_dtype)
-    hidden = gguf_hidden(gguf)
-    projection = torch.nn.Linear(vision.feature_dim, hidden)
+    runtime = LlamaCppRuntime(gguf, cfg.max_context_tokens, cfg.llm.max_sequences)
+    projection = torch.nn.Linear(vision.feature_dim, runtime.hidden)
     image = default_image()
 
     def encode() -> torch.Tensor:
         return projection(vision(vision.preprocess([image])))[0]
 
     encode()  # warm-up: lazy initialisation
-    encode_s = _fastest(encode, repeats)
+    encode_s = fastest(encode, repeats)
 
-    runtime = LlamaCppRuntime(gguf, cfg.max_context_tokens, cfg.llm.max_sequences)
     engine = Engine(runtime, NO_STOPS, pad_id=0)
     before, after = PROMPT_TOKENS
     words = torch.randint(300, 32000, (before + after,), generator=torch.Generator().manual_seed(0)).tolist()
@@ -157,7 +139,7 @@ def measure_variant(
 
     vectors = encode()
     answer(vectors, 2)  # warm-up
-    ttft_s = _fastest(first_question, repeats)
+    ttft_s = fastest(first_question, repeats)
     # Decode: the tokens after the first of one answer, so the prefill's own variation stays out.
     gaps = []
     for _ in range(repeats):
