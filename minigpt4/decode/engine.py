@@ -179,16 +179,24 @@ class Engine:
         generation._finish = finish
         return generation
 
-    def generate_batch(self, prompts: list[PromptInput], params: GenerationParams) -> list[GenerationResult]:
+    def generate_batch(
+        self, prompts: list[PromptInput], params: GenerationParams, seed: int | None = None
+    ) -> list[GenerationResult]:
         """One answer per prompt, nothing cached, the same token choice as `generate`.
 
         A batched runtime (llama.cpp) decodes them all together in the batcher; on transformers
         they go through one left-padded `generate` call, which is faster than stepping each cache.
+        With `seed`, sampled answers are reproducible: prompt i draws from a generator seeded `seed + i`.
         """
         if not prompts:
             return []
         if self.runtime.batched or params.do_sample:
-            generations = [self.generate(p, params) for p in prompts]
+            generators = [
+                None if seed is None else torch.Generator().manual_seed(seed + i) for i in range(len(prompts))
+            ]
+            generations = [
+                self.generate(p, params, generator=g) for p, g in zip(prompts, generators, strict=True)
+            ]
             return [g.run() for g in generations]
         stops = self.stops.with_strings(params.stop)
         outputs = self.runtime.generate(prompts, replace(params, num_beams=1), stops, self.pad_id)

@@ -4,12 +4,14 @@ Each question is put in the chat's template as a fresh conversation (image turn 
 chat's processor, and the prompts are decoded together by its engine (`Engine.generate_batch`).
 Answers stop and are cut at the template's stop strings like the chat's, so a batch gives what
 `Chat.answer` would give one at a time with greedy decoding. `answer_texts` asks without an image
-(the text-only upper bound of the open instructions).
+(the text-only upper bound of the open instructions), greedily or sampled with a seed (the teacher's
+second tries).
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -19,6 +21,15 @@ from minigpt4.conversation import Conversation
 from minigpt4.decode.engine import Engine
 from minigpt4.generation import GenerationParams, StreamText
 from minigpt4.images import load_image
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """Sampled instead of greedy answers: prompt i of a batch draws from a generator seeded `seed + i`."""
+
+    seed: int
+    temperature: float = 0.7
+    top_p: float = 0.9
 
 
 class BatchAnswerer:
@@ -52,14 +63,14 @@ class BatchAnswerer:
         """One answer per (image, question) pair; raises `ImageError` for an unreadable image."""
         return self._generate(images, [self.prompt_ids(q) for q in questions])
 
-    def answer_texts(self, questions: Sequence[str]) -> list[str]:
-        """One answer per question asked in a fresh conversation with no image."""
+    def answer_texts(self, questions: Sequence[str], sample: Sampling | None = None) -> list[str]:
+        """One answer per question asked in a fresh conversation with no image (greedy, or `sample`)."""
         prompts = []
         for question in questions:
             conversation = Conversation(self.processor.template)
             conversation.add_user(question)
             prompts.append(self.processor.conversation_ids(conversation))
-        return self._generate(None, prompts)
+        return self._generate(None, prompts, sample)
 
     def answer_conversations(
         self, images: Sequence[Path], conversations: Sequence[Conversation]
@@ -84,7 +95,9 @@ class BatchAnswerer:
         return list(zip(firsts, self.answer_conversations(images, conversations), strict=True))
 
     @torch.no_grad()
-    def _generate(self, images: Sequence[Path] | None, prompts: Sequence[list[int]]) -> list[str]:
+    def _generate(
+        self, images: Sequence[Path] | None, prompts: Sequence[list[int]], sample: Sampling | None = None
+    ) -> list[str]:
         """Answers to `prompts`, one image each (`images` None: text only, no image)."""
         if images is not None and len(images) != len(prompts):
             raise ValueError(f"{len(images)} images for {len(prompts)} prompts")
@@ -97,7 +110,11 @@ class BatchAnswerer:
             self.processor.inputs(ids, None if vectors is None else vectors[i : i + 1])
             for i, ids in enumerate(prompts)
         ]
-        return [self._clean(result.tokens) for result in self.engine.generate_batch(inputs, self.params)]
+        params, seed = self.params, None
+        if sample is not None:
+            params = replace(params, do_sample=True, temperature=sample.temperature, top_p=sample.top_p)
+            seed = sample.seed
+        return [self._clean(result.tokens) for result in self.engine.generate_batch(inputs, params, seed)]
 
     def _clean(self, tokens: list[int]) -> str:
         stream = StreamText(

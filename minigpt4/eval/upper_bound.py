@@ -16,7 +16,7 @@ from minigpt4.build import build_runtime
 from minigpt4.chat import Chat
 from minigpt4.config import ModelConfig
 from minigpt4.decode.engine import Engine
-from minigpt4.eval.answer import BatchAnswerer
+from minigpt4.eval.answer import BatchAnswerer, Sampling
 
 
 def told_prompt(facts: str, instruction: str) -> str:
@@ -25,7 +25,7 @@ def told_prompt(facts: str, instruction: str) -> str:
 
 
 class BareLLM:
-    """Greedy text-only answers of `chat`'s LLM with its LoRA adapters off."""
+    """Text-only answers of `chat`'s LLM with its LoRA adapters off (greedy unless sampled)."""
 
     def __init__(self, chat: Chat, model_cfg: ModelConfig, max_new_tokens: int) -> None:
         self._adapters_off = None
@@ -43,7 +43,7 @@ class BareLLM:
         """One answer per (facts, instruction) pair, asked with no image."""
         return self.answer_prompts([told_prompt(f, i) for f, i in zip(facts, instructions, strict=True)])
 
-    def answer_prompts(self, prompts: Sequence[str]) -> list[str]:
-        """One answer per text prompt, asked with no image."""
+    def answer_prompts(self, prompts: Sequence[str], sample: Sampling | None = None) -> list[str]:
+        """One answer per text prompt, asked with no image (greedy, or `sample`)."""
         with self._adapters_off() if self._adapters_off else contextlib.nullcontext():
-            return self.answerer.answer_texts(prompts)
+            return self.answerer.answer_texts(prompts, sample)

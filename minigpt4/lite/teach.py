@@ -10,6 +10,7 @@ instruction (`told_prompt`, the same words as the instruct eval's upper bound) a
 kept only when it passes the instruct eval's rules (`minigpt4.eval.instruct`: the form asked for,
 the main object named, no person, animal or colour the facts exclude, not the same answer as to
 another kind about the same image) and does not talk about being told ("the description you gave").
+With `--tries N` an answer that fails is asked again, sampled, up to N times in all.
 Stage 2 then learns to give, from the image, what the LLM gives from the facts: the skill it already
 has, not a new style.
 
@@ -41,9 +42,10 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from minigpt4.commands.common import HelpFormatter
+from minigpt4.commands.common import HelpFormatter, at_least
 from minigpt4.data import scenes
 from minigpt4.eval import instruct
+from minigpt4.eval.answer import Sampling
 from minigpt4.eval.upper_bound import told_prompt
 from minigpt4.files import drop_torn_line, write_bytes_atomic, write_text_atomic
 from minigpt4.images import jpeg_bytes
@@ -315,38 +317,69 @@ def read_answers(path: Path) -> dict[str, dict]:
 
 
 def teach(
-    answer: Callable[[Sequence[str]], list[str]],
+    answer: Callable[[Sequence[str], Sampling | None], list[str]],
     asked: Sequence[Asked],
     out: Path,
     batch_size: int = 32,
+    tries: int = 1,
 ) -> dict[str, dict]:
     """Ask the teacher every instruction not yet in `out` (answers.jsonl); returns every row by key.
 
     The instructions of one image are asked in one batch, so that the diversity rule sees them together.
+    An answer that fails a rule is asked again, sampled with a seed of its try, up to `tries` times in
+    all; the diversity rule then compares it with the answers already kept about its image. Each row
+    says its try, so a rerun goes on at the try each instruction reached.
     """
     done = read_answers(out)
-    todo = [a for a in asked if a.key not in done]
-    by_image: dict[str, list[Asked]] = {}
-    for a in todo:
-        by_image.setdefault(a.image_id, []).append(a)
-    groups = list(by_image.values())
-    with (
-        out.open("a", encoding="utf-8") as f,
-        tqdm(total=len(todo), desc="teacher answers", unit="answer", file=sys.stderr) as bar,
-    ):
-        batch: list[Asked] = []
-        for k, group in enumerate(groups):
-            batch += group
-            if len(batch) < batch_size and k < len(groups) - 1:
+    by_key = {a.key: a for a in asked}
+    with out.open("a", encoding="utf-8") as f:
+        for attempt in range(1, tries + 1):
+            todo = [a for a in asked if _asked_in_try(done.get(a.key), attempt)]
+            if not todo:
                 continue
-            prompts = [told_prompt(a.facts, a.instruction) if a.facts else a.instruction for a in batch]
-            for row in keep(batch, answer(prompts)):
-                f.write(json.dumps(row) + "\n")
-                done[row["key"]] = row
-            f.flush()
-            bar.update(len(batch))
-            batch = []
+            by_image: dict[str, list[Asked]] = {}
+            for a in todo:
+                by_image.setdefault(a.image_id, []).append(a)
+            kept_by_image: dict[str, list[Asked]] = {}
+            for key, row in done.items():
+                if row["passed"] and key in by_key and by_key[key].truth is not None:
+                    kept_by_image.setdefault(by_key[key].image_id, []).append(by_key[key])
+            sample = None if attempt == 1 else Sampling(seed=attempt * 1_000_003)
+            groups = list(by_image.values())
+            desc = "teacher answers" if attempt == 1 else f"teacher answers, try {attempt}"
+            with tqdm(total=len(todo), desc=desc, unit="answer", file=sys.stderr) as bar:
+                batch: list[Asked] = []
+                for k, group in enumerate(groups):
+                    batch += group
+                    if len(batch) < batch_size and k < len(groups) - 1:
+                        continue
+                    prompts = [
+                        told_prompt(a.facts, a.instruction) if a.facts else a.instruction for a in batch
+                    ]
+                    answers = answer(prompts, sample)
+                    # The answers already kept about these images take part in the diversity rule.
+                    context = [
+                        c
+                        for image in dict.fromkeys(a.image_id for a in batch)
+                        for c in kept_by_image.get(image, [])
+                    ]
+                    rows = keep([*context, *batch], [*(done[c.key]["answer"] for c in context), *answers])
+                    for row in rows[len(context) :]:
+                        row["try"] = attempt
+                        f.write(json.dumps(row) + "\n")
+                        done[row["key"]] = row
+                    f.flush()
+                    bar.update(len(batch))
+                    batch = []
     return done
+
+
+def _asked_in_try(row: dict | None, attempt: int) -> bool:
+    """Whether an instruction is asked in try `attempt`: never answered (the first try), or failed in
+    the try before (rows written before tries were counted are first tries)."""
+    if row is None:
+        return attempt == 1
+    return not row["passed"] and row.get("try", 1) == attempt - 1
 
 
 def write_set(images: TeachImages, asked: Sequence[Asked], rows: dict[str, dict], out_dir: Path) -> dict:
@@ -407,6 +440,12 @@ def add_parser(sets: argparse._SubParsersAction) -> None:
     p.add_argument("--max-new-tokens", type=int, default=128, help="answer length cap (default: 128)")
     p.add_argument("--batch-size", type=int, default=32, help="instructions per call (default: 32)")
     p.add_argument(
+        "--tries",
+        type=at_least(1),
+        default=1,
+        help="times an instruction is asked while its answer fails a rule (greedy first, then sampled)",
+    )
+    p.add_argument(
         "--no-ask",
         action="store_true",
         help="ask nothing: write the set from the answers already in <out>/answers.jsonl (a run stopped early)",
@@ -436,7 +475,7 @@ def make_teach(args: argparse.Namespace) -> int:
             print(f"error: {exc}", file=sys.stderr)
             return 2
         teacher = BareLLM(chat, cfg.model, args.max_new_tokens)
-        rows = teach(teacher.answer_prompts, asked, out / "answers.jsonl", args.batch_size)
+        rows = teach(teacher.answer_prompts, asked, out / "answers.jsonl", args.batch_size, args.tries)
     counts = write_set(images, asked, rows, out / "cc_sbu_align")
     write_text_atomic(out / "counts.json", json.dumps(counts, indent=1))
     kept = sum(c["kept"] for c in counts.values())

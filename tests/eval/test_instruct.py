@@ -14,7 +14,7 @@ from minigpt4.chat import load_chat
 from minigpt4.config import load_preset
 from minigpt4.data import scenes
 from minigpt4.eval import evalset, instruct, run
-from minigpt4.eval.answer import BatchAnswerer
+from minigpt4.eval.answer import BatchAnswerer, Sampling
 from minigpt4.eval.data import DataError, read_instruct
 from minigpt4.eval.instruct import (
     FORM_RULES,
@@ -268,3 +268,17 @@ def test_the_upper_bound_runs_the_llm_without_its_lora(tiny_cfg_path: Path, tiny
     assert bare == BatchAnswerer(tiny_chat, 8).answer_texts(told)  # the same LLM, never adapted
     assert bare != with_lora
     assert BatchAnswerer(chat, 8).answer_texts(told) == with_lora  # the adapters are on again after
+
+
+def test_sampled_answers_follow_their_seed_and_greedy_ones_stay_greedy(tiny_chat) -> None:
+    answerer = BatchAnswerer(tiny_chat, 12)
+    asked = ["The image shows a red circle. Write a haiku about it."] * 2 + ["Give this image a title."]
+    first, again = (
+        answerer.answer_texts(asked, Sampling(seed=5)),
+        answerer.answer_texts(asked, Sampling(seed=5)),
+    )
+    assert first == again  # the same seed, the same draws
+    assert first[0] != first[1]  # prompt i draws from seed + i: one prompt asked twice differs
+    assert answerer.answer_texts(asked, Sampling(seed=6)) != first
+    greedy = answerer.answer_texts(asked)
+    assert greedy[0] == greedy[1] and greedy != first

@@ -108,7 +108,8 @@ def test_teacher_is_asked_each_instruction_once_and_a_rerun_asks_only_what_is_mi
     asked = teach.plan(images, random.Random(2), n_replay=4)
     prompts_seen: list[str] = []
 
-    def answer(prompts):
+    def answer(prompts, sample):
+        assert sample is None  # one try: greedy
         prompts_seen.extend(prompts)
         return [
             f"A picture of a circle, a square, number {len(prompts_seen) - len(prompts) + i}."
@@ -134,6 +135,42 @@ def test_teacher_is_asked_each_instruction_once_and_a_rerun_asks_only_what_is_mi
         sum(1 + len(a["turns"]) for a in annotations) == len(kept) == sum(c["kept"] for c in counts.values())
     )
     assert sum(c["asked"] for c in counts.values()) == len(asked)
+
+
+def test_a_failed_answer_is_asked_again_sampled_and_a_rerun_goes_on_at_its_try(tmp_path: Path) -> None:
+    truth = instruct.Truth("The image shows a red apple.", ("apple",), ("red",), False, False)
+    asked = [teach.Asked(f"a/{n}", "a", kind, f"ask {kind}", truth.facts, truth) for n, kind in enumerate(
+        ["poem", "title", "mood"]
+    )]  # fmt: skip
+    poem = "A red apple in the sun,\nIts skin so round and bright,\nA snack for everyone."
+    calls: list[tuple[list[str], object]] = []
+    replies = iter(
+        [
+            [poem, "It is blue.", "Calm: the red apple feels like an autumn morning."],  # title fails
+            ["The Blue Apple"],  # try 2 of the title: invents a colour again
+        ]
+    )
+
+    def answer(prompts, sample):
+        calls.append((list(prompts), sample))
+        return next(replies)
+
+    out = tmp_path / "answers.jsonl"
+    rows = teach.teach(answer, asked, out, batch_size=8, tries=2)
+    assert [c[1] is None for c in calls] == [True, False]  # greedy first, then sampled
+    assert calls[1][0] == [f"{truth.facts} ask title"] and calls[1][1].seed > 0
+    assert rows["a/1"]["try"] == 2 and not rows["a/1"]["passed"] and rows["a/0"]["try"] == 1
+    # A rerun with one more try asks only the title, sampled with that try's own seed; an answer the
+    # same as an already kept one about the image fails the diversity rule.
+    replies = iter([[poem]])
+    rows = teach.teach(answer, asked, out, batch_size=8, tries=3)
+    assert calls[2][0] == [f"{truth.facts} ask title"] and calls[2][1].seed != calls[1][1].seed
+    assert rows["a/1"]["try"] == 3 and not rows["a/1"]["diverse"]
+    replies = iter([["A Red Apple at Dawn"]])
+    rows = teach.teach(answer, asked, out, batch_size=8, tries=4)
+    assert rows["a/1"]["passed"] and teach.read_answers(out)["a/1"]["answer"] == "A Red Apple at Dawn"
+    assert teach.teach(answer, asked, out, batch_size=8, tries=4) == teach.read_answers(out)  # nothing left
+    assert len(calls) == 4
 
 
 def test_make_data_lite_teach_no_ask_rebuilds_the_same_images_and_set(tmp_path: Path) -> None:
