@@ -5,7 +5,7 @@
 # long ones (teacher answers, curate steps, training) resume where a killed run stopped, so running
 # the script again continues it. docs/lite.md explains each stage.
 #
-#   bash recipes/lite.sh                 # ≈ 2 h on a 2-core CPU
+#   bash recipes/lite.sh                 # ≈ 4 h on a 2-core CPU (teacher 1 h 45 min, stage 2 1 h 30 min)
 #   SMOKE=1 OUT=/tmp/lite bash recipes/lite.sh   # every stage at a tiny size, in minutes (the test)
 #
 # OUT (default data/lite) holds the data, RUNS (default runs) the runs; THREADS (default 2) is the torch
@@ -27,7 +27,7 @@ if [[ -n "$SMOKE" ]]; then
     FILTER=(--rules template_tokens)  # descriptions of 24 tokens would fail the length rule
 else
     CLOSED=(--stage2 3000 --classes 2000)
-    TEACH=(--scenes 200 --classes 300 --replay 120)
+    TEACH=(--scenes 200 --classes 300 --replay 120 --tries 2)  # a second, sampled try keeps ~1/3 of the failed
     DESCRIBE=120 STAGE1_STEPS=100 STAGE2_STEPS="${STAGE2_STEPS:-300}" MAXTOK=200
     FILTER=()
 fi
