@@ -36,7 +36,7 @@ import logging
 import random
 import re
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -337,22 +337,14 @@ def teach(
             todo = [a for a in asked if _asked_in_try(done.get(a.key), attempt)]
             if not todo:
                 continue
-            by_image: dict[str, list[Asked]] = {}
-            for a in todo:
-                by_image.setdefault(a.image_id, []).append(a)
             kept_by_image: dict[str, list[Asked]] = {}
             for key, row in done.items():
                 if row["passed"] and key in by_key and by_key[key].truth is not None:
                     kept_by_image.setdefault(by_key[key].image_id, []).append(by_key[key])
             sample = None if attempt == 1 else Sampling(seed=attempt * 1_000_003)
-            groups = list(by_image.values())
             desc = "teacher answers" if attempt == 1 else f"teacher answers, try {attempt}"
             with tqdm(total=len(todo), desc=desc, unit="answer", file=sys.stderr) as bar:
-                batch: list[Asked] = []
-                for k, group in enumerate(groups):
-                    batch += group
-                    if len(batch) < batch_size and k < len(groups) - 1:
-                        continue
+                for batch in _image_batches(todo, batch_size):
                     prompts = [
                         told_prompt(a.facts, a.instruction) if a.facts else a.instruction for a in batch
                     ]
@@ -370,8 +362,22 @@ def teach(
                         done[row["key"]] = row
                     f.flush()
                     bar.update(len(batch))
-                    batch = []
     return done
+
+
+def _image_batches(todo: Sequence[Asked], batch_size: int) -> Iterator[list[Asked]]:
+    """`todo` in batches of about `batch_size`, each image's instructions whole in one batch."""
+    by_image: dict[str, list[Asked]] = {}
+    for a in todo:
+        by_image.setdefault(a.image_id, []).append(a)
+    batch: list[Asked] = []
+    for group in by_image.values():
+        batch += group
+        if len(batch) >= batch_size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
 
 
 def _asked_in_try(row: dict | None, attempt: int) -> bool:
