@@ -290,15 +290,17 @@ def make_images(rng: random.Random, n_scenes: int, n_classes: int, image_dir: Pa
     return TeachImages(annotations, truths)
 
 
-def plan(images: TeachImages, rng: random.Random, n_replay: int) -> list[Asked]:
-    """PER_IMAGE instructions of different kinds per image, and `n_replay` replay instructions, each
-    about a random image."""
+def plan(
+    images: TeachImages, rng: random.Random, n_replay: int, kinds: Sequence[str] | None = None
+) -> list[Asked]:
+    """PER_IMAGE instructions of different kinds per image (of `kinds` only, when given: a set aimed at
+    the kinds a model fails), and `n_replay` replay instructions, each about a random image."""
     asked = []
-    kinds = sorted(TRAIN_KINDS)
+    kinds = sorted(kinds or TRAIN_KINDS)
     for image_id, truth in images.truths.items():
         # No colour is known of an image without a colour token: the colours kind could not pass.
         choices = kinds if truth.colours else [k for k in kinds if k != "colours"]
-        for n, kind in enumerate(rng.sample(choices, PER_IMAGE)):
+        for n, kind in enumerate(rng.sample(choices, min(PER_IMAGE, len(choices)))):
             instruction = rng.choice(TRAIN_KINDS[kind])
             asked.append(Asked(f"{image_id}/{n}", image_id, kind, instruction, truth.facts, truth))
     ids = sorted(images.truths)
@@ -452,11 +454,26 @@ def add_parser(sets: argparse._SubParsersAction) -> None:
         help="times an instruction is asked while its answer fails a rule (greedy first, then sampled)",
     )
     p.add_argument(
+        "--kinds",
+        type=_kinds,
+        help=f"ask only these kinds, comma-separated (default: all {len(TRAIN_KINDS)} training kinds)",
+    )
+    p.add_argument(
         "--no-ask",
         action="store_true",
         help="ask nothing: write the set from the answers already in <out>/answers.jsonl (a run stopped early)",
     )
     p.set_defaults(run=make_teach)
+
+
+def _kinds(text: str) -> list[str]:
+    kinds = [k.strip() for k in text.split(",") if k.strip()]
+    unknown = [k for k in kinds if k not in TRAIN_KINDS]
+    if unknown or not kinds:
+        raise argparse.ArgumentTypeError(
+            f"unknown kind(s) {', '.join(unknown) or '(none given)'}; the training kinds: {', '.join(sorted(TRAIN_KINDS))}"
+        )
+    return kinds
 
 
 def make_teach(args: argparse.Namespace) -> int:
@@ -469,7 +486,7 @@ def make_teach(args: argparse.Namespace) -> int:
     # The images and instructions follow from the seed and the counts alone: a rerun with the same
     # arguments asks only what answers.jsonl lacks.
     images = make_images(rng, args.scenes, args.classes, out / "cc_sbu_align" / "image")
-    asked = plan(images, rng, args.replay)
+    asked = plan(images, rng, args.replay, args.kinds)
     write_describe_set(rng, args.describe, out)
     if args.no_ask:
         rows = read_answers(out / "answers.jsonl")

@@ -67,6 +67,29 @@ def test_plan_asks_different_kinds_per_image_and_no_colours_of_an_image_without_
             assert (tmp_path / "image" / f"{image_id}.jpg").exists()
 
 
+def test_plan_with_kinds_asks_only_those_and_the_command_refuses_an_unknown_kind(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    images = _images(tmp_path, scenes=6, classes=30)
+    asked = teach.plan(images, random.Random(1), n_replay=3, kinds=["colours", "poem"])
+    by_image: dict[str, list[str]] = {}
+    for a in asked:
+        if a.kind != "replay":
+            by_image.setdefault(a.image_id, []).append(a.kind)
+    assert set(by_image) == set(images.truths)
+    for image_id, kinds in by_image.items():
+        # An image without a colour has one kind left to ask: it gets that one, once.
+        expected = ["colours", "poem"] if images.truths[image_id].colours else ["poem"]
+        assert sorted(kinds) == expected
+    assert sum(a.kind == "replay" for a in asked) == 3
+
+    with pytest.raises(SystemExit):
+        make_data(["lite-teach", "--out", str(tmp_path / "t"), "--kinds", "poem,limerick"])
+    err = capsys.readouterr().err
+    assert "unknown kind(s) limerick" in err and "colours" in err
+    assert not (tmp_path / "t").exists()
+
+
 def test_kept_answers_pass_every_rule_and_talk_about_the_picture_not_the_facts() -> None:
     truth = instruct.Truth("The image shows a red apple.", ("apple",), ("red",), False, False)
     asked = [teach.Asked(f"a/{n}", "a", kind, "…", truth.facts, truth) for n, kind in enumerate(
