@@ -9,7 +9,8 @@ no image and no LoRA: `minigpt4_lite_frozen`'s LLM) is told those facts in one s
 instruction (`told_prompt`, the same words as the instruct eval's upper bound) and its answer is
 kept only when it passes the instruct eval's rules (`minigpt4.eval.instruct`: the form asked for,
 the main object named, no person, animal or colour the facts exclude, not the same answer as to
-another kind about the same image) and does not talk about being told ("the description you gave").
+another kind about the same image) and does not talk about being told ("the description you gave")
+or run into a line of emoji.
 With `--tries N` an answer that fails is asked again, sampled, up to N times in all.
 Stage 2 then learns to give, from the image, what the LLM gives from the facts: the skill it already
 has, not a new style.
@@ -36,6 +37,7 @@ import logging
 import random
 import re
 import sys
+import unicodedata
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -177,6 +179,7 @@ _META = re.compile(
 _ANIMALS = range(398)
 _PEOPLE = range(981, 984)
 PER_IMAGE = 2  # instructions of different kinds asked about each image
+MAX_SYMBOLS = 5  # emoji and other symbols a kept answer may hold
 
 
 @dataclass(frozen=True)
@@ -197,6 +200,12 @@ def form_passes(kind: str, answer: str) -> bool:
 
 def talks_about_being_told(answer: str) -> bool:
     return bool(_META.search(answer))
+
+
+def strings_symbols(answer: str) -> bool:
+    """Whether `answer` holds more than MAX_SYMBOLS emoji or other symbols: the teacher's social-media
+    posts sometimes run into a line of them, and a model trained on one repeats it without end."""
+    return sum(unicodedata.category(ch) == "So" for ch in answer) > MAX_SYMBOLS
 
 
 def class_truth(c: int, confidence: float, colour: str | None) -> instruct.Truth:
@@ -224,9 +233,9 @@ def keep(asked: Sequence[Asked], answers: Sequence[str]) -> list[dict]:
     is_diverse = instruct.diverse_by_image(answers, [a.kind for a in asked], groups)
     rows = []
     for a, answer, diverse in zip(asked, answers, is_diverse, strict=True):
-        meta = talks_about_being_told(answer)
+        meta, symbols = talks_about_being_told(answer), strings_symbols(answer)
         if a.truth is None:
-            passed = len(instruct.words(answer)) >= 5 and not meta
+            passed = len(instruct.words(answer)) >= 5 and not meta and not symbols
             rows.append({"key": a.key, "kind": a.kind, "answer": answer, "passed": passed})
             continue
         form = bool(instruct.words(answer)) and form_passes(a.kind, answer)
@@ -237,12 +246,13 @@ def keep(asked: Sequence[Asked], answers: Sequence[str]) -> list[dict]:
                 "key": a.key,
                 "kind": a.kind,
                 "answer": answer,
-                "passed": form and grounded and not invented and diverse and not meta,
+                "passed": form and grounded and not invented and diverse and not meta and not symbols,
                 "form": form,
                 "grounded": grounded,
                 "invented": invented,
                 "diverse": diverse,
                 "meta": meta,
+                "symbols": symbols,
             }
         )
     return rows

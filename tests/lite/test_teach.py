@@ -113,6 +113,22 @@ def test_kept_answers_pass_every_rule_and_talk_about_the_picture_not_the_facts()
     ]
 
 
+def test_an_answer_that_runs_into_a_line_of_emoji_is_not_kept() -> None:
+    truth = instruct.Truth("The image shows a red apple.", ("apple",), ("red",), False, False)
+    asked = [
+        teach.Asked(f"a/{n}", "a", "tweet", "Write a tweet about this picture.", truth.facts, truth)
+        for n in range(2)
+    ]
+    answers = [
+        "🍎 A red apple, fresh from the market: the best snack of the day! 🍏",  # two emoji: kept
+        "🍎 A red apple for the weekend! 🌟🍽️🎉💡🔬📐😊💖💜💵💪💵💵💵💵",
+    ]
+    rows = teach.keep(asked, answers)
+    assert [r["passed"] for r in rows] == [True, False] and rows[1]["symbols"] and rows[1]["form"]
+    replay = teach.Asked("a/r0", "a", "replay", "Write a post about the sea.", "", None)
+    assert not teach.keep([replay], ["The sea is calm today 🌊🌊🌊🌊🌊🌊🌊🌊"])[0]["passed"]
+
+
 def test_two_kinds_the_eval_does_not_score_must_not_get_the_same_answer() -> None:
     truth = instruct.Truth("The image shows a red apple.", ("apple",), ("red",), False, False)
     same = "This red apple reminds me of a crisp autumn morning at the market."
