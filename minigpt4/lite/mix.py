@@ -4,7 +4,8 @@
 Each source is a `cc_sbu_align` folder: the closed questions of `make-data lite`, the teacher's
 answers of `make-data lite-teach`, the curated detailed descriptions of `curate export`. Their
 examples are put side by side (ids prefixed with the source's name, so that they cannot collide),
-optionally repeated (`NAME=PATH*2`: each example twice, as two examples), shuffled with a seed,
+optionally repeated (`NAME=PATH*2`: each example twice, as two examples; `NAME=PATH*0.5`: a seeded
+half of them, `*1.5` all once and a seeded half again), shuffled with a seed,
 and the frozen features of every example are written once (`minigpt4.lite.data.write_stage2_features`).
 A curated description has no instruction of its own: it gets one of the original's stage-2
 instructions (`DETAIL_INSTRUCTIONS`), drawn with the seed.
@@ -39,22 +40,35 @@ DETAIL_INSTRUCTIONS = (
     "Please provide a detailed description of the picture.",
     "Could you describe the contents of this image for me?",
 )
-_SOURCE = re.compile(r"^(?P<name>[a-z][a-z0-9_]*)=(?P<path>[^*]+)(?:\*(?P<repeat>[1-9][0-9]*))?$")
+_SOURCE = re.compile(r"^(?P<name>[a-z][a-z0-9_]*)=(?P<path>[^*]+)(?:\*(?P<repeat>[0-9]+(?:\.[0-9]+)?))?$")
 
 
 @dataclass(frozen=True)
 class Source:
     name: str
     path: Path
-    repeat: int = 1
+    repeat: float = 1
 
     @classmethod
     def parse(cls, text: str) -> Source:
-        """ "teach=data/lite/teach/cc_sbu_align*2" → Source("teach", …, 2)."""
+        """ "teach=data/lite/teach/cc_sbu_align*2" → Source("teach", …, 2.0)."""
         match = _SOURCE.match(text)
         if not match:
             raise ValueError(f"--source {text!r}: expected NAME=PATH or NAME=PATH*REPEAT (NAME: a-z, 0-9, _)")
-        return cls(match["name"], Path(match["path"]), int(match["repeat"] or 1))
+        repeat = float(match["repeat"] or 1)
+        if repeat <= 0:
+            raise ValueError(f"--source {text!r}: REPEAT must be above 0")
+        return cls(match["name"], Path(match["path"]), repeat)
+
+
+def _copies(annotations: list[dict], repeat: float, rng: random.Random) -> list[list[dict]]:
+    """The copies of a source's examples: `int(repeat)` whole ones, then a seeded sample of the rest
+    (`round(fraction × n)` examples, at least one where the fraction is not zero)."""
+    whole, fraction = int(repeat), repeat - int(repeat)
+    copies = [annotations] * whole
+    if fraction > 1e-9:
+        copies.append(rng.sample(annotations, max(1, round(fraction * len(annotations)))))
+    return copies
 
 
 def _link(src: Path, dst: Path) -> None:
@@ -94,8 +108,9 @@ def mix(sources: list[Source], out: Path, seed: int) -> dict[str, int]:
                     _link(
                         source.path / "image" / f"{picture}.jpg", image_dir / f"{source.name}-{picture}.jpg"
                     )
-        for copy in range(source.repeat):
-            for a in annotations:
+        copies = _copies(annotations, source.repeat, rng)
+        for copy, examples in enumerate(copies):
+            for a in examples:
                 row = dict(a)
                 suffix = f"-{copy}" if copy else ""
                 row["image_id"] = f"{source.name}-{a['image_id']}{suffix}"
@@ -109,7 +124,7 @@ def mix(sources: list[Source], out: Path, seed: int) -> dict[str, int]:
                 row.setdefault("instruction", rng.choice(DETAIL_INSTRUCTIONS))
                 row["source"] = source.name
                 mixed.append(row)
-        counts[source.name] = len(annotations) * source.repeat
+        counts[source.name] = sum(len(examples) for examples in copies)
     rng.shuffle(mixed)
     write_text_atomic(out / "filter_cap.json", json.dumps({"annotations": mixed}, indent=1))
     return counts
@@ -127,7 +142,8 @@ def add_parser(sets: argparse._SubParsersAction) -> None:
         action="append",
         required=True,
         metavar="NAME=PATH[*REPEAT]",
-        help="a cc_sbu_align folder and its name; *REPEAT puts each example in REPEAT times (repeatable)",
+        help="a cc_sbu_align folder and its name; *REPEAT puts each example in REPEAT times, a fraction "
+        "(*0.5, *1.5) a seeded sample for the part below one (repeatable)",
     )
     p.add_argument("--out", default="data/lite/mix", help="output folder (default: data/lite/mix)")
     p.add_argument("--seed", type=int, default=0, help="the shuffle's seed")

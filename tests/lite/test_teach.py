@@ -284,11 +284,34 @@ def test_mix_prefixes_ids_repeats_and_gives_curated_descriptions_an_instruction(
     assert (images / "curated-00001-1.jpg").exists() and (images / "closed-blob00001.jpg").exists()
 
 
+def test_a_fractional_repeat_adds_a_seeded_sample_of_the_part_below_one(tmp_path: Path) -> None:
+    rows = [{"image_id": f"{i:05d}", "instruction": "What is it?", "caption": f"A {i}."} for i in range(10)]
+    source = _set(tmp_path / "closed", rows, [r["image_id"] for r in rows])
+
+    def mixed(repeat: str, seed: int) -> list[str]:
+        out = tmp_path / f"out{repeat}-{seed}"
+        counts = mix.mix([mix.Source.parse(f"closed={source}*{repeat}")], out, seed=seed)
+        ids = [a["image_id"] for a in json.loads((out / "filter_cap.json").read_text())["annotations"]]
+        assert counts == {"closed": len(ids)}
+        return ids
+
+    half = mixed("0.5", seed=1)
+    assert len(half) == 5 and len(set(half)) == 5
+    assert sorted(half) == sorted(mixed("0.5", seed=1))  # the same seed, the same sample
+    once_and_a_half = mixed("1.5", seed=2)
+    assert len(once_and_a_half) == 15
+    again = [i for i in once_and_a_half if i.endswith("-1")]
+    assert len(again) == 5 and all(i.removesuffix("-1") in once_and_a_half for i in again)
+    assert (tmp_path / "out1.5-2" / "image" / f"{again[0]}.jpg").exists()  # a repeat reads its picture
+
+
 @pytest.mark.parametrize(
-    "text", ["nodata", "Closed=x", "a=x*0", "=x"]
+    ("text", "message"),
+    [("nodata", "expected NAME=PATH"), ("Closed=x", "expected NAME=PATH"), ("=x", "expected NAME=PATH"),
+     ("a=x*-1", "expected NAME=PATH"), ("a=x*0", "above 0"), ("a=x*0.0", "above 0")],
 )  # fmt: skip
-def test_a_bad_source_is_refused(text: str) -> None:
-    with pytest.raises(ValueError, match="expected NAME=PATH"):
+def test_a_bad_source_is_refused(text: str, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
         mix.Source.parse(text)
 
 
