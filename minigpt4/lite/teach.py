@@ -172,7 +172,9 @@ REPLAY_TOPICS = (
 # An answer that talks about having been told the facts instead of about the picture.
 _META = re.compile(
     r"\b(described|description (you|provided|given)|you (have |'ve )?(mentioned|provided|described|given|shared)"
-    r"|description|based on (the|your)|as an ai|i'?m sorry|i cannot|i can'?t)\b|\[[a-z_ ]+\]",
+    r"|description|based on (the|your)|as an ai|i'?m sorry|i cannot|i can'?t"
+    r"|(the )?original (text|sentence|statement)|the (text|sentence|statement) (says|said|mentions|states))\b"
+    r"|\[[a-z_ ]+\]",
     re.IGNORECASE,
 )
 # ImageNet classes 0–397 are animals; 981–983 are people (ballplayer, groom, scuba diver).
@@ -325,7 +327,12 @@ def read_answers(path: Path) -> dict[str, dict]:
     if not path.exists():
         return {}
     drop_torn_line(path)
-    return {row["key"]: row for row in map(json.loads, path.read_text(encoding="utf-8").splitlines())}
+    rows = {row["key"]: row for row in map(json.loads, path.read_text(encoding="utf-8").splitlines())}
+    for row in rows.values():  # stored answers meet today's meta and symbol rules (they may be newer)
+        meta, symbols = talks_about_being_told(row["answer"]), strings_symbols(row["answer"])
+        if meta or symbols:
+            row.update(passed=False, meta=meta, symbols=symbols)
+    return rows
 
 
 def teach(

@@ -113,6 +113,33 @@ def test_kept_answers_pass_every_rule_and_talk_about_the_picture_not_the_facts()
     ]
 
 
+def test_an_answer_that_quotes_the_facts_is_not_kept_and_stored_answers_meet_todays_rules(
+    tmp_path: Path,
+) -> None:
+    truth = instruct.Truth("The image shows a red apple.", ("apple",), ("red",), False, False)
+    asked = [teach.Asked(f"a/{n}", "a", "colours", "Which colours?", truth.facts, truth) for n in range(3)]
+    answers = [
+        'The image shows a red apple. The original text says "a red apple".',
+        "This red apple is the only colour in the original photo.",  # an original photo is not meta
+        "The apple is red. The sentence says red, so it is red.",
+    ]
+    assert [r["meta"] for r in teach.keep(asked, answers)] == [True, False, True]
+    # A row stored as kept before a rule existed is read back as failed, and a rerun asks it again.
+    out = tmp_path / "answers.jsonl"
+    row = {"key": "a/0", "kind": "colours", "answer": answers[0], "passed": True, "meta": False, "try": 1}
+    out.write_text(json.dumps(row) + "\n", encoding="utf-8")
+    assert teach.read_answers(out)["a/0"] | {"answer": ""} == row | {
+        "answer": "",
+        "passed": False,
+        "meta": True,
+        "symbols": False,
+    }
+    rows = teach.teach(
+        lambda prompts, sample: ["A red apple: red all over."] * len(prompts), asked[:1], out, tries=2
+    )
+    assert rows["a/0"]["passed"] and rows["a/0"]["try"] == 2
+
+
 def test_an_answer_that_runs_into_a_line_of_emoji_is_not_kept() -> None:
     truth = instruct.Truth("The image shows a red apple.", ("apple",), ("red",), False, False)
     asked = [
