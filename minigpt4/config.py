@@ -8,6 +8,7 @@ an unknown key, a value of the wrong type, or a required file that is not there 
 from __future__ import annotations
 
 import dataclasses
+import re
 import reprlib
 import types
 import typing
@@ -417,11 +418,16 @@ def _convert(tp: Any, value: Any, prefix: str, key: str) -> Any:
         return dict(value)
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if tp is float and isinstance(value, str) and _EXPONENT_FLOAT.fullmatch(value.strip()):
+        return float(value)  # YAML 1.1 (PyYAML) reads 5e-5, without a dot, as a string
     if tp in (int, float) and isinstance(value, bool):
         raise ConfigError(f"{prefix}{key} must be {tp.__name__}, got a boolean {_shown(value)}")
     if tp in (str, int, float, bool) and not isinstance(value, tp):
         raise ConfigError(f"{prefix}{key} must be {tp.__name__}, got {type(value).__name__} {_shown(value)}")
     return value
+
+
+_EXPONENT_FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
 
 
 # YAML aliases share one object among many places, so a small file can hold a value whose full

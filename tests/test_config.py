@@ -50,6 +50,14 @@ def test_wrong_type_is_named(tmp_path, tiny_cfg_path):
         load_preset(_write(tmp_path, text))
 
 
+def test_a_float_written_without_a_dot_is_a_float(tiny_cfg_path):
+    # PyYAML (YAML 1.1) reads 5e-1 as a string; a float field takes it as the number it is.
+    assert load_preset(tiny_cfg_path, ["generation.temperature=5e-1"]).generation.temperature == 0.5
+    assert load_preset(tiny_cfg_path, ["generation.top_p=1E0"]).generation.top_p == 1.0
+    with pytest.raises(ConfigError, match=r"generation.temperature must be float, got str '5e'"):
+        load_preset(tiny_cfg_path, ["generation.temperature=5e"])
+
+
 def test_missing_checkpoint_names_the_key_and_what_it_is(tmp_path, tiny_cfg_path):
     text = tiny_cfg_path.read_text().replace("checkpoint: null", "checkpoint: /nowhere/proj.pth")
     with pytest.raises(
