@@ -128,12 +128,7 @@ def test_an_answer_that_quotes_the_facts_is_not_kept_and_stored_answers_meet_tod
     out = tmp_path / "answers.jsonl"
     row = {"key": "a/0", "kind": "colours", "answer": answers[0], "passed": True, "meta": False, "try": 1}
     out.write_text(json.dumps(row) + "\n", encoding="utf-8")
-    assert teach.read_answers(out)["a/0"] | {"answer": ""} == row | {
-        "answer": "",
-        "passed": False,
-        "meta": True,
-        "symbols": False,
-    }
+    assert teach.read_answers(out)["a/0"] == row | {"passed": False, "meta": True, "symbols": False}
     rows = teach.teach(
         lambda prompts, sample: ["A red apple: red all over."] * len(prompts), asked[:1], out, tries=2
     )
